@@ -1,0 +1,24 @@
+"""Pre-train a Llama-style model.
+
+    python launch/pretrain.py --model-size tiny --max-steps 20            # one process
+    torchrun --nproc_per_node 8 launch/pretrain.py --engine fsdp ...       # FSDP2
+    deepspeed --num_gpus 8 launch/pretrain.py --ds_config ds_configs/zero3_bf16.json ...
+"""
+
+import sys
+
+from scaletrain.cli import parse_config
+from scaletrain.config import ConfigError
+from scaletrain.trainer import train
+
+
+def main() -> None:
+    try:
+        cfg = parse_config()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

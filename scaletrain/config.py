@@ -1,0 +1,149 @@
+"""Every setting of a pre-training run, typed, documented and validated once.
+
+No torch import here: the CLI parses and validates before any heavy import.
+Precedence (torchtitan job_config / litgpt style): defaults < ``--config FILE`` < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+ENGINES = ("deepspeed", "fsdp")
+DATA_SOURCES = ("synthetic",)
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags or config files; the message names the flag and what is valid."""
+
+
+def _f(default: Any, doc: str, flag: str | None = None, **kw: Any) -> Any:
+    meta = {"doc": doc}
+    if flag:
+        meta["flag"] = flag
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class PreTrainingConfig:
+    # model
+    model_config_name: str = _f("tiny", "model preset: tiny, small, base, large", flag="--model-size")
+    num_layers: int | None = _f(None, "override the preset's layer count (benchmarks on one GPU)")
+    max_seq_length: int = _f(256, "tokens per training row")
+    # data
+    data: str = _f("synthetic", "data source: synthetic (a deterministic, learnable token stream)")
+    data_dir: str = _f("data/pretraining", "folder with one sub-folder of shards per domain")
+    data_sources: list[str] = _f(["arxiv", "general"], "domains to mix (sub-folders of data_dir)")
+    data_mix_weights: list[float] = _f([0.3, 0.7], "token share of each domain, one per data source")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+    pin_memory: bool = _f(True, "pin host batches (only where CUDA exists)")
+    # batch and schedule
+    micro_batch_size: int = _f(8, "rows per device per micro-step", flag="--batch-size")
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
+    max_steps: int = _f(100, "optimizer steps to train")
+    warmup_steps: int = _f(10, "linear warmup steps before cosine decay")
+    learning_rate: float = _f(3e-4, "peak learning rate")
+    min_learning_rate: float = _f(3e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; norms and embeddings get none)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf loss")
+    # precision, memory, speed
+    mixed_precision: str = _f("bf16", "fp16, bf16 or fp32")
+    gradient_checkpointing: bool = _f(False, "recompute each transformer block in backward")
+    compile: bool = _f(False, "torch.compile each transformer block")
+    # engine
+    engine: str | None = _f(None, "deepspeed or fsdp (default: deepspeed when --ds_config is given, else fsdp)")
+    ds_config: str | None = _f(None, "DeepSpeed JSON config; 'auto' fields are filled from these settings",
+                                flag="--ds_config")
+    fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3 style)")
+    fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer state on the CPU")
+    # checkpoints
+    checkpoint_dir: str = _f("checkpoints", "where step_NNNNNN checkpoint folders go")
+    save_interval: int = _f(0, "save every N steps (0: only at the end)")
+    keep_last_n_checkpoints: int = _f(3, "keep this many step checkpoints (0: keep all)")
+    resume: str | None = _f(None, "checkpoint folder to resume from")
+    # logging
+    log_interval: int = _f(10, "log metrics every N steps")
+    run_dir: str = _f("runs/pretraining", "TensorBoard and metrics.jsonl go to run_dir/run_name")
+    run_name: str | None = _f(None, "name of this run (default: a timestamp)")
+    use_tensorboard: bool = _f(True, "write TensorBoard events")
+    use_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
+    wandb_project: str = _f("scaletrain", "Weights & Biases project")
+    wandb_run_name: str | None = _f(None, "Weights & Biases run name (default: run_name)")
+    peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: detected from the GPU name)")
+    seed: int = _f(42, "seed for weights and data order")
+
+    # ---- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag that sets field ``name``."""
+        f = {x.name: x for x in dataclasses.fields(PreTrainingConfig)}[name]
+        return f.metadata.get("flag", "--" + name.replace("_", "-"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def resolved_engine(self) -> str:
+        return self.engine or ("deepspeed" if self.ds_config else "fsdp")
+
+    def validate(self) -> PreTrainingConfig:
+        """Raise ConfigError naming the flag for the first invalid value; returns self."""
+        from scaletrain.model.presets import PRESETS
+
+        def bad(name: str, msg: str) -> ConfigError:
+            return ConfigError(f"{self.flag(name)}: {msg}")
+
+        if self.model_config_name not in PRESETS:
+            raise bad("model_config_name", f"unknown preset {self.model_config_name!r}; valid: {', '.join(PRESETS)}")
+        for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "max_steps",
+                     "log_interval", "max_nonfinite_steps"):
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_interval", "keep_last_n_checkpoints", "num_workers"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.num_layers is not None and self.num_layers <= 0:
+            raise bad("num_layers", f"must be a positive integer, got {self.num_layers}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise bad("learning_rate", f"must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise bad("min_learning_rate", f"must be between 0 and --learning-rate={self.learning_rate}, "
+                                           f"got {self.min_learning_rate}")
+        if self.warmup_steps > self.max_steps:
+            raise bad("warmup_steps", f"{self.warmup_steps} exceeds --max-steps={self.max_steps}")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.mixed_precision not in PRECISIONS:
+            raise bad("mixed_precision", f"got {self.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise bad("engine", f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        if self.engine == "fsdp" and self.ds_config:
+            raise bad("ds_config", "is a DeepSpeed setting but --engine fsdp was given; drop one of them")
+        if self.resolved_engine == "fsdp" and self.mixed_precision == "fp16":
+            raise bad("mixed_precision", "fp16 needs loss scaling, which the fsdp engine does not do; "
+                                         "use bf16 (or fp32), or --engine deepspeed with ds_configs/zero2_fp16.json")
+        if self.data not in DATA_SOURCES:
+            raise bad("data", f"unknown data source {self.data!r}; valid: {', '.join(DATA_SOURCES)}")
+        if len(self.data_mix_weights) != len(self.data_sources):
+            raise bad("data_mix_weights", f"{len(self.data_mix_weights)} weights for {len(self.data_sources)} "
+                                          f"--data-sources {self.data_sources}; give one weight per source")
+        if any(w < 0 or not math.isfinite(w) for w in self.data_mix_weights):
+            raise bad("data_mix_weights", f"weights must be finite and >= 0, got {self.data_mix_weights}")
+        if sum(self.data_mix_weights) <= 0:
+            raise bad("data_mix_weights", f"weights sum to zero: {self.data_mix_weights}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise bad("peak_tflops", f"must be positive, got {self.peak_tflops}")
+        return self

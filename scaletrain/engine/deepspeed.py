@@ -1,0 +1,192 @@
+"""DeepSpeed back end: ZeRO stage 2 or 3 (optionally with optimizer offload).
+
+The only file that imports deepspeed. ``"auto"`` values in the JSON config are filled
+from the run's settings; an explicit value that contradicts a flag the user set is an
+error naming both (Hugging Face's DeepSpeed integration behaves the same way); an
+explicit value where the user set no flag is adopted into the run's config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.lr import lr_factor_fn
+
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 2},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+}
+_TAG = "deepspeed"
+
+# DeepSpeed's per-step INFO lines and torch's deprecation notice for the collective it uses
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+
+
+def load_ds_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds_config: file {path!r} does not exist (see ds_configs/ for examples)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config: {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: int,
+                      fp16_supported: bool = True) -> dict[str, Any]:
+    """Fill ``"auto"`` fields from ``cfg``; check explicit ones; may update ``cfg`` in place."""
+    ds = copy.deepcopy(ds)
+    src = cfg.ds_config or "the default DeepSpeed config"
+    explicit: set[str] = getattr(cfg, "explicit", set())
+
+    def reconcile(container: dict, key: str, field: str, to_ds=lambda v: v, from_ds=lambda v: v) -> None:
+        want = to_ds(getattr(cfg, field))
+        if key not in container or container[key] == "auto":
+            container[key] = want
+        elif container[key] != want:
+            if field in explicit:
+                raise ConfigError(f"{src}: {key}={container[key]!r} contradicts {cfg.flag(field)}="
+                                  f"{getattr(cfg, field)!r}; set it to \"auto\" or drop the flag")
+            setattr(cfg, field, from_ds(container[key]))
+
+    reconcile(ds, "train_micro_batch_size_per_gpu", "micro_batch_size")
+    reconcile(ds, "gradient_accumulation_steps", "gradient_accumulation_steps")
+    reconcile(ds, "gradient_clipping", "max_grad_norm", float, float)
+    global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = global_batch
+    elif ds["train_batch_size"] != global_batch:
+        raise ConfigError(f"{src}: train_batch_size={ds['train_batch_size']} but micro batch "
+                          f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                          f"{world_size} ranks = {global_batch}; set it to \"auto\"")
+
+    # precision: the file's explicit choice vs --mixed-precision
+    bf16, fp16 = ds.setdefault("bf16", {}), ds.setdefault("fp16", {})
+    file_prec = None
+    if fp16.get("enabled") is True:
+        file_prec = "fp16"
+    elif bf16.get("enabled") is True:
+        file_prec = "bf16"
+    elif bf16.get("enabled") is False and fp16.get("enabled") in (False, None):
+        file_prec = "fp32"
+    if file_prec is not None and file_prec != cfg.mixed_precision:
+        if "mixed_precision" in explicit:
+            raise ConfigError(f"{src}: enables {file_prec} but --mixed-precision={cfg.mixed_precision}; "
+                              f"set bf16.enabled/fp16.enabled to \"auto\" or drop the flag")
+        cfg.mixed_precision = file_prec
+    bf16["enabled"] = cfg.mixed_precision == "bf16"
+    fp16["enabled"] = cfg.mixed_precision == "fp16"
+    if cfg.mixed_precision == "fp16" and not fp16_supported:
+        raise ConfigError(f"--mixed-precision fp16 ({src}): DeepSpeed's {get_accelerator().device_name()} "
+                          f"accelerator does not support fp16; use bf16 or fp32")
+
+    opt = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
+    if opt.get("type", "").lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{src}: optimizer type {opt.get('type')!r} is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    reconcile(params, "lr", "learning_rate", float, float)
+    reconcile(params, "eps", "adam_eps", float, float)
+    reconcile(params, "weight_decay", "weight_decay", float, float)
+    betas = params.get("betas", "auto")
+    if betas == "auto":
+        params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+    elif list(betas) != [cfg.adam_beta1, cfg.adam_beta2]:
+        if {"adam_beta1", "adam_beta2"} & explicit:
+            raise ConfigError(f"{src}: optimizer betas={betas} contradict --adam-beta1/--adam-beta2="
+                              f"{cfg.adam_beta1}/{cfg.adam_beta2}")
+        cfg.adam_beta1, cfg.adam_beta2 = float(betas[0]), float(betas[1])
+    zero = ds.setdefault("zero_optimization", {"stage": 2})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if not offload:
+        # torch's AdamW: nothing to JIT-compile, and it matches the FSDP engine's optimizer
+        opt.setdefault("torch_adam", True)
+    if "scheduler" in ds:
+        raise ConfigError(f"{src}: has a \"scheduler\" section; scaletrain drives warmup + cosine from "
+                          f"--warmup-steps/--learning-rate/--min-learning-rate, so remove it")
+    if zero.get("stage") not in (1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage={zero.get('stage')!r}; use 2 or 3 (or 1)")
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    @classmethod
+    def init_distributed(cls) -> DistEnv:
+        default_dist_env()
+        device = local_device()
+        deepspeed.init_distributed(dist_backend=backend_for(device))
+        return dist_env(device)
+
+    def _setup(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, self.env.world_size,
+                                           fp16_supported=get_accelerator().is_fp16_supported())
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        factor = lr_factor_fn(cfg)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.ds_config,
+            lr_scheduler=lambda opt: LambdaLR(opt, factor))
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds
+
+    def current_lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = self.ds(input_ids, labels=labels)
+        self.ds.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not last:
+            self.ds.step()  # only counts the micro-step; DeepSpeed steps at the accumulation boundary
+        return loss.detach().float()
+
+    def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
+        before = self.ds.skipped_steps
+        self.ds.step()  # clips to gradient_clipping, skips on inf/nan gradients, steps the scheduler
+        skipped = self.ds.skipped_steps != before
+        norm = self.ds.get_global_grad_norm()
+        if norm is None or skipped:
+            norm = float("nan")
+        return torch.as_tensor(norm, dtype=torch.float32).detach(), skipped
+
+    def _save(self, path: str, client_state: dict[str, Any]) -> None:
+        self.ds.save_checkpoint(path, tag=_TAG, client_state=client_state, save_latest=False)
+        # per-rank state (data-loader cursors, RNG) next to DeepSpeed's shards
+        torch.save(client_state, os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt"))
+
+    def _load(self, path: str) -> dict[str, Any]:
+        load_path, client_state = self.ds.load_checkpoint(path, tag=_TAG)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+        rank_file = os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt")
+        if os.path.exists(rank_file):
+            client_state = torch.load(rank_file, weights_only=False)
+        return client_state

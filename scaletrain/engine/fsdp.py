@@ -1,0 +1,112 @@
+"""FSDP2 back end: ``fully_shard`` per transformer block and at the root; DCP checkpoints.
+
+Launched by torchrun (or as a world of one by plain ``python``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from scaletrain.lr import lr_factor_fn
+
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    @classmethod
+    def init_distributed(cls) -> DistEnv:
+        default_dist_env()
+        device = local_device()
+        if not dist.is_initialized():
+            dist.init_process_group(backend_for(device), device_id=device if device.type == "cuda" else None)
+        return dist_env(device)
+
+    def _setup(self, model: nn.Module) -> None:
+        cfg, env = self.cfg, self.env
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = None
+        if cfg.mixed_precision == "bf16":
+            # bf16 compute and all-gathers, fp32 master weights and gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs: dict[str, Any] = {"mesh": mesh}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        if cfg.fsdp_cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        else:
+            model.to(env.device)
+        n = len(model.layers)
+        for i, block in enumerate(model.layers):
+            # the last block is gathered again at once by backward: keep it (torchtitan does the same)
+            fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward and i < n - 1, **kwargs)
+        fully_shard(model, reshard_after_forward=cfg.fsdp_reshard_after_forward, **kwargs)
+        self._model = model
+        use_fused = env.device.type == "cuda" and not cfg.fsdp_cpu_offload
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            **({"fused": True} if use_fused else {"foreach": True}))
+        self.scheduler = LambdaLR(self.optimizer, lr_factor_fn(cfg))
+        self._accum = cfg.gradient_accumulation_steps
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
+        # reduce-scatter gradients only on the last micro-step; earlier ones accumulate unsharded
+        self._model.set_requires_gradient_sync(last)
+        loss = self._model(input_ids, labels=labels)
+        (loss / self._accum).backward()
+        return loss.detach()
+
+    def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        # one host sync per optimizer step: a non-finite norm means NaN/inf loss or gradients
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach(), not finite
+
+    # ---- checkpoints: DCP for the sharded model/optimizer, one small file per rank for the rest --
+    def _save(self, path: str, client_state: dict[str, Any]) -> None:
+        model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        client_state = dict(client_state, scheduler=self.scheduler.state_dict())
+        torch.save(client_state, os.path.join(path, f"client_state_rank{self.env.rank}.pt"))
+        dist.barrier()
+
+    def _load(self, path: str) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        rank_file = os.path.join(path, f"client_state_rank{self.env.rank}.pt")
+        if not os.path.exists(rank_file):  # resharding onto more ranks: start from rank 0's copy
+            rank_file = os.path.join(path, "client_state_rank0.pt")
+        client_state = torch.load(rank_file, weights_only=False)
+        self.scheduler.load_state_dict(client_state.pop("scheduler"))
+        return client_state

@@ -1,0 +1,140 @@
+"""Throughput, MFU and the loggers (console, metrics.jsonl, TensorBoard, W&B); rank 0 writes.
+
+MFU = flops_per_token (model/flops.py) x tokens/s per device / the device's dense peak
+for the run's precision. Peaks are the vendors' dense (no sparsity) tensor-core figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# dense TFLOP/s: (bf16/fp16 tensor core, tf32 tensor core, fp32 non-tensor). Sources: NVIDIA
+# datasheets (H100/H200: "H100 Tensor Core GPU" and "H200" datasheets, sparsity figures halved;
+# A100 datasheet; L40S datasheet; B200: HGX B200 8-GPU figures / 8, sparsity halved).
+PEAK_TFLOPS: list[tuple[str, tuple[float, float, float]]] = [
+    ("H100 NVL", (835.0, 417.5, 60.0)),
+    ("H100 PCIe", (756.0, 378.0, 51.0)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM5
+    ("H200 NVL", (835.0, 417.5, 60.0)),
+    ("H200", (989.4, 494.7, 66.9)),  # SXM5
+    ("GH200", (989.4, 494.7, 66.9)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.05, 183.0, 91.6)),
+    ("B200", (2250.0, 1100.0, 75.0)),
+]
+
+
+def peak_tflops(device_name: str, precision: str, tf32: bool = True) -> float | None:
+    """Dense peak TFLOP/s of a GPU by its name (``torch.cuda.get_device_name``), or None."""
+    for key, (half, tf, fp32) in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            if precision in ("bf16", "fp16"):
+                return half
+            return tf if tf32 else fp32
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops_: float) -> float:
+    """Model FLOPs utilisation as a fraction (0..1)."""
+    return flops_per_token * tokens_per_s_per_device / (peak_tflops_ * 1e12)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or this process's resident set size (CPU), GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class MetricsLogger:
+    """Fans metrics out to the console, ``metrics.jsonl``, TensorBoard and W&B (rank 0 only)."""
+
+    def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any]) -> None:
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        if cfg.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=run_dir)
+        if cfg.use_wandb:
+            self.wandb = _init_wandb(cfg, run_dir, config_dict)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        parts = [f"step {step:>6d}"]
+        for k, fmt in (("loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"),
+                       ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}s"), ("memory_gib", "{:.2f}GiB")):
+            if k in metrics:
+                parts.append(f"{k} " + fmt.format(metrics[k]))
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
+    """W&B run, or None with a warning: a logging service must never stop training."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not os.environ.get("WANDB_API_KEY"):
+        warnings.warn("--use-wandb without WANDB_API_KEY: logging offline to ./wandb "
+                      "(upload later with `wandb sync`)", stacklevel=2)
+        mode = "offline"
+    try:
+        import wandb
+
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_name,
+                          config=config_dict, dir=run_dir, mode=mode,
+                          settings=wandb.Settings(init_timeout=60, silent=True))
+    except Exception as e:  # network down, bad key, ...
+        print(f"warning: Weights & Biases disabled: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+class Throughput:
+    """Tokens/s over the window since the last report (call ``report`` after a host sync)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.steps = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def report(self) -> tuple[float, float]:
+        """(tokens/s, seconds per step) over the window, then start a new window."""
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        out = (self.tokens / dt, dt / max(self.steps, 1))
+        self.t0, self.tokens, self.steps = now, 0, 0
+        return out

@@ -1,0 +1,125 @@
+"""The training loop: data -> engine -> metrics -> checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from scaletrain.config import PreTrainingConfig
+from scaletrain.data.synthetic import SyntheticLoader
+from scaletrain.engine import Engine, get_engine_class
+from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
+from scaletrain.model import Llama, flops_per_token, get_model_config
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    last_loss: float | None
+    skipped_steps: int
+
+
+def build_model(cfg: PreTrainingConfig, vocab_size: int | None = None) -> Llama:
+    """The preset (with ``--num-layers`` and the data's vocab applied), seeded identically on every rank."""
+    preset = get_model_config(cfg.model_config_name)
+    model_cfg = get_model_config(cfg.model_config_name, n_layers=cfg.num_layers, vocab_size=vocab_size,
+                                 max_seq_len=max(preset.max_seq_len, cfg.max_seq_length))
+    torch.manual_seed(cfg.seed)
+    return Llama(model_cfg)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    if device.type == "cuda":
+        return peak_tflops(torch.cuda.get_device_name(device), cfg.mixed_precision,
+                           tf32=torch.backends.cuda.matmul.allow_tf32)
+    return None  # CPU: MFU only with an explicit --peak-tflops
+
+
+def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int, tokens_seen: int,
+                    loader: SyntheticLoader) -> str:
+    path = os.path.join(cfg.checkpoint_dir, name)
+    os.makedirs(path, exist_ok=True)
+    engine.save(path, {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
+                       "data": loader.state_dict(), "rng": _rng_state()})
+    return path
+
+
+def train(cfg: PreTrainingConfig) -> TrainResult:
+    engine_cls = get_engine_class(cfg.resolved_engine)
+    env = engine_cls.init_distributed()
+    model = build_model(cfg)
+    model_cfg = model.config
+    engine = engine_cls(model, cfg, env)  # may adopt values from a DeepSpeed config into cfg
+    loader = SyntheticLoader(model_cfg.vocab_size, cfg.max_seq_length, cfg.micro_batch_size,
+                             cfg.gradient_accumulation_steps, env.rank, env.world_size, cfg.seed)
+
+    start_step, tokens_seen = 0, 0
+    if cfg.resume:
+        state = engine.load(cfg.resume)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        loader.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+
+    run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+    logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, run_name), env.is_main, cfg.to_dict())
+    fpt = flops_per_token(model_cfg, cfg.max_seq_length)
+    peak = _resolve_peak(cfg, env.device)
+    tokens_per_step = loader.global_batch * cfg.max_seq_length
+    if env.is_main:
+        print(f"scaletrain: engine {engine.name}, world {env.world_size}, device {env.device.type}, "
+              f"model {cfg.model_config_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+              f"on rank 0), {cfg.mixed_precision}, global batch {loader.global_batch} x {cfg.max_seq_length} "
+              f"tokens, steps {start_step}->{cfg.max_steps}", flush=True)
+
+    meter = Throughput()
+    last_loss = None
+    non_blocking = env.device.type == "cuda"
+    try:
+        for step in range(start_step, cfg.max_steps):
+            batches = [tuple(t.to(env.device, non_blocking=non_blocking) for t in next(loader))
+                       for _ in range(cfg.gradient_accumulation_steps)]
+            out = engine.train_step(batches)
+            tokens_seen += tokens_per_step
+            meter.add(tokens_per_step)
+            done = step + 1
+            if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                # the only host syncs of the loop (apart from the engine's finite check)
+                loss = engine.all_reduce_mean(out.loss).item()
+                last_loss = loss
+                tok_s, step_time = meter.report()
+                metrics = {"loss": loss, "lr": out.lr, "grad_norm": float(out.grad_norm),
+                           "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
+                           "step_time_s": step_time, "tokens_seen": tokens_seen,
+                           "skipped_steps": engine.skipped_steps, "memory_gib": memory_gib(env.device)}
+                if peak:
+                    metrics["mfu"] = mfu(fpt, tok_s / env.world_size, peak)
+                logger.log(done, metrics)
+            if cfg.save_interval and (done % cfg.save_interval == 0 or done == cfg.max_steps):
+                save_checkpoint(engine, cfg, "final" if done == cfg.max_steps else f"step_{done:06d}",
+                                done, tokens_seen, loader)
+    finally:
+        logger.close()
+    result = TrainResult(steps=cfg.max_steps, tokens_seen=tokens_seen, last_loss=last_loss,
+                         skipped_steps=engine.skipped_steps)
+    engine.close()
+    return result
