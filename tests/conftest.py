@@ -1,0 +1,49 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeout: int = 400,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/pretrain.py under torchrun, the deepspeed launcher or plain python (CPU, gloo)."""
+    port = str(free_port())
+    script = str(ROOT / "launch" / "pretrain.py")
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script]
+    else:
+        cmd = [sys.executable, script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    full = cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", "t"]
+    proc = subprocess.run(full, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(full)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(tmp_path: Path) -> list[dict]:
+    lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

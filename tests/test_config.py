@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from scaletrain.cli import parse_config
+from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.lr import lr_at
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--model-size", "huge"], "--model-size: unknown preset 'huge'; valid: tiny, small, base, large"),
+    (["--max-steps", "-5"], "--max-steps: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--mixed-precision", "fp8"], "--mixed-precision: got 'fp8'"),
+    (["--engine", "megatron"], "--engine: unknown engine 'megatron'; valid: deepspeed, fsdp"),
+    (["--engine", "fsdp", "--mixed-precision", "fp16"], "--mixed-precision: fp16 needs loss scaling"),
+    (["--engine", "fsdp", "--ds_config", "x.json"], "--ds_config: is a DeepSpeed setting but --engine fsdp"),
+    (["--data-sources", "a", "b", "--data-mix-weights", "1.0"], "--data-mix-weights: 1 weights for 2"),
+    (["--data-mix-weights", "-0.3", "1.3"], "--data-mix-weights: weights must be finite and >= 0"),
+    (["--data-mix-weights", "0", "0"], "--data-mix-weights: weights sum to zero"),
+    (["--min-learning-rate", "1.0", "--learning-rate", "0.1"], "--min-learning-rate: must be between 0"),
+    (["--warmup-steps", "50", "--max-steps", "10"], "--warmup-steps: 50 exceeds --max-steps=10"),
+    (["--data", "imagenet"], "--data: unknown data source 'imagenet'"),
+])
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert flag in str(e.value)
+
+
+def test_every_field_is_a_flag_and_aliases_work():
+    cfg = parse_config(["--model-size", "small", "--batch-size", "4", "--save-interval", "100",
+                        "--checkpoint-dir", "/tmp/ck", "--max-seq-length", "512", "--gradient-checkpointing",
+                        "--ds_config", "ds.json", "--local_rank=1", "--no-use-tensorboard"])
+    assert (cfg.model_config_name, cfg.micro_batch_size, cfg.save_interval, cfg.checkpoint_dir,
+            cfg.max_seq_length) == ("small", 4, 100, "/tmp/ck", 512)
+    assert cfg.gradient_checkpointing and not cfg.use_tensorboard
+    assert cfg.resolved_engine == "deepspeed"
+    assert parse_config([]).resolved_engine == "fsdp"
+    assert parse_config(["--ds-config", "a.json"]).ds_config == "a.json"
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".json", json.dumps({"max-steps": 70, "learning_rate": 1e-3, "batch_size": 2})),
+    (".yaml", "max-steps: 70\nlearning_rate: 0.001\nbatch_size: 2\n"),
+    (".toml", "max_steps = 70\nlearning_rate = 0.001\nbatch_size = 2\n"),
+])
+def test_config_file_sits_beneath_flags(tmp_path, suffix, text):
+    f = tmp_path / f"c{suffix}"
+    f.write_text(text)
+    cfg = parse_config(["--config", str(f), "--max-steps", "90"])
+    assert (cfg.max_steps, cfg.learning_rate, cfg.micro_batch_size) == (90, 1e-3, 2)
+    assert {"max_steps", "learning_rate", "micro_batch_size"} <= cfg.explicit
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text('{"max_stepz": 3}')
+    with pytest.raises(ConfigError, match=r"c.json' has unknown setting 'max_stepz'"):
+        parse_config(["--config", str(f)])
+    f.write_text('{"max_steps": 3,}')
+    with pytest.raises(ConfigError, match="cannot parse .*c.json.*line 1"):
+        parse_config(["--config", str(f)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_lr_schedule_warmup_midpoint_end():
+    kw = dict(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)  # 1/10 of the way up
+    assert lr_at(9, **kw) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(5.5e-4)  # cosine midpoint: (peak + min) / 2
+    assert lr_at(110, **kw) == pytest.approx(1e-4)  # end: the floor
+    assert lr_at(500, **kw) == pytest.approx(1e-4)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_config_dataclass_documents_every_field():
+    import dataclasses
+
+    for f in dataclasses.fields(PreTrainingConfig):
+        assert f.metadata.get("doc"), f.name
+    # the original design's fields are all present
+    for name in ("model_config_name max_seq_length data_dir data_sources data_mix_weights micro_batch_size "
+                 "gradient_accumulation_steps max_steps warmup_steps learning_rate min_learning_rate "
+                 "mixed_precision gradient_checkpointing max_grad_norm checkpoint_dir save_interval "
+                 "keep_last_n_checkpoints log_interval use_wandb wandb_project use_tensorboard num_workers "
+                 "pin_memory seed engine ds_config").split():
+        assert name in PreTrainingConfig.__dataclass_fields__, name
