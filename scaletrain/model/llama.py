@@ -1,6 +1,6 @@
 """Llama-style decoder: RMSNorm, RoPE, grouped-query attention via SDPA, SwiGLU.
 
-Pure ``nn.Module``: no torch.distributed here (sharding lives in ``scaletrain/engine``).
+Pure ``nn.Module`` with no parallelism in it: sharding lives in ``scaletrain/engine``.
 Parameter names follow Hugging Face ``LlamaForCausalLM`` without its ``model.`` prefix,
 so export is a rename-free copy (see ``hf_state_dict_key``).
 """
