@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [flag]
         if "_" in flag:  # --ds_config is also --ds-config
             flags.append(flag.replace("_", "-"))
-        help_ = f"{f.metadata['doc']} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"{f.metadata['doc']} (default: {default})"
         if typ is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_)
         elif is_list:

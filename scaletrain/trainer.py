@@ -24,13 +24,20 @@ class TrainResult:
     skipped_steps: int
 
 
-def build_model(cfg: PreTrainingConfig, vocab_size: int | None = None) -> Llama:
-    """The preset (with ``--num-layers`` and the data's vocab applied), seeded identically on every rank."""
+def build_model(cfg: PreTrainingConfig, vocab_size: int | None = None,
+                device: torch.device | str = "cpu") -> Llama:
+    """The preset (with ``--num-layers`` and the data's vocab applied), seeded identically on every rank.
+
+    Built directly on ``device`` (initialising billions of weights on a GPU takes a blink, on a CPU minutes).
+    """
     preset = get_model_config(cfg.model_config_name)
     model_cfg = get_model_config(cfg.model_config_name, n_layers=cfg.num_layers, vocab_size=vocab_size,
                                  max_seq_len=max(preset.max_seq_len, cfg.max_seq_length))
     torch.manual_seed(cfg.seed)
-    return Llama(model_cfg)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(cfg.seed)
+    with torch.device(device):
+        return Llama(model_cfg)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -67,7 +74,7 @@ def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int
 def train(cfg: PreTrainingConfig) -> TrainResult:
     engine_cls = get_engine_class(cfg.resolved_engine)
     env = engine_cls.init_distributed()
-    model = build_model(cfg)
+    model = build_model(cfg, device="cpu" if cfg.fsdp_cpu_offload else env.device)
     model_cfg = model.config
     engine = engine_cls(model, cfg, env)  # may adopt values from a DeepSpeed config into cfg
     loader = SyntheticLoader(model_cfg.vocab_size, cfg.max_seq_length, cfg.micro_batch_size,

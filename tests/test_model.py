@@ -3,8 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaletrain.model import (PRESETS, Llama, flops_per_token, get_model_config, hf_state_dict_key,
-                              num_params)
+from scaletrain.model import PRESETS, Llama, flops_per_token, get_model_config, hf_state_dict_key, num_params
 
 
 def _hf_model(cfg):
@@ -47,7 +46,8 @@ def test_preset_sizes_match_their_names():
     assert 110e6 < num_params(get_model_config("small")) < 140e6
     assert 1.2e9 < num_params(get_model_config("base")) < 1.4e9
     large = get_model_config("large")
-    assert (large.d_model, large.n_layers, large.n_heads, large.ffn_dim, large.vocab_size) == (4096, 32, 32, 11008, 32000)
+    shape = (large.d_model, large.n_layers, large.n_heads, large.ffn_dim, large.vocab_size)
+    assert shape == (4096, 32, 32, 11008, 32000)
     assert abs(num_params(large) - 6.74e9) < 0.01e9
 
 

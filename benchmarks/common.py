@@ -1,0 +1,81 @@
+"""Shared pieces of the benchmarks: engine selection by short name, the plain baseline loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scaletrain.cli import parse_config  # noqa: E402
+from scaletrain.engine import get_engine_class  # noqa: E402
+from scaletrain.engine.base import param_groups  # noqa: E402
+from scaletrain.lr import lr_factor_fn  # noqa: E402
+from scaletrain.trainer import build_model  # noqa: E402
+
+ENGINE_KINDS = ("plain", "fsdp", "zero2", "zero3", "zero3_offload")
+
+
+def engine_argv(kind: str, tmpdir: str | None = None) -> list[str]:
+    """Flags that select back end ``kind``; ZeRO kinds use the shipped config with precision left 'auto'."""
+    if kind == "fsdp":
+        return ["--engine", "fsdp"]
+    if kind.startswith("zero"):
+        ds = json.loads((ROOT / "ds_configs" / f"{kind}_bf16.json").read_text())
+        ds["bf16"] = {"enabled": "auto"}
+        path = Path(tmpdir or tempfile.mkdtemp()) / f"{kind}.json"
+        path.write_text(json.dumps(ds))
+        return ["--ds_config", str(path)]
+    raise ValueError(f"unknown engine kind {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+class Plain:
+    """The baseline: what a hand-written single-device loop does per optimizer step."""
+
+    name = "plain"
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = build_model(cfg, device=device)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor_fn(cfg))
+        self.dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+        self.device = device
+
+    def train_step(self, micro_batches):
+        for x, y in micro_batches:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                loss = self.model(x, labels=y)
+            (loss / len(micro_batches)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if torch.isfinite(norm):  # the same host sync the engines make
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def build_runner(kind: str, argv: list[str], env):
+    """A plain loop or an Engine for ``kind``; returns (runner, resolved config)."""
+    if kind == "plain":
+        cfg = parse_config(argv + ["--engine", "fsdp"])
+        return Plain(cfg, env.device), cfg
+    cfg = parse_config(argv + engine_argv(kind))
+    return get_engine_class(cfg.resolved_engine)(build_model(cfg, device=env.device), cfg, env), cfg

@@ -1,0 +1,264 @@
+"""Find the fastest micro-batch per engine for a model size: tokens/s, MFU and peak memory.
+
+    python benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp zero2 zero3 \\
+        --activation-checkpointing off on --seq 2048
+
+For each engine x activation-checkpointing setting, micro-batch sizes double from
+``--min-micro-batch`` until the device runs out of memory (caught; the sweep goes on with
+the next configuration) or ``--max-micro-batch``. Each point runs ``--warmup`` then
+``--steps`` measured optimizer steps on synthetic data. ``--num-layers K`` keeps the
+model's width and heads with fewer layers so a large shape fits one GPU: per-layer
+throughput and MFU carry over; memory and the best micro-batch of the full depth differ.
+
+Writes to ``--output`` (default benchmarks/results/<timestamp>): results.json, table.txt,
+throughput.png (tokens/s and MFU against micro-batch, one line per configuration),
+best_command.sh and, when a DeepSpeed configuration ran, best_ds_config.json.
+``--max-memory-gib`` caps memory: on CUDA via the allocator (a real OOM); on a CPU the
+growth of peak RSS over the start of the sweep is checked after each step (simulated OOM).
+Launch under torchrun/deepspeed for several GPUs; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_runner, device_name, sync  # noqa: E402
+
+from scaletrain.engine import get_engine_class  # noqa: E402
+from scaletrain.metrics import mfu, peak_tflops  # noqa: E402
+from scaletrain.model import flops_per_token, get_model_config, num_params  # noqa: E402
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, OutOfMemory)) or "out of memory" in str(e).lower()
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(kind: str, ac: bool, mbs: int, a, env, base_rss: float) -> dict:
+    argv = ["--model-size", a.model_size, "--batch-size", str(mbs), "--max-seq-length", str(a.seq),
+            "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision,
+            "--max-steps", "100000", "--warmup-steps", "10", "--seed", "0"]
+    argv += ["--num-layers", str(a.num_layers)] if a.num_layers else []
+    argv += ["--gradient-checkpointing"] if ac else []
+    argv += ["--compile"] if a.compile else []
+    runner = cfg = None
+    try:
+        runner, cfg = build_runner(kind, argv, env)
+        vocab = get_model_config(a.model_size).vocab_size
+        g = torch.Generator().manual_seed(0)
+        batches = [(x.to(env.device), x.to(env.device)) for x in
+                   (torch.randint(vocab, (mbs, a.seq), generator=g) for _ in range(a.accum))]
+
+        def step():
+            runner.train_step(batches)
+            if env.device.type == "cpu" and a.max_memory_gib and _peak_rss_gib() - base_rss > a.max_memory_gib:
+                raise OutOfMemory(f"peak RSS grew by {_peak_rss_gib() - base_rss:.2f} GiB > --max-memory-gib "
+                                  f"{a.max_memory_gib}")
+
+        for _ in range(a.warmup):
+            step()
+        sync(env.device)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        sync(env.device)
+        dt = (time.perf_counter() - t0) / a.steps
+        tokens = mbs * a.accum * a.seq * env.world_size
+        mem = (torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda"
+               else _peak_rss_gib())
+        row = {"status": "ok", "step_s": dt, "tokens_per_s": tokens / dt,
+               "tokens_per_s_per_device": tokens / dt / env.world_size, "peak_memory_gib": mem}
+        if a.peak:
+            row["mfu"] = mfu(flops_per_token(runner_model_cfg(a), a.seq), row["tokens_per_s_per_device"], a.peak)
+        if hasattr(runner, "ds_config"):
+            row["ds_config"] = runner.ds_config
+        return row
+    except Exception as e:  # noqa: BLE001 - OOM is an expected outcome of the sweep
+        if not _is_oom(e):
+            raise
+        return {"status": "oom", "error": str(e).splitlines()[0][:200]}
+    finally:
+        del runner, cfg
+        _release(env.device)
+
+
+def runner_model_cfg(a):
+    return get_model_config(a.model_size, n_layers=a.num_layers)
+
+
+def sweep_sizes(a) -> list[int]:
+    if a.micro_batches:
+        return sorted(a.micro_batches)
+    sizes, m = [], a.min_micro_batch
+    while m <= a.max_micro_batch:
+        sizes.append(m)
+        m *= 2
+    return sizes
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_mfu = any("mfu" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_mfu else 1, figsize=(12 if has_mfu else 6, 4.5), squeeze=False)
+    for label in dict.fromkeys(r["config"] for r in rows):
+        ok = [r for r in rows if r["config"] == label and r["status"] == "ok"]
+        if not ok:
+            continue
+        xs = [r["micro_batch"] for r in ok]
+        axes[0][0].plot(xs, [r["tokens_per_s"] for r in ok], marker="o", label=label)
+        if has_mfu:
+            axes[0][1].plot(xs, [100 * r["mfu"] for r in ok], marker="o", label=label)
+    axes[0][0].set(xlabel="micro-batch", ylabel="tokens/s (all devices)", xscale="log", title=title)
+    axes[0][0].set_xscale("log", base=2)
+    axes[0][0].legend()
+    if has_mfu:
+        axes[0][1].set(xlabel="micro-batch", ylabel="MFU %", title="MFU")
+        axes[0][1].set_xscale("log", base=2)
+        axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def best_command(best: dict, a, world: int, ds_path: Path) -> str:
+    flags = (f"--model-size {a.model_size} --batch-size {best['micro_batch']} --max-seq-length {a.seq} "
+             f"--gradient-accumulation-steps {a.accum} --mixed-precision {a.precision}")
+    flags += " --gradient-checkpointing" if best["activation_checkpointing"] else ""
+    flags += " --compile" if a.compile else ""
+    n = max(world, 1)
+    if best["engine"] == "fsdp":
+        return f"torchrun --nproc_per_node {n} launch/pretrain.py --engine fsdp {flags}"
+    return f"deepspeed --num_gpus {n} launch/pretrain.py --ds_config {ds_path} {flags}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", default="large")
+    p.add_argument("--num-layers", type=int, help="fewer layers, same width (to fit one GPU)")
+    p.add_argument("--engines", nargs="+", default=["fsdp", "zero2", "zero3"])
+    p.add_argument("--activation-checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--micro-batches", type=int, nargs="+", help="explicit list instead of doubling")
+    p.add_argument("--min-micro-batch", type=int, default=1)
+    p.add_argument("--max-micro-batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", default=None, help="bf16 on CUDA, fp32 on CPU by default")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the GPU name)")
+    p.add_argument("--max-memory-gib", type=float, help="memory cap (CUDA allocator; CPU: peak-RSS growth)")
+    p.add_argument("--output", help="default: benchmarks/results/<timestamp>")
+    a = p.parse_args()
+    a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+
+    env = get_engine_class("deepspeed" if any(k.startswith("zero") for k in a.engines) else "fsdp").init_distributed()
+    dev = device_name(env.device)
+    a.peak = a.peak_tflops or (peak_tflops(dev, a.precision) if env.device.type == "cuda" else None)
+    if env.device.type == "cuda" and a.max_memory_gib:
+        total = torch.cuda.get_device_properties(env.device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory_gib / total), env.device)
+    out = Path(a.output or Path(__file__).resolve().parent / "results" / time.strftime("%Y%m%d-%H%M%S"))
+    mcfg = runner_model_cfg(a)
+    header = (f"throughput: {a.model_size}" + (f" truncated to {a.num_layers} layers" if a.num_layers else "")
+              + f" ({num_params(mcfg) / 1e6:,.1f}M params, d_model {mcfg.d_model}, {mcfg.n_heads} heads), seq {a.seq}, "
+              f"{a.precision}, accumulation {a.accum}, world {env.world_size}, device {dev}, "
+              f"peak {a.peak or '-'} TFLOP/s; {a.warmup} warm-up + {a.steps} measured steps per point")
+    if a.num_layers:
+        header += ("\nnote: --num-layers keeps width and heads; per-layer throughput and MFU carry over to the "
+                   "full depth, memory and the largest micro-batch that fits do not")
+    if env.is_main:
+        print(header, flush=True)
+    base_rss = _peak_rss_gib()
+    rows = []
+    for kind in a.engines:
+        for ac in a.activation_checkpointing:
+            for mbs in sweep_sizes(a):
+                r = measure(kind, ac == "on", mbs, a, env, base_rss)
+                r.update(engine=kind, activation_checkpointing=ac == "on", micro_batch=mbs,
+                         config=f"{kind}{' +AC' if ac == 'on' else ''}")
+                rows.append(r)
+                if env.is_main:
+                    if r["status"] == "ok":
+                        m = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "    -"
+                        print(f"  {r['config']:<16} mb {mbs:>4}  {r['tokens_per_s']:>12,.0f} tok/s  MFU {m}  "
+                              f"{r['peak_memory_gib']:7.2f} GiB  {r['step_s'] * 1e3:8.1f} ms/step", flush=True)
+                    else:
+                        print(f"  {r['config']:<16} mb {mbs:>4}  out of memory: {r['error']}", flush=True)
+                if r["status"] == "oom":
+                    break  # larger micro-batches will not fit either
+    if env.is_main:
+        write_outputs(rows, a, env.world_size, out, header)
+    sys.stdout.flush()
+    os._exit(0)  # see launch/pretrain.py: skip teardown with live gloo threads
+
+
+def write_outputs(rows: list[dict], a, world: int, out: Path, header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [header, "", f"{'config':<16}{'micro-batch':>12}{'tokens/s':>14}{'MFU':>8}{'memory GiB':>12}{'ms/step':>10}"]
+    for r in rows:
+        if r["status"] == "ok":
+            m = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            lines.append(f"{r['config']:<16}{r['micro_batch']:>12}{r['tokens_per_s']:>14,.0f}{m:>8}"
+                         f"{r['peak_memory_gib']:>12.2f}{r['step_s'] * 1e3:>10.1f}")
+        else:
+            lines.append(f"{r['config']:<16}{r['micro_batch']:>12}{'OOM':>14}")
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+    if best:
+        cmd = best_command(best, a, world, out / "best_ds_config.json")
+        lines += ["", f"best: {best['config']} micro-batch {best['micro_batch']}: {best['tokens_per_s']:,.0f} tokens/s"
+                  + (f", MFU {100 * best['mfu']:.1f}%" if "mfu" in best else ""), f"command: {cmd}"]
+        (out / "best_command.sh").write_text("#!/usr/bin/env bash\n# " + header.replace("\n", "\n# ") + f"\n{cmd}\n")
+        ds_rows = [r for r in ok if "ds_config" in r]
+        if "ds_config" in best:
+            ds_rows = [best]
+        if ds_rows:
+            best_ds = max(ds_rows, key=lambda r: r["tokens_per_s"])
+            (out / "best_ds_config.json").write_text(json.dumps(best_ds["ds_config"], indent=2) + "\n")
+            lines.append(f"best DeepSpeed configuration ({best_ds['config']}, micro-batch {best_ds['micro_batch']}) "
+                         f"-> {out / 'best_ds_config.json'}")
+    else:
+        lines += ["", "no configuration fitted in memory"]
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "table.txt").write_text(table + "\n")
+    clean = [{k: v for k, v in r.items() if k != "ds_config"} for r in rows]
+    (out / "results.json").write_text(json.dumps({"header": header, "args": {k: v for k, v in vars(a).items()},
+                                                  "rows": clean, "best": best and {k: v for k, v in best.items()
+                                                                                   if k != "ds_config"}},
+                                                 indent=2, default=str))
+    plot(rows, out / "throughput.png", f"{a.model_size}" + (f" ({a.num_layers} layers)" if a.num_layers else ""))
+    print(f"wrote {out}/(results.json, table.txt, throughput.png, best_command.sh)")
+
+
+if __name__ == "__main__":
+    main()
