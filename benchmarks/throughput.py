@@ -73,7 +73,7 @@ def measure(kind: str, ac: bool, mbs: int, a, env, base_rss: float) -> dict:
         batches = [(x.to(env.device), x.to(env.device)) for x in
                    (torch.randint(vocab, (mbs, a.seq), generator=g) for _ in range(a.accum))]
 
-        def step():
+        def step(runner=runner):
             runner.train_step(batches)
             if env.device.type == "cpu" and a.max_memory_gib and _peak_rss_gib() - base_rss > a.max_memory_gib:
                 raise OutOfMemory(f"peak RSS grew by {_peak_rss_gib() - base_rss:.2f} GiB > --max-memory-gib "
@@ -223,7 +223,8 @@ def main() -> None:
 
 def write_outputs(rows: list[dict], a, world: int, out: Path, header: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    lines = [header, "", f"{'config':<16}{'micro-batch':>12}{'tokens/s':>14}{'MFU':>8}{'memory GiB':>12}{'ms/step':>10}"]
+    columns = f"{'config':<16}{'micro-batch':>12}{'tokens/s':>14}{'MFU':>8}{'memory GiB':>12}{'ms/step':>10}"
+    lines = [header, "", columns]
     for r in rows:
         if r["status"] == "ok":
             m = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"

@@ -13,7 +13,7 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.synthetic import SyntheticLoader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
-from scaletrain.model import Llama, flops_per_token, get_model_config
+from scaletrain.model import Llama, flops_per_token, get_model_config, num_params
 
 
 @dataclass
@@ -94,8 +94,8 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
     tokens_per_step = loader.global_batch * cfg.max_seq_length
     if env.is_main:
         print(f"scaletrain: engine {engine.name}, world {env.world_size}, device {env.device.type}, "
-              f"model {cfg.model_config_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
-              f"on rank 0), {cfg.mixed_precision}, global batch {loader.global_batch} x {cfg.max_seq_length} "
+              f"model {cfg.model_config_name} ({num_params(model_cfg) / 1e6:,.2f}M params), "
+              f"{cfg.mixed_precision}, global batch {loader.global_batch} x {cfg.max_seq_length} "
               f"tokens, steps {start_step}->{cfg.max_steps}", flush=True)
 
     meter = Throughput()

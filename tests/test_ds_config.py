@@ -28,6 +28,14 @@ def test_shipped_configs_resolve(name):
     assert cfg.mixed_precision == expected  # adopted from the file: no flag was given
     assert ds["fp16"]["enabled"] == (expected == "fp16") and ds["bf16"]["enabled"] == (expected == "bf16")
     assert ds["zero_optimization"]["stage"] == (3 if "zero3" in name else 2)
+    # torch's AdamW unless the optimizer is offloaded (then DeepSpeedCPUAdam)
+    assert ds["optimizer"]["params"].get("torch_adam", False) == ("offload" not in name)
+
+
+def test_fused_torch_adamw_on_cuda():
+    path = str(ROOT / "ds_configs" / "zero2_bf16.json")
+    ds = resolve_ds_config(load_ds_config(path), parse_config(["--ds_config", path]), 1, device_type="cuda")
+    assert ds["optimizer"]["params"]["fused"] is True
 
 
 def test_explicit_value_contradicting_a_flag_names_both(tmp_path):

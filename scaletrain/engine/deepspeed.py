@@ -57,7 +57,7 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
 
 
 def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: int,
-                      fp16_supported: bool = True) -> dict[str, Any]:
+                      fp16_supported: bool = True, device_type: str = "cpu") -> dict[str, Any]:
     """Fill ``"auto"`` fields from ``cfg``; check explicit ones; may update ``cfg`` in place."""
     ds = copy.deepcopy(ds)
     src = cfg.ds_config or "the default DeepSpeed config"
@@ -122,8 +122,10 @@ def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: in
     zero = ds.setdefault("zero_optimization", {"stage": 2})
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if not offload:
-        # torch's AdamW: nothing to JIT-compile, and it matches the FSDP engine's optimizer
-        opt.setdefault("torch_adam", True)
+        # torch's AdamW (fused on CUDA): nothing to JIT-compile, the same optimizer as the FSDP engine
+        params.setdefault("torch_adam", True)
+        if device_type == "cuda" and params["torch_adam"]:
+            params.setdefault("fused", True)
     if "scheduler" in ds:
         raise ConfigError(f"{src}: has a \"scheduler\" section; scaletrain drives warmup + cosine from "
                           f"--warmup-steps/--learning-rate/--min-learning-rate, so remove it")
@@ -147,7 +149,8 @@ class DeepSpeedEngine(Engine):
     def _setup(self, model: nn.Module) -> None:
         cfg = self.cfg
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, self.env.world_size,
-                                           fp16_supported=get_accelerator().is_fp16_supported())
+                                           fp16_supported=get_accelerator().is_fp16_supported(),
+                                           device_type=self.env.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         factor = lr_factor_fn(cfg)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One prepared GPU session: correctness runs of both engines, engine overhead, and the
+# throughput sweeps for `base` and the `large` shape (truncated depth). Each phase has its own
+# time limit so the script always reaches the end and packs what it measured.
+#   OUT=/some/dir bash benchmarks/gpu_session.sh         (OUT: where logs and results go)
+# On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
+set -u
+OUT=${OUT:-benchmarks/results/gpu_session}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=".:/tmp/site:${PYTHONPATH}"
+fi
+phase() {  # phase NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${secs}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+{ nvidia-smi -L; python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())"; } >>"$LOG" 2>&1
+R="$OUT/res"
+mkdir -p "$R"
+phase fsdp_small_train 60 python3 launch/pretrain.py --engine fsdp --model-size small --max-seq-length 2048 \
+  --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --save-interval 0 \
+  --run-dir "$R/runs" --run-name fsdp_small
+phase zero3_small_train 75 python3 launch/pretrain.py --ds_config ds_configs/zero3_bf16.json --model-size small \
+  --max-seq-length 2048 --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
+  --save-interval 0 --run-dir "$R/runs" --run-name zero3_small
+phase engine_overhead 90 python3 benchmarks/engine_overhead.py --model-size small --batch-size 8 --seq 2048 \
+  --accum 2 --steps 5 --rounds 2 --engines plain fsdp zero2 zero3 --output "$R"
+phase throughput_base 150 python3 benchmarks/throughput.py --model-size base --engines fsdp zero2 zero3 \
+  --activation-checkpointing off --seq 2048 --min-micro-batch 2 --max-micro-batch 16 --output "$R/tp_base"
+phase throughput_large 150 python3 benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp zero3 \
+  --activation-checkpointing off on --seq 2048 --min-micro-batch 2 --max-micro-batch 16 --output "$R/tp_large"
+tar -C "$OUT" -czf "$OUT/results.tgz" res 2>>"$LOG"
+rm -rf "$R"
+echo "done $(date +%T)" >>"$LOG"
