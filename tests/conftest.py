@@ -29,8 +29,9 @@ def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeo
     else:
         cmd = [sys.executable, script]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
+    # a process group of this pytest process (single-process engine tests) must not leak into the child
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
     full = cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", "t"]
     proc = subprocess.run(full, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
