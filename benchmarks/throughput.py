@@ -14,8 +14,10 @@ Writes to ``--output`` (default benchmarks/results/<timestamp>): results.json, t
 throughput.png (tokens/s and MFU against micro-batch, one line per configuration),
 best_command.sh and, when a DeepSpeed configuration ran, best_ds_config.json.
 ``--max-memory-gib`` caps memory: on CUDA via the allocator (a real OOM); on a CPU the
-growth of peak RSS over the start of the sweep is checked after each step (simulated OOM).
-Launch under torchrun/deepspeed for several GPUs; rank 0 writes.
+growth of peak RSS over the start of the point is checked after each step (simulated OOM).
+With one rank every point runs in a fresh process (engines do not hand all memory back when
+dropped; DeepSpeed's kept up to 60 GiB between points on an H200). Launch under
+torchrun/deepspeed for several GPUs; then points run in-process and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import gc
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +54,9 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, OutOfMemory)) or "out of memory" in str(e).lower()
 
 
+_RESULT = "THROUGHPUT_POINT_RESULT "
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -58,13 +64,15 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(kind: str, ac: bool, mbs: int, a, env, base_rss: float) -> dict:
+def measure(kind: str, ac: bool, mbs: int, a, env) -> dict:
+    """One point of the sweep in this process: build, warm up, time ``a.steps`` optimizer steps."""
     argv = ["--model-size", a.model_size, "--batch-size", str(mbs), "--max-seq-length", str(a.seq),
             "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision,
             "--max-steps", "100000", "--warmup-steps", "10", "--seed", "0"]
     argv += ["--num-layers", str(a.num_layers)] if a.num_layers else []
     argv += ["--gradient-checkpointing"] if ac else []
     argv += ["--compile"] if a.compile else []
+    base_rss = _peak_rss_gib()
     runner = cfg = None
     try:
         runner, cfg = build_runner(kind, argv, env)
@@ -104,6 +112,22 @@ def measure(kind: str, ac: bool, mbs: int, a, env, base_rss: float) -> dict:
     finally:
         del runner, cfg
         _release(env.device)
+
+
+def run_point(kind: str, ac: bool, mbs: int, a, env) -> dict:
+    """A point in a fresh process (default with one rank: engines, DeepSpeed's above all, do not give
+    all memory back when dropped, which skews later points), or in this one."""
+    if env is not None:
+        return measure(kind, ac, mbs, a, env)
+    point = json.dumps({"kind": kind, "ac": ac, "mbs": mbs})
+    proc = subprocess.run([sys.executable, __file__, "--point", point] + sys.argv[1:], capture_output=True,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    if _is_oom(RuntimeError(proc.stderr[-20000:])):
+        return {"status": "oom", "error": "process died out of memory"}
+    raise RuntimeError(f"point {point} failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
 
 
 def runner_model_cfg(a):
@@ -177,36 +201,48 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the GPU name)")
     p.add_argument("--max-memory-gib", type=float, help="memory cap (CUDA allocator; CPU: peak-RSS growth)")
     p.add_argument("--output", help="default: benchmarks/results/<timestamp>")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="measure every point in this process (always so under a multi-rank launcher)")
+    p.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point and print it
     a = p.parse_args()
     a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
 
-    env = get_engine_class("deepspeed" if any(k.startswith("zero") for k in a.engines) else "fsdp").init_distributed()
-    dev = device_name(env.device)
-    a.peak = a.peak_tflops or (peak_tflops(dev, a.precision) if env.device.type == "cuda" else None)
-    if env.device.type == "cuda" and a.max_memory_gib:
-        total = torch.cuda.get_device_properties(env.device).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory_gib / total), env.device)
+    uses_ds = any(k.startswith("zero") for k in a.engines)
+    isolate = not a.no_isolate and int(os.environ.get("WORLD_SIZE", "1")) == 1 and a.point is None
+    env = None if isolate else get_engine_class("deepspeed" if uses_ds else "fsdp").init_distributed()
+    device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device_name(device)
+    a.peak = a.peak_tflops or (peak_tflops(dev, a.precision) if device.type == "cuda" else None)
+    if device.type == "cuda" and a.max_memory_gib and env is not None:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory_gib / total), device)
+    if a.point:
+        pt = json.loads(a.point)
+        print(_RESULT + json.dumps(measure(pt["kind"], pt["ac"], pt["mbs"], a, env)), flush=True)
+        sys.stdout.flush()
+        os._exit(0)
+    is_main = env is None or env.is_main
+    world = env.world_size if env else 1
     out = Path(a.output or Path(__file__).resolve().parent / "results" / time.strftime("%Y%m%d-%H%M%S"))
     mcfg = runner_model_cfg(a)
     header = (f"throughput: {a.model_size}" + (f" truncated to {a.num_layers} layers" if a.num_layers else "")
               + f" ({num_params(mcfg) / 1e6:,.1f}M params, d_model {mcfg.d_model}, {mcfg.n_heads} heads), seq {a.seq}, "
-              f"{a.precision}, accumulation {a.accum}, world {env.world_size}, device {dev}, "
+              f"{a.precision}, accumulation {a.accum}, world {world}, device {dev}, "
               f"peak {a.peak or '-'} TFLOP/s; {a.warmup} warm-up + {a.steps} measured steps per point")
     if a.num_layers:
         header += ("\nnote: --num-layers keeps width and heads; per-layer throughput and MFU carry over to the "
                    "full depth, memory and the largest micro-batch that fits do not")
-    if env.is_main:
+    if is_main:
         print(header, flush=True)
-    base_rss = _peak_rss_gib()
     rows = []
     for kind in a.engines:
         for ac in a.activation_checkpointing:
             for mbs in sweep_sizes(a):
-                r = measure(kind, ac == "on", mbs, a, env, base_rss)
+                r = run_point(kind, ac == "on", mbs, a, env)
                 r.update(engine=kind, activation_checkpointing=ac == "on", micro_batch=mbs,
                          config=f"{kind}{' +AC' if ac == 'on' else ''}")
                 rows.append(r)
-                if env.is_main:
+                if is_main:
                     if r["status"] == "ok":
                         m = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "    -"
                         print(f"  {r['config']:<16} mb {mbs:>4}  {r['tokens_per_s']:>12,.0f} tok/s  MFU {m}  "
@@ -215,8 +251,8 @@ def main() -> None:
                         print(f"  {r['config']:<16} mb {mbs:>4}  out of memory: {r['error']}", flush=True)
                 if r["status"] == "oom":
                     break  # larger micro-batches will not fit either
-    if env.is_main:
-        write_outputs(rows, a, env.world_size, out, header)
+    if is_main:
+        write_outputs(rows, a, world, out, header)
     sys.stdout.flush()
     os._exit(0)  # see launch/pretrain.py: skip teardown with live gloo threads
 

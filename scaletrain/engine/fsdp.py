@@ -49,11 +49,14 @@ class FSDPEngine(Engine):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         else:
             model.to(env.device)
+        # with one rank a "shard" is the whole tensor: freeing it after forward saves nothing and
+        # costs a copy per block in backward (measured 1.28x vs a plain loop on an H200 with it)
+        reshard = cfg.fsdp_reshard_after_forward and env.world_size > 1
         n = len(model.layers)
         for i, block in enumerate(model.layers):
             # the last block is gathered again at once by backward: keep it (torchtitan does the same)
-            fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward and i < n - 1, **kwargs)
-        fully_shard(model, reshard_after_forward=cfg.fsdp_reshard_after_forward, **kwargs)
+            fully_shard(block, reshard_after_forward=reshard and i < n - 1, **kwargs)
+        fully_shard(model, reshard_after_forward=reshard, **kwargs)
         self._model = model
         use_fused = env.device.type == "cuda" and not cfg.fsdp_cpu_offload
         self.optimizer = torch.optim.AdamW(
