@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session: correctness runs of both engines, engine overhead, and the
-# throughput sweeps for `base` and the `large` shape (truncated depth). Each phase has its own
-# time limit so the script always reaches the end and packs what it measured.
-#   OUT=/some/dir bash benchmarks/gpu_session.sh         (OUT: where logs and results go)
+# One prepared GPU session: short training runs of both engines, engine overhead, and the
+# throughput sweeps. Each phase has its own time limit so the script always reaches the end
+# and packs what it measured.
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase)
+# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile
 # On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -20,21 +21,38 @@ phase() {  # phase NAME SECONDS CMD...
   timeout "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
 }
-{ nvidia-smi -L; python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())"; } >>"$LOG" 2>&1
+{ nvidia-smi -L; python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())"; git log -1 --format='commit %h %s' 2>/dev/null; } >>"$LOG" 2>&1
 R="$OUT/res"
 mkdir -p "$R"
-phase fsdp_small_train 60 python3 launch/pretrain.py --engine fsdp --model-size small --max-seq-length 2048 \
-  --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --save-interval 0 \
-  --run-dir "$R/runs" --run-name fsdp_small
-phase zero3_small_train 75 python3 launch/pretrain.py --ds_config ds_configs/zero3_bf16.json --model-size small \
-  --max-seq-length 2048 --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
-  --save-interval 0 --run-dir "$R/runs" --run-name zero3_small
-phase engine_overhead 90 python3 benchmarks/engine_overhead.py --model-size small --batch-size 8 --seq 2048 \
-  --accum 2 --steps 5 --rounds 2 --engines plain fsdp zero2 zero3 --output "$R"
-phase throughput_base 150 python3 benchmarks/throughput.py --model-size base --engines fsdp zero2 zero3 \
-  --activation-checkpointing off --seq 2048 --min-micro-batch 2 --max-micro-batch 16 --output "$R/tp_base"
-phase throughput_large 150 python3 benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp zero3 \
-  --activation-checkpointing off on --seq 2048 --min-micro-batch 2 --max-micro-batch 16 --output "$R/tp_large"
+PHASES=${*:-train engine_overhead tp_base tp_large tp_base_compile tp_large_compile}
+for p in $PHASES; do
+  case $p in
+    train)
+      phase fsdp_small_train 60 python3 launch/pretrain.py --engine fsdp --model-size small --max-seq-length 2048 \
+        --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --save-interval 0 \
+        --run-dir "$R/runs" --run-name fsdp_small
+      phase zero3_small_train 75 python3 launch/pretrain.py --ds_config ds_configs/zero3_bf16.json --model-size small \
+        --max-seq-length 2048 --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
+        --save-interval 0 --run-dir "$R/runs" --run-name zero3_small ;;
+    engine_overhead)
+      phase engine_overhead 60 python3 benchmarks/engine_overhead.py --model-size small --batch-size 8 --seq 2048 \
+        --accum 2 --steps 5 --rounds 2 --engines plain fsdp zero2 zero3 --output "$R" ;;
+    tp_base)
+      phase tp_base 140 python3 benchmarks/throughput.py --model-size base --engines fsdp zero2 zero3 \
+        --activation-checkpointing off --seq 2048 --min-micro-batch 8 --max-micro-batch 16 --output "$R/tp_base" ;;
+    tp_large)
+      phase tp_large 150 python3 benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp zero3 \
+        --activation-checkpointing off on --seq 2048 --min-micro-batch 2 --max-micro-batch 16 --output "$R/tp_large" ;;
+    tp_base_compile)
+      phase tp_base_compile 140 python3 benchmarks/throughput.py --model-size base --engines fsdp --compile \
+        --activation-checkpointing off --seq 2048 --min-micro-batch 8 --max-micro-batch 16 --output "$R/tp_base_compile" ;;
+    tp_large_compile)
+      phase tp_large_compile 120 python3 benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp \
+        --compile --activation-checkpointing off --seq 2048 --min-micro-batch 8 --max-micro-batch 16 \
+        --output "$R/tp_large_compile" ;;
+    *) echo "unknown phase $p" | tee -a "$LOG" ;;
+  esac
+done
 tar -C "$OUT" -czf "$OUT/results.tgz" res 2>>"$LOG"
 rm -rf "$R"
 echo "done $(date +%T)" >>"$LOG"
