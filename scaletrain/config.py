@@ -71,7 +71,9 @@ class PreTrainingConfig:
     save_interval: int = _f(0, "save every N steps (0: only at the end)")
     keep_last_n_checkpoints: int = _f(3, "keep this many step checkpoints (0: keep all)")
     resume: str | None = _f(None, "checkpoint folder to resume from")
-    # logging
+    # evaluation and logging
+    eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
+    eval_steps: int = _f(10, "micro-batches per rank in each validation pass")
     log_interval: int = _f(10, "log metrics every N steps")
     run_dir: str = _f("runs/pretraining", "TensorBoard and metrics.jsonl go to run_dir/run_name")
     run_name: str | None = _f(None, "name of this run (default: a timestamp)")
@@ -109,10 +111,10 @@ class PreTrainingConfig:
         if self.model_config_name not in PRESETS:
             raise bad("model_config_name", f"unknown preset {self.model_config_name!r}; valid: {', '.join(PRESETS)}")
         for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "max_steps",
-                     "log_interval", "max_nonfinite_steps"):
+                     "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "keep_last_n_checkpoints", "num_workers"):
+        for name in ("warmup_steps", "save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.num_layers is not None and self.num_layers <= 0:

@@ -59,12 +59,16 @@ def memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Fans metrics out to the console, ``metrics.jsonl``, TensorBoard and W&B (rank 0 only)."""
 
-    def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any]) -> None:
+    def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any], start_step: int = 0) -> None:
         self.enabled = enabled
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.bar = None
         self.jsonl = None
         if not enabled:
             return
+        if sys.stdout.isatty():  # a progress bar with ETA on a terminal; plain lines in logs and pipes
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
@@ -74,6 +78,11 @@ class MetricsLogger:
             self.tb = SummaryWriter(log_dir=run_dir)
         if cfg.use_wandb:
             self.wandb = _init_wandb(cfg, run_dir, config_dict)
+
+    def advance(self) -> None:
+        """One optimizer step done (moves the progress bar; no host sync)."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -86,13 +95,22 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         parts = [f"step {step:>6d}"]
-        for k, fmt in (("loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"),
-                       ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}s"), ("memory_gib", "{:.2f}GiB")):
+        formats = (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
+                   ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}s"),
+                   ("memory_gib", "{:.2f}GiB"))
+        for k, fmt in formats:
             if k in metrics:
                 parts.append(f"{k} " + fmt.format(metrics[k]))
-        print(" | ".join(parts), flush=True)
+        line = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=metrics.get("loss"), refresh=False)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
@@ -130,6 +148,10 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
         self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (evaluation, checkpointing) out of the current window."""
+        self.t0 += seconds
 
     def report(self) -> tuple[float, float]:
         """(tokens/s, seconds per step) over the window, then start a new window."""

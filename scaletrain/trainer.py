@@ -71,6 +71,18 @@ def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int
     return path
 
 
+def evaluate(engine: Engine, cfg: PreTrainingConfig, vocab_size: int, env) -> float:
+    """Mean loss over the held-out set: the same ``eval_steps`` micro-batches per rank every time."""
+    # held-out rows: a stream seeded apart from the training one
+    loader = SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, 1, env.rank, env.world_size,
+                             cfg.seed + 1_000_003)
+    total = torch.zeros((), device=env.device)
+    for _ in range(cfg.eval_steps):
+        x, y = (t.to(env.device) for t in next(loader))
+        total += engine.eval_loss(x, y)
+    return engine.all_reduce_mean(total / cfg.eval_steps).item()
+
+
 def train(cfg: PreTrainingConfig) -> TrainResult:
     engine_cls = get_engine_class(cfg.resolved_engine)
     env = engine_cls.init_distributed()
@@ -88,7 +100,7 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
         _set_rng_state(state["rng"])
 
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-    logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, run_name), env.is_main, cfg.to_dict())
+    logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, run_name), env.is_main, cfg.to_dict(), start_step)
     fpt = flops_per_token(model_cfg, cfg.max_seq_length)
     peak = _resolve_peak(cfg, env.device)
     tokens_per_step = loader.global_batch * cfg.max_seq_length
@@ -108,18 +120,25 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
             out = engine.train_step(batches)
             tokens_seen += tokens_per_step
             meter.add(tokens_per_step)
+            logger.advance()
             done = step + 1
+            metrics: dict[str, float] = {}
+            if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+                t_eval = time.perf_counter()
+                metrics["val_loss"] = evaluate(engine, cfg, model_cfg.vocab_size, env)
+                meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 # the only host syncs of the loop (apart from the engine's finite check)
                 loss = engine.all_reduce_mean(out.loss).item()
                 last_loss = loss
                 tok_s, step_time = meter.report()
-                metrics = {"loss": loss, "lr": out.lr, "grad_norm": float(out.grad_norm),
-                           "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
-                           "step_time_s": step_time, "tokens_seen": tokens_seen,
-                           "skipped_steps": engine.skipped_steps, "memory_gib": memory_gib(env.device)}
+                metrics.update({"loss": loss, "lr": out.lr, "grad_norm": float(out.grad_norm),
+                                "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
+                                "step_time_s": step_time, "tokens_seen": tokens_seen,
+                                "skipped_steps": engine.skipped_steps, "memory_gib": memory_gib(env.device)})
                 if peak:
                     metrics["mfu"] = mfu(fpt, tok_s / env.world_size, peak)
+            if metrics:
                 logger.log(done, metrics)
             if cfg.save_interval and (done % cfg.save_interval == 0 or done == cfg.max_steps):
                 save_checkpoint(engine, cfg, "final" if done == cfg.max_steps else f"step_{done:06d}",

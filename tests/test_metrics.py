@@ -1,0 +1,120 @@
+"""MFU arithmetic, the GPU peak table, TensorBoard/W&B output of a real run, throughput.py outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scaletrain.metrics import mfu, peak_tflops
+from scaletrain.model import flops_per_token, get_model_config
+
+from .conftest import ROOT, launch, read_metrics
+
+RUN = ["--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps", "4", "--warmup-steps",
+       "1", "--log-interval", "2", "--save-interval", "0", "--eval-interval", "2", "--eval-steps", "2"]
+
+
+def test_mfu_equals_hand_computation():
+    cfg = get_model_config("large")
+    fpt = flops_per_token(cfg, 2048)
+    # by hand: 6 * (32 layers * (4 * 4096^2 + 3 * 4096 * 11008) + 32000 * 4096) + 12 * 32 * 32 * 128 * 2048
+    by_hand = 6 * (32 * (4 * 4096**2 + 3 * 4096 * 11008) + 32000 * 4096) + 12 * 32 * 32 * 128 * 2048
+    assert fpt == by_hand
+    # 3,000 tokens/s per device on a 989.4 TFLOP/s part
+    assert mfu(fpt, 3000.0, 989.4) == pytest.approx(by_hand * 3000 / 989.4e12)
+    assert 0.1 < mfu(fpt, 3000.0, 989.4) < 0.2
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", 756.0),
+    ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA L40S", "bf16", 362.05),
+    ("NVIDIA B200", "bf16", 2250.0),
+    ("NVIDIA H100 80GB HBM3", "fp32", 494.7),  # TF32 tensor cores
+    ("Tesla T4", "bf16", None),
+])
+def test_peak_table(name, precision, expected):
+    assert peak_tflops(name, precision) == expected
+
+
+def test_fp32_without_tf32_uses_the_plain_fp32_peak():
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32", tf32=False) == 19.5
+
+
+def test_tensorboard_events_hold_the_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch("python", RUN + ["--peak-tflops", "1.0"], tmp_path)
+    acc = EventAccumulator(str(tmp_path / "runs" / "t"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_gib"} <= tags
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    # what TensorBoard holds is what metrics.jsonl holds
+    jsonl = read_metrics(tmp_path)
+    assert acc.Scalars("loss")[-1].value == pytest.approx(jsonl[-1]["loss"])
+    # MFU on CPU only with --peak-tflops, and then by the formula
+    m = jsonl[-1]
+    cfg = get_model_config("tiny")
+    assert m["mfu"] == pytest.approx(flops_per_token(cfg, 32) * m["tokens_per_s_per_device"] / 1e12)
+
+
+def test_no_mfu_on_cpu_without_a_peak(tmp_path):
+    launch("python", RUN + ["--no-use-tensorboard"], tmp_path)
+    assert all("mfu" not in m for m in read_metrics(tmp_path))
+
+
+def test_wandb_offline_writes_a_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    launch("python", RUN + ["--use-wandb", "--wandb-project", "p", "--no-use-tensorboard"], tmp_path)
+    runs = list((tmp_path / "runs" / "t" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_wandb_without_key_or_mode_falls_back_to_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    proc = launch("python", RUN + ["--use-wandb", "--no-use-tensorboard"], tmp_path)
+    assert "logging offline" in proc.stderr
+    assert list((tmp_path / "runs" / "t" / "wandb").glob("offline-run-*"))
+
+
+def _throughput(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model-size", "tiny",
+                           "--seq", "64", "--warmup", "1", "--steps", "1", "--output", str(tmp_path), *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_throughput_sweep_outputs_and_best_config(tmp_path):
+    proc = _throughput(tmp_path, "--engines", "fsdp", "zero2", "--activation-checkpointing", "off", "on",
+                       "--micro-batches", "1", "2", "--peak-tflops", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fsdp +AC" in proc.stdout and "best:" in proc.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["rows"]) == 8 and all(r["status"] == "ok" and r["mfu"] > 0 for r in res["rows"])
+    best = max(res["rows"], key=lambda r: r["tokens_per_s"])
+    assert res["best"]["tokens_per_s"] == best["tokens_per_s"]
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    command = (tmp_path / "best_command.sh").read_text()
+    assert f"--batch-size {best['micro_batch']}" in command and "launch/pretrain.py" in command
+    ds = json.loads((tmp_path / "best_ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and isinstance(ds["train_micro_batch_size_per_gpu"], int)
+
+
+def test_throughput_out_of_memory_stops_the_doubling(tmp_path):
+    proc = _throughput(tmp_path, "--engines", "fsdp", "--activation-checkpointing", "off", "--min-micro-batch", "4",
+                       "--max-micro-batch", "1024", "--max-memory-gib", "0.15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom"
+    assert rows[-1]["micro_batch"] < 1024  # stopped at the first OOM, larger sizes not tried
+    assert "out of memory" in proc.stdout
