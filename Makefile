@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.scaletrain-installed
 
-.PHONY: install pretrain test lint bench-engines clean
+.PHONY: install pretrain demo test lint bench-engines bench-loader clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,11 +19,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Main job: pretrain the tiny preset end to end on 2 CPU processes (FSDP2, gloo).
+# Main job: the embedded sample corpus -> WebDataset shards (arxiv 30% / general 70%) -> pretrain
+# the tiny preset on 2 CPU processes (FSDP2, gloo), with validation loss; about 2 minutes.
 pretrain: install
+	$(BIN)/python launch/demo.py --prepare-only
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 launch/pretrain.py \
-		--engine fsdp --model-size tiny --data synthetic --max-steps 60 --log-interval 10 \
-		--batch-size 8 --max-seq-length 128 --learning-rate 3e-3 --warmup-steps 6
+		--engine fsdp --model-size tiny --data-dir data/sample/pretraining --data-sources arxiv general \
+		--data-mix-weights 0.3 0.7 --max-steps 100 --log-interval 10 --eval-interval 50 --batch-size 8 \
+		--max-seq-length 256 --learning-rate 3e-3 --warmup-steps 10 --save-interval 0
+
+# The original design's demo: sample data, shards, the mixing, 20 steps in one process.
+demo: install
+	$(BIN)/python launch/demo.py
 
 test: install
 	$(BIN)/python -m pytest -q tests
@@ -33,6 +40,9 @@ lint: install
 
 bench-engines: install
 	$(BIN)/python benchmarks/engine_overhead.py
+
+bench-loader: install
+	$(BIN)/python benchmarks/loader_throughput.py
 
 clean:
 	rm -rf runs checkpoints wandb .pytest_cache

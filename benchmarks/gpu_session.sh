@@ -28,10 +28,10 @@ PHASES=${*:-train engine_overhead tp_base tp_large tp_base_compile tp_large_comp
 for p in $PHASES; do
   case $p in
     train)
-      phase fsdp_small_train 60 python3 launch/pretrain.py --engine fsdp --model-size small --max-seq-length 2048 \
+      phase fsdp_small_train 60 python3 launch/pretrain.py --data synthetic --engine fsdp --model-size small --max-seq-length 2048 \
         --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --save-interval 0 \
         --run-dir "$R/runs" --run-name fsdp_small
-      phase zero3_small_train 75 python3 launch/pretrain.py --ds_config ds_configs/zero3_bf16.json --model-size small \
+      phase zero3_small_train 75 python3 launch/pretrain.py --data synthetic --ds_config ds_configs/zero3_bf16.json --model-size small \
         --max-seq-length 2048 --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
         --save-interval 0 --run-dir "$R/runs" --run-name zero3_small ;;
     engine_overhead)

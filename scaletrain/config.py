@@ -14,7 +14,7 @@ from typing import Any
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 ENGINES = ("deepspeed", "fsdp")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("shards", "synthetic")
 
 
 class ConfigError(ValueError):
@@ -37,10 +37,13 @@ class PreTrainingConfig:
     num_layers: int | None = _f(None, "override the preset's layer count (benchmarks on one GPU)")
     max_seq_length: int = _f(256, "tokens per training row")
     # data
-    data: str = _f("synthetic", "data source: synthetic (a deterministic, learnable token stream)")
+    data: str = _f("shards", "shards (prepared WebDataset shards under --data-dir) or synthetic (a "
+                             "deterministic, learnable token stream for tests and benchmarks)")
     data_dir: str = _f("data/pretraining", "folder with one sub-folder of shards per domain")
     data_sources: list[str] = _f(["arxiv", "general"], "domains to mix (sub-folders of data_dir)")
     data_mix_weights: list[float] = _f([0.3, 0.7], "token share of each domain, one per data source")
+    packing: bool = _f(True, "pack documents into full rows; --no-packing: one document per row, padded")
+    tokenizer: str | None = _f(None, "tokenizer.json the shards were prepared with (checked against the manifests)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     pin_memory: bool = _f(True, "pin host batches (only where CUDA exists)")
     # batch and schedule

@@ -68,7 +68,7 @@ class MetricsLogger:
         if sys.stdout.isatty():  # a progress bar with ETA on a terminal; plain lines in logs and pipes
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))

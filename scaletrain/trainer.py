@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from scaletrain.config import PreTrainingConfig
-from scaletrain.data.synthetic import SyntheticLoader
+from scaletrain.data.loader import build_loader, model_vocab_size
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, flops_per_token, get_model_config, num_params
@@ -63,7 +63,7 @@ def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
 
 
 def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int, tokens_seen: int,
-                    loader: SyntheticLoader) -> str:
+                    loader) -> str:
     path = os.path.join(cfg.checkpoint_dir, name)
     os.makedirs(path, exist_ok=True)
     engine.save(path, {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
@@ -71,11 +71,9 @@ def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int
     return path
 
 
-def evaluate(engine: Engine, cfg: PreTrainingConfig, vocab_size: int, env) -> float:
+def evaluate(engine: Engine, cfg: PreTrainingConfig, val_loader_fn, env) -> float:
     """Mean loss over the held-out set: the same ``eval_steps`` micro-batches per rank every time."""
-    # held-out rows: a stream seeded apart from the training one
-    loader = SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, 1, env.rank, env.world_size,
-                             cfg.seed + 1_000_003)
+    loader = val_loader_fn()  # a fresh loader: the same held-out rows at every evaluation
     total = torch.zeros((), device=env.device)
     for _ in range(cfg.eval_steps):
         x, y = (t.to(env.device) for t in next(loader))
@@ -86,11 +84,16 @@ def evaluate(engine: Engine, cfg: PreTrainingConfig, vocab_size: int, env) -> fl
 def train(cfg: PreTrainingConfig) -> TrainResult:
     engine_cls = get_engine_class(cfg.resolved_engine)
     env = engine_cls.init_distributed()
-    model = build_model(cfg, device="cpu" if cfg.fsdp_cpu_offload else env.device)
+    # the data decides the vocab; a synthetic source uses the preset's
+    probe = build_loader(cfg, env.rank, env.world_size, vocab_size=get_model_config(cfg.model_config_name).vocab_size)
+    vocab = probe.vocab_size if cfg.data == "synthetic" else model_vocab_size(probe.vocab_size)
+    model = build_model(cfg, vocab_size=vocab, device="cpu" if cfg.fsdp_cpu_offload else env.device)
     model_cfg = model.config
-    engine = engine_cls(model, cfg, env)  # may adopt values from a DeepSpeed config into cfg
-    loader = SyntheticLoader(model_cfg.vocab_size, cfg.max_seq_length, cfg.micro_batch_size,
-                             cfg.gradient_accumulation_steps, env.rank, env.world_size, cfg.seed)
+    engine = engine_cls(model, cfg, env)  # may adopt batch settings from a DeepSpeed config into cfg
+    loader = build_loader(cfg, env.rank, env.world_size, vocab_size=vocab)
+    has_val = build_loader(cfg, env.rank, env.world_size, "val", vocab) is not None
+    if cfg.eval_interval and not has_val and env.is_main:
+        print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
 
     start_step, tokens_seen = 0, 0
     if cfg.resume:
@@ -123,9 +126,10 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
             logger.advance()
             done = step + 1
             metrics: dict[str, float] = {}
-            if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+            if has_val and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
                 t_eval = time.perf_counter()
-                metrics["val_loss"] = evaluate(engine, cfg, model_cfg.vocab_size, env)
+                metrics["val_loss"] = evaluate(
+                    engine, cfg, lambda: build_loader(cfg, env.rank, env.world_size, "val", vocab), env)
                 meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 # the only host syncs of the loop (apart from the engine's finite check)

@@ -18,21 +18,51 @@ from scaletrain.trainer import build_model
 from .conftest import ROOT, launch, read_metrics
 
 STEPS = 6
-COMMON = ["--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "2", "--gradient-accumulation-steps",
-          "2", "--max-steps", str(STEPS), "--warmup-steps", "2", "--learning-rate", "2e-3", "--max-grad-norm",
-          "0.5", "--log-interval", "1", "--save-interval", "0", "--no-use-tensorboard", "--seed", "7"]
+COMMON = [
+    "--data",
+    "synthetic",
+    "--model-size",
+    "tiny",
+    "--max-seq-length",
+    "64",
+    "--batch-size",
+    "2",
+    "--gradient-accumulation-steps",
+    "2",
+    "--max-steps",
+    str(STEPS),
+    "--warmup-steps",
+    "2",
+    "--learning-rate",
+    "2e-3",
+    "--max-grad-norm",
+    "0.5",
+    "--log-interval",
+    "1",
+    "--save-interval",
+    "0",
+    "--no-use-tensorboard",
+    "--seed",
+    "7",
+]
 
 
 def plain_loop(argv: list[str], world: int) -> list[tuple[float, float]]:
     """Reference: one process, no engine; each step sees the same rows all ranks together see."""
     cfg = parse_config(argv)
     model = build_model(cfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(cfg))
     gas = cfg.gradient_accumulation_steps
-    loaders = [SyntheticLoader(model.config.vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, r, world,
-                               cfg.seed) for r in range(world)]
+    loaders = [
+        SyntheticLoader(model.config.vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, r, world, cfg.seed)
+        for r in range(world)
+    ]
     out = []
     for _ in range(cfg.max_steps):
         losses = []
@@ -63,11 +93,14 @@ def reference():
     return plain_loop(COMMON + ["--mixed-precision", "fp32"], world=2)
 
 
-@pytest.mark.parametrize("launcher, engine_args", [
-    ("deepspeed", "zero2_bf16"),
-    ("torchrun", "zero3_bf16"),
-    ("torchrun", "fsdp"),
-])
+@pytest.mark.parametrize(
+    "launcher, engine_args",
+    [
+        ("deepspeed", "zero2_bf16"),
+        ("torchrun", "zero3_bf16"),
+        ("torchrun", "fsdp"),
+    ],
+)
 def test_fp32_parity_with_plain_loop(tmp_path, reference, launcher, engine_args):
     args = ["--engine", "fsdp"] if engine_args == "fsdp" else ["--ds_config", fp32_ds_config(tmp_path, engine_args)]
     launch(launcher, COMMON + ["--mixed-precision", "fp32"] + args, tmp_path)
@@ -80,16 +113,37 @@ def test_fp32_parity_with_plain_loop(tmp_path, reference, launcher, engine_args)
     assert max(n for _, n in reference) > 0.5
 
 
-BF16 = ["--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "4", "--max-steps", "30",
-        "--warmup-steps", "3", "--learning-rate", "3e-3", "--log-interval", "1", "--save-interval", "0",
-        "--no-use-tensorboard"]
+BF16 = [
+    "--data",
+    "synthetic",
+    "--model-size",
+    "tiny",
+    "--max-seq-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "30",
+    "--warmup-steps",
+    "3",
+    "--learning-rate",
+    "3e-3",
+    "--log-interval",
+    "1",
+    "--save-interval",
+    "0",
+    "--no-use-tensorboard",
+]
 
 
-@pytest.mark.parametrize("launcher, args", [
-    ("torchrun", ["--engine", "fsdp"]),  # the README's FSDP launch
-    ("deepspeed", ["--ds_config", "ds_configs/zero3_bf16.json"]),  # the README's DeepSpeed launch
-    ("torchrun", ["--ds_config", "ds_configs/zero2_bf16.json", "--gradient-checkpointing"]),
-])
+@pytest.mark.parametrize(
+    "launcher, args",
+    [
+        ("torchrun", ["--engine", "fsdp"]),  # the README's FSDP launch
+        ("deepspeed", ["--ds_config", "ds_configs/zero3_bf16.json"]),  # the README's DeepSpeed launch
+        ("torchrun", ["--ds_config", "ds_configs/zero2_bf16.json", "--gradient-checkpointing"]),
+    ],
+)
 def test_bf16_training_reduces_loss(tmp_path, launcher, args):
     proc = launch(launcher, BF16 + args, tmp_path)
     got = read_metrics(tmp_path)

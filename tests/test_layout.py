@@ -25,17 +25,39 @@ def test_model_is_free_of_distributed_code():
 
 
 def test_fsdp_run_does_not_import_deepspeed():
-    code = ("import sys; from scaletrain.engine import get_engine_class; get_engine_class('fsdp'); "
-            "import scaletrain.trainer; assert 'deepspeed' not in sys.modules")
+    code = (
+        "import sys; from scaletrain.engine import get_engine_class; get_engine_class('fsdp'); "
+        "import scaletrain.trainer; assert 'deepspeed' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_python_launch_without_launcher_runs_a_world_of_one(tmp_path):
     from .conftest import launch, read_metrics
 
-    proc = launch("python", ["--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps",
-                             "3", "--warmup-steps", "1", "--log-interval", "1", "--save-interval", "0",
-                             "--no-use-tensorboard"], tmp_path)
+    proc = launch(
+        "python",
+        [
+            "--data",
+            "synthetic",
+            "--model-size",
+            "tiny",
+            "--max-seq-length",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--log-interval",
+            "1",
+            "--save-interval",
+            "0",
+            "--no-use-tensorboard",
+        ],
+        tmp_path,
+    )
     assert "world 1" in proc.stdout and len(read_metrics(tmp_path)) == 3
 
 

@@ -12,8 +12,28 @@ from scaletrain.model import flops_per_token, get_model_config
 
 from .conftest import ROOT, launch, read_metrics
 
-RUN = ["--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps", "4", "--warmup-steps",
-       "1", "--log-interval", "2", "--save-interval", "0", "--eval-interval", "2", "--eval-steps", "2"]
+RUN = [
+    "--data",
+    "synthetic",
+    "--model-size",
+    "tiny",
+    "--max-seq-length",
+    "32",
+    "--batch-size",
+    "2",
+    "--max-steps",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--log-interval",
+    "2",
+    "--save-interval",
+    "0",
+    "--eval-interval",
+    "2",
+    "--eval-steps",
+    "2",
+]
 
 
 def test_mfu_equals_hand_computation():
@@ -27,17 +47,20 @@ def test_mfu_equals_hand_computation():
     assert 0.1 < mfu(fpt, 3000.0, 989.4) < 0.2
 
 
-@pytest.mark.parametrize("name, precision, expected", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
-    ("NVIDIA H100 PCIe", "bf16", 756.0),
-    ("NVIDIA H100 NVL", "fp16", 835.0),
-    ("NVIDIA H200", "bf16", 989.4),
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
-    ("NVIDIA L40S", "bf16", 362.05),
-    ("NVIDIA B200", "bf16", 2250.0),
-    ("NVIDIA H100 80GB HBM3", "fp32", 494.7),  # TF32 tensor cores
-    ("Tesla T4", "bf16", None),
-])
+@pytest.mark.parametrize(
+    "name, precision, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 NVL", "fp16", 835.0),
+        ("NVIDIA H200", "bf16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA L40S", "bf16", 362.05),
+        ("NVIDIA B200", "bf16", 2250.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", 494.7),  # TF32 tensor cores
+        ("Tesla T4", "bf16", None),
+    ],
+)
 def test_peak_table(name, precision, expected):
     assert peak_tflops(name, precision) == expected
 
@@ -89,14 +112,45 @@ def _throughput(tmp_path, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--model-size", "tiny",
-                           "--seq", "64", "--warmup", "1", "--steps", "1", "--output", str(tmp_path), *args],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--model-size",
+            "tiny",
+            "--seq",
+            "64",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
 
 
 def test_throughput_sweep_outputs_and_best_config(tmp_path):
-    proc = _throughput(tmp_path, "--engines", "fsdp", "zero2", "--activation-checkpointing", "off", "on",
-                       "--micro-batches", "1", "2", "--peak-tflops", "0.5")
+    proc = _throughput(
+        tmp_path,
+        "--engines",
+        "fsdp",
+        "zero2",
+        "--activation-checkpointing",
+        "off",
+        "on",
+        "--micro-batches",
+        "1",
+        "2",
+        "--peak-tflops",
+        "0.5",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fsdp +AC" in proc.stdout and "best:" in proc.stdout
     res = json.loads((tmp_path / "results.json").read_text())
@@ -111,8 +165,19 @@ def test_throughput_sweep_outputs_and_best_config(tmp_path):
 
 
 def test_throughput_out_of_memory_stops_the_doubling(tmp_path):
-    proc = _throughput(tmp_path, "--engines", "fsdp", "--activation-checkpointing", "off", "--min-micro-batch", "4",
-                       "--max-micro-batch", "1024", "--max-memory-gib", "0.15")
+    proc = _throughput(
+        tmp_path,
+        "--engines",
+        "fsdp",
+        "--activation-checkpointing",
+        "off",
+        "--min-micro-batch",
+        "4",
+        "--max-micro-batch",
+        "1024",
+        "--max-memory-gib",
+        "0.15",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom"

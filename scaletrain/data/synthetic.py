@@ -50,6 +50,7 @@ class SyntheticLoader:
     def __init__(self, vocab_size: int, seq_len: int, micro_batch: int, grad_accum: int, rank: int,
                  world_size: int, seed: int) -> None:
         self.tokens = SyntheticTokens(vocab_size, seq_len, seed)
+        self.vocab_size = vocab_size
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.micro_steps = 0  # micro-batches this rank has yielded
 

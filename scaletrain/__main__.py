@@ -1,0 +1,51 @@
+"""``scaletrain`` command: ``prepare``, ``train-tokenizer`` and ``train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="scaletrain")
+    sub = p.add_subparsers(dest="command", required=True)
+    from scaletrain.data.prepare import add_prepare_args
+
+    add_prepare_args(sub.add_parser("prepare", help="text -> tokenized WebDataset shards for one domain"))
+    t = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer.json on a corpus")
+    t.add_argument("--input", nargs="+", required=True, help="JSONL/txt/tex files or folders")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
+    t.add_argument("--min-frequency", type=int, default=2)
+    sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
+    if argv and argv[0] == "train":
+        from scaletrain.cli import parse_config
+        from scaletrain.config import ConfigError
+        from scaletrain.trainer import train
+
+        try:
+            cfg = parse_config(argv[1:])
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+        train(cfg)
+        return
+    args = p.parse_args(argv)
+    from scaletrain.data.text import InputError
+
+    try:
+        if args.command == "prepare":
+            from scaletrain.data.prepare import run_prepare
+
+            run_prepare(args)
+        else:
+            from scaletrain.data.tokenizer import train_bpe
+
+            out = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency)
+            print(f"wrote {out} (vocab {args.vocab_size})")
+    except (InputError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Mixed, packed (or padded) micro-batches from prepared shards, resumable on any world size.
+
+The global row order is defined without ranks or workers: optimizer step ``k`` (counted from
+the loader's start) takes global rows ``[row0 + k*G, row0 + (k+1)*G)`` with
+``G = micro_batch * accumulation * world``; row ``j`` comes from domain ``mixer(j)`` at that
+domain's read position, which advances row by row (by ``seq_len + 1`` tokens when packing, by
+one document when padding). Micro-step ``g`` of rank ``r`` takes the step's rows
+``(g*world + r)*micro_batch + b``. The state is ``(global_row, read position per domain)`` at a
+step boundary: no rank, worker or shard count in it, so a run resumes on 1, 2 or 4 ranks, with
+any ``num_workers``, continuing the same stream, nothing repeated and nothing skipped.
+
+Every rank (and DataLoader worker) walks the whole global row sequence to keep the read
+positions, but reads only its own rows; worker ``w`` of ``W`` yields micro-steps ``w, w+W, ...``
+which is the order in which the DataLoader hands them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scaletrain.model import IGNORE_INDEX
+
+from .mixer import RowMixer
+from .shards import DomainStream, ShardError
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    data_dir: str
+    sources: tuple[str, ...]
+    weights: tuple[float, ...]
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    rank: int
+    world_size: int
+    seed: int
+    packing: bool = True
+    split: str = "train"
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def open_streams(spec: StreamSpec) -> list[DomainStream]:
+    streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, i) for i, name in
+               enumerate(spec.sources)]
+    identities = {s.manifest["tokenizer"]["identity"] for s in streams}
+    if len(identities) > 1:
+        detail = ", ".join(f"{n}: {s.manifest['tokenizer']['identity']}" for n, s in zip(spec.sources, streams))
+        raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
+                         f"with the same --tokenizer")
+    return streams
+
+
+class _Walker:
+    """Walks global rows step by step from a state; returns this rank's rows per micro-step."""
+
+    def __init__(self, spec: StreamSpec, streams: list[DomainStream], global_row: int, pos: list[int]) -> None:
+        self.spec, self.streams = spec, streams
+        self.mixer = RowMixer(list(spec.weights), spec.seed)
+        self.row, self.pos = global_row, list(pos)
+
+    def step(self, materialise: set[int] | None) -> list[list[np.ndarray]] | None:
+        """Advance one optimizer step. Returns, for each micro-step ``g`` in ``materialise``
+        (None: none), this rank's rows; positions advance for every row either way."""
+        spec = self.spec
+        G, L = spec.global_batch, spec.seq_len + 1
+        dom = self.mixer.domains(self.row, G)
+        mine = {}  # index within the step -> (domain, position)
+        wanted = set()
+        if materialise:
+            for g in materialise:
+                base = (g * spec.world_size + spec.rank) * spec.micro_batch
+                wanted.update(range(base, base + spec.micro_batch))
+        if spec.packing:
+            want = np.zeros(G, dtype=bool)
+            if wanted:
+                want[list(wanted)] = True
+            for d in range(len(self.streams)):
+                idx = np.flatnonzero(dom == d)
+                starts = self.pos[d] + np.arange(len(idx), dtype=np.int64) * L
+                sel = want[idx]
+                if sel.any():
+                    w_idx, w_starts = idx[sel], starts[sel]
+                    lo, span = int(w_starts[0]), int(w_starts[-1]) + L - int(w_starts[0])
+                    if span <= 4 * len(w_idx) * L:  # one read for this rank's rows of the domain
+                        buf = self.streams[d].read(lo, span)
+                        for i, p in zip(w_idx.tolist(), (w_starts - lo).tolist()):
+                            mine[i] = buf[p: p + L]
+                    else:
+                        for i, p in zip(w_idx.tolist(), w_starts.tolist()):
+                            mine[i] = self.streams[d].read(p, L)
+                self.pos[d] += len(idx) * L
+        else:
+            for i, d in enumerate(dom.tolist()):  # document by document: positions depend on lengths
+                doc, nxt = self.streams[d].next_document(self.pos[d], L)
+                if i in wanted:
+                    mine[i] = doc
+                self.pos[d] = nxt
+        self.row += G
+        if not materialise:
+            return None
+        out = []
+        for g in range(spec.grad_accum):
+            base = (g * spec.world_size + spec.rank) * spec.micro_batch
+            out.append([mine[base + b] for b in range(spec.micro_batch)] if g in materialise else [])
+        return out
+
+
+def collate(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``T+1`` tokens -> (input_ids, labels) of shape (B, T); shorter rows are padded on the
+    right with ``pad_id`` in the inputs and ``IGNORE_INDEX`` in the labels."""
+    if all(len(r) == len(rows[0]) for r in rows):  # packed: one stack, two views
+        t = torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    T = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = torch.from_numpy(np.ascontiguousarray(r, dtype=np.int64))
+        n = len(r) - 1
+        x[i, :n] = t[:-1]
+        y[i, :n] = t[1:]
+    return x, y
+
+
+class _Dataset(IterableDataset):
+    def __init__(self, spec: StreamSpec, global_row: int, pos: list[int], pad_id: int) -> None:
+        self.spec, self.global_row, self.pos, self.pad_id = spec, global_row, pos, pad_id
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        walker = _Walker(self.spec, open_streams(self.spec), self.global_row, self.pos)
+        gas = self.spec.grad_accum
+        m = 0  # micro-step counter since the start
+        while True:
+            mine = {g for g in range(gas) if (m + g) % W == w}
+            rows = walker.step(mine)
+            for g in sorted(mine):
+                yield collate(rows[g], self.pad_id)
+            m += gas
+
+
+class ShardLoader:
+    """Iterator of micro-batches ``(input_ids, labels)`` with ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.spec = spec
+        self.streams = open_streams(spec)  # validates every shard up front, in the main process
+        self.pad_id = self.streams[0].manifest["tokenizer"]["pad_id"]
+        self.num_workers, self.pin_memory = num_workers, pin_memory and torch.cuda.is_available()
+        self._start_row, self._start_pos = 0, [0] * len(spec.sources)
+        self._reset()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.streams[0].manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def global_batch(self) -> int:
+        return self.spec.global_batch
+
+    def _reset(self) -> None:
+        self.consumed = 0
+        self._it = None
+        self._snapshot = _Walker(self.spec, self.streams, self._start_row, self._start_pos)
+
+    def __iter__(self) -> ShardLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            ds = _Dataset(self.spec, self._start_row, self._start_pos, self.pad_id)
+            self._it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                       pin_memory=self.pin_memory,
+                                       persistent_workers=False) if self.num_workers else ds)
+        batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position at the current optimizer-step boundary (call between steps)."""
+        gas = self.spec.grad_accum
+        if self.consumed % gas:
+            raise RuntimeError(f"data state asked mid-step ({self.consumed} micro-batches, accumulation {gas})")
+        steps_done = self.consumed // gas
+        walked = (self._snapshot.row - self._start_row) // self.spec.global_batch
+        for _ in range(steps_done - walked):  # advance the bookkeeping walker without reading rows
+            self._snapshot.step(None)
+        return {"global_row": self._snapshot.row, "packing": self.spec.packing,
+                "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("packing", True) != self.spec.packing:
+            raise ValueError(f"checkpoint data state was written with packing={state.get('packing')}; this run has "
+                             f"packing={self.spec.packing} (--no-packing must match the run being resumed)")
+        missing = [s for s in self.spec.sources if s not in state["domain_pos"]]
+        if missing:
+            raise ValueError(f"checkpoint data state has no position for --data-sources {missing} "
+                             f"(it has {list(state['domain_pos'])})")
+        self._start_row = int(state["global_row"])
+        self._start_pos = [int(state["domain_pos"][s]) for s in self.spec.sources]
+        self._reset()
+
+
+def model_vocab_size(tokenizer_vocab: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer: rounded up to a multiple of 64 for fast matmuls."""
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def check_tokenizer(path: str, streams: list[DomainStream]) -> None:
+    """``--tokenizer`` must be the one the shards were prepared with."""
+    from .tokenizer import HFTokenizer
+
+    tok = HFTokenizer(path)
+    for s in streams:
+        t = s.manifest["tokenizer"]
+        if t["identity"] != tok.identity or t["vocab_size"] != tok.vocab_size:
+            raise ShardError(f"--tokenizer {path} (vocab {tok.vocab_size}, {tok.identity[:19]}...) is not the one "
+                             f"{s.dir} was prepared with ({t['name']}, vocab {t['vocab_size']}, "
+                             f"{t['identity'][:19]}...); prepare again or pass the matching tokenizer")
+
+
+def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_size: int | None = None):
+    """The configured source for one rank: a ShardLoader over prepared shards, or the synthetic one.
+
+    ``split='val'`` gives the held-out loader (None when a domain has no validation shards)."""
+    from .synthetic import SyntheticLoader
+
+    if cfg.data == "synthetic":
+        seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out rows: another stream
+        gas = cfg.gradient_accumulation_steps if split == "train" else 1
+        return SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, rank, world_size, seed)
+    spec = StreamSpec(cfg.data_dir, tuple(cfg.data_sources), tuple(cfg.data_mix_weights), cfg.max_seq_length,
+                      cfg.micro_batch_size, cfg.gradient_accumulation_steps if split == "train" else 1, rank,
+                      world_size, cfg.seed, cfg.packing, split)
+    if split == "val":
+        try:
+            return ShardLoader(spec)
+        except ShardError as e:
+            if "has no shards" in str(e):
+                return None
+            raise
+    loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory)
+    if cfg.tokenizer:
+        check_tokenizer(cfg.tokenizer, loader.streams)
+    return loader

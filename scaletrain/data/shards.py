@@ -1,0 +1,151 @@
+"""One domain's prepared shards as a token stream with random access and epochs.
+
+The manifest records each tar member's data offset, so a range of the stream is read with
+``np.memmap`` slices of the tar files, no parsing: resuming at any position costs nothing and
+every rank can read any row (webdataset's sequential reader keeps no position to resume from;
+``benchmarks/loader_throughput.py`` measures both). Each epoch walks the shards in a seeded
+permutation; members keep their order inside a shard. A member's tar header is checked the
+first time it is read, so a corrupt or truncated shard is reported by shard and member.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .prepare import MANIFEST
+
+
+class ShardError(ValueError):
+    """A missing, truncated or corrupt shard or manifest; the message names the file and member."""
+
+
+def load_manifest(domain_dir: str | Path) -> dict:
+    d = Path(domain_dir)
+    if not d.is_dir():
+        raise ShardError(f"data domain folder {d} does not exist; prepare it with "
+                         f"`scaletrain prepare --domain {d.name} --input ... --output {d.parent}`")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{d} has no {MANIFEST}: not a prepared domain, or its preparation did not finish")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: corrupt manifest ({e})") from e
+
+
+class DomainStream:
+    """The token stream of one domain split (``train`` or ``val``), endless over epochs."""
+
+    def __init__(self, domain_dir: str | Path, split: str = "train", seed: int = 0, domain_index: int = 0) -> None:
+        self.dir = Path(domain_dir)
+        self.manifest = load_manifest(self.dir)
+        info = self.manifest if split == "train" else self.manifest["val"]
+        self.folder = self.dir if split == "train" else self.dir / "val"
+        self.shards = info["shards"]
+        self.split = split
+        if not self.shards:
+            raise ShardError(f"{self.folder}: the {split} split has no shards"
+                             + (" (prepared with --val-fraction 0)" if split == "val" else ""))
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self.seed, self.domain_index = seed, domain_index
+        self.shard_tokens = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
+        self.total = int(self.shard_tokens.sum())
+        # per shard: member token offsets (cumulative) for a binary search
+        self.member_starts = [np.concatenate([[0], np.cumsum([m[2] for m in s["members"]])]) for s in self.shards]
+        self._maps: dict[int, np.memmap] = {}
+        self._checked: set[tuple[int, int]] = set()
+        for s in self.shards:
+            p = self.folder / s["file"]
+            if not p.is_file():
+                raise ShardError(f"shard {p} listed in {self.dir / MANIFEST} is missing")
+            size = p.stat().st_size
+            if size != s["bytes"]:
+                raise ShardError(f"shard {p} is {size} bytes but its manifest says {s['bytes']}: truncated or "
+                                 f"replaced; prepare the domain again")
+
+    @property
+    def eos_id(self) -> int:
+        return self.manifest["tokenizer"]["eos_id"]
+
+    @lru_cache(maxsize=64)  # noqa: B019 - one stream object per domain and process
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard permutation, cumulative token starts in that order) for ``epoch``."""
+        rng = np.random.default_rng([self.seed, self.domain_index, epoch, 0x5EED])
+        perm = rng.permutation(len(self.shards))
+        starts = np.concatenate([[0], np.cumsum(self.shard_tokens[perm])])
+        return perm, starts
+
+    def _map(self, shard: int) -> np.memmap:
+        m = self._maps.get(shard)
+        if m is None:
+            m = self._maps[shard] = np.memmap(self.folder / self.shards[shard]["file"], dtype=np.uint8, mode="r")
+        return m
+
+    def _check_member(self, shard: int, member: int) -> None:
+        name, offset, n = self.shards[shard]["members"][member]
+        m = self._map(shard)
+        header = bytes(m[offset - 512: offset])
+        stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            size = -1
+        if stored != name or size != n * self.dtype.itemsize:
+            raise ShardError(f"shard {self.folder / self.shards[shard]['file']}: member {name} is corrupt (tar header "
+                             f"says {stored!r} of {size} bytes, manifest {n * self.dtype.itemsize}); "
+                             f"prepare the domain again")
+        self._checked.add((shard, member))
+
+    def _read_shard(self, shard: int, start: int, length: int) -> np.ndarray:
+        """``length`` tokens from token ``start`` of one shard (may span members)."""
+        out = []
+        starts = self.member_starts[shard]
+        members = self.shards[shard]["members"]
+        i = int(np.searchsorted(starts, start, side="right") - 1)
+        while length > 0:
+            if (shard, i) not in self._checked:
+                self._check_member(shard, i)
+            _, offset, n = members[i]
+            lo = start - starts[i]
+            take = min(n - lo, length)
+            b0 = offset + lo * self.dtype.itemsize
+            out.append(self._map(shard)[b0: b0 + take * self.dtype.itemsize].view(self.dtype))
+            start += take
+            length -= take
+            i += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def read(self, pos: int, length: int) -> np.ndarray:
+        """Tokens ``[pos, pos + length)`` of the endless stream (epoch after epoch)."""
+        parts = []
+        while length > 0:
+            epoch, off = divmod(pos, self.total)
+            perm, starts = self._epoch_order(epoch)
+            k = int(np.searchsorted(starts, off, side="right") - 1)
+            shard = int(perm[k])
+            within = off - int(starts[k])
+            take = min(length, int(self.shard_tokens[shard]) - within)
+            parts.append(self._read_shard(shard, within, take))
+            pos += take
+            length -= take
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64)
+
+    def next_document(self, pos: int, max_len: int) -> tuple[np.ndarray, int]:
+        """The document starting at ``pos`` (through its EOS, cut to ``max_len``) and the next start."""
+        window = max(256, max_len)
+        scanned = 0
+        while True:
+            chunk = self.read(pos + scanned, window)
+            hits = np.flatnonzero(chunk == self.eos_id)
+            if len(hits):
+                end = pos + scanned + int(hits[0]) + 1
+                break
+            scanned += window
+            if scanned > 64 * self.total:
+                raise ShardError(f"{self.folder}: no end-of-text token ({self.eos_id}) in the stream")
+        doc = self.read(pos, min(end - pos, max_len))
+        return doc, end

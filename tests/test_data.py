@@ -1,0 +1,301 @@
+"""Data pipeline: prepare, shards, mixing, packing/padding, exact resume on any world size, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from scaletrain.data.loader import ShardLoader, StreamSpec, build_loader, model_vocab_size
+from scaletrain.data.mixer import RowMixer
+from scaletrain.data.prepare import prepare_domain
+from scaletrain.data.sample import create_sample_pretraining_data
+from scaletrain.data.shards import DomainStream, ShardError
+from scaletrain.data.text import InputError, clean_latex
+from scaletrain.data.tokenizer import ByteTokenizer, train_bpe
+
+from .conftest import BIN, ROOT, free_port
+
+SMALL = dict(shard_tokens=4096, chunk_tokens=1024, val_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The sample corpus at 4% scale in many small shards (epochs wrap within a few hundred rows)."""
+    root = tmp_path_factory.mktemp("data")
+    raw = create_sample_pretraining_data(root, scale=0.04)
+    for d in ("arxiv", "general"):
+        prepare_domain(d, [str(raw[d])], str(root / "pre"), workers=2, quiet=True, **SMALL)
+    return root
+
+
+def spec(data, rank=0, world=1, mbs=4, gas=2, seq=32, packing=True, split="train"):
+    return StreamSpec(str(data / "pre"), ("arxiv", "general"), (0.3, 0.7), seq, mbs, gas, rank, world, 0, packing,
+                      split)
+
+
+def take(loader, n):
+    return [next(loader)[0].numpy() for _ in range(n)]
+
+
+# ---- prepare ------------------------------------------------------------------------------
+def test_prepare_is_deterministic_and_worker_count_independent(data, tmp_path):
+    raw = data / "raw" / "arxiv"
+    prepare_domain("arxiv", [str(raw)], str(tmp_path / "a"), workers=1, quiet=True, **SMALL)
+    prepare_domain("arxiv", [str(raw)], str(tmp_path / "b"), workers=2, quiet=True, **SMALL)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 5
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    ref = sorted(p.relative_to(data / "pre" / "arxiv") for p in (data / "pre" / "arxiv").rglob("*") if p.is_file())
+    assert [Path("arxiv") / f for f in ref] == files
+
+
+def test_shards_are_webdataset_tars_with_big_members(data):
+    m = json.loads((data / "pre" / "general" / "manifest.json").read_text())
+    assert m["dtype"] == "uint16" and m["tokenizer"]["vocab_size"] == 258 and len(m["shards"]) > 3
+    urls = [str(data / "pre" / "general" / s["file"]) for s in m["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=None))
+    assert len(samples) == sum(len(s["members"]) for s in m["shards"])
+    tokens = np.concatenate([np.frombuffer(s["u16"], dtype="<u2") for s in samples])
+    assert len(tokens) == m["tokens"]
+    # documents joined by EOS, decodable text
+    eos = m["tokenizer"]["eos_id"]
+    assert (tokens == eos).sum() == m["documents"]
+    first = ByteTokenizer().decode(tokens[: np.argmax(tokens == eos)])
+    assert "has lived in" in first
+    # one 512-byte header per member: data offsets step by header + padded data
+    members = m["shards"][0]["members"]
+    assert members[0][1] == 512 and members[1][1] == 512 + 1024 * 2 + 512
+
+
+def test_latex_cleaner_keeps_text_and_math():
+    src = (r"\documentclass{article}\usepackage{amsmath}\title{On Primes}\begin{document}\maketitle"
+           "\n\\section{Intro}\\label{s}\nLet $p$ be prime~\\cite{e}. % secret\n\\begin{figure}\\caption{X}"
+           "\\end{figure}\n\\begin{equation}\\label{q}\na^2+b^2=c^2\n\\end{equation}\n"
+           r"\begin{thebibliography}{1}\bibitem{e} E.\end{thebibliography}\end{document}")
+    out = clean_latex(src)
+    assert "On Primes" in out and "Intro" in out and "Let $p$ be prime." in out and "a^2+b^2=c^2" in out
+    for gone in ("secret", "caption", "cite", "label", "bibitem", "usepackage", "documentclass", "figure"):
+        assert gone not in out, gone
+
+
+# ---- mixing, packing, padding ---------------------------------------------------------------
+def test_token_shares_match_weights_within_one_point(data):
+    loader = ShardLoader(spec(data, mbs=16, gas=1, seq=64))
+    take(loader, 1250)  # 20,000 rows
+    pos = np.array(list(loader.state_dict()["domain_pos"].values()), dtype=float)
+    assert abs(pos[0] / pos.sum() - 0.3) < 0.01
+
+
+def test_mixer_rejects_bad_weights():
+    for w in ([-0.1, 1.1], [0.0, 0.0], [float("nan"), 1.0], []):
+        with pytest.raises(ValueError, match="weights"):
+            RowMixer(w, 0)
+
+
+def test_packed_rows_follow_the_domain_streams(data):
+    loader = ShardLoader(spec(data, mbs=4, gas=1))
+    x, y = next(loader)
+    assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
+    dom = RowMixer([0.3, 0.7], 0).domains(0, 4)
+    streams = [DomainStream(data / "pre" / d, seed=0, domain_index=i) for i, d in enumerate(("arxiv", "general"))]
+    pos = [0, 0]
+    for i, d in enumerate(dom):
+        row = streams[d].read(pos[d], 33)
+        pos[d] += 33
+        assert (x[i].numpy() == row[:-1]).all()
+
+
+def test_padding_mode_one_document_per_row(data):
+    loader = ShardLoader(spec(data, mbs=4, gas=1, seq=4096, packing=False))
+    x, y = next(loader)
+    eos, pad = 256, 257
+    for i in range(4):
+        n = int((y[i] != -100).sum())
+        assert (y[i, n:] == -100).all() and (x[i, n:] == pad).all()
+        assert y[i, n - 1] == eos and eos not in x[i, :n].tolist()  # exactly one document, ending in EOS
+    assert x.shape[1] == max(int((y[i] != -100).sum()) for i in range(4))  # padded to the longest
+
+
+# ---- exact resume ---------------------------------------------------------------------------
+def _fresh_process_rows(data, state, steps, workers, tmp_path):
+    code = f"""
+import json, numpy as np
+from scaletrain.data.loader import ShardLoader, StreamSpec
+spec = StreamSpec({str(data / 'pre')!r}, ("arxiv", "general"), (0.3, 0.7), 256, 4, 2, 0, 1, 0)
+loader = ShardLoader(spec, num_workers={workers})
+loader.load_state_dict(json.loads({json.dumps(state)!r}))
+np.save({str(tmp_path / 'rows.npy')!r}, np.stack([next(loader)[0].numpy() for _ in range({steps * 2})]))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return list(np.load(tmp_path / "rows.npy"))
+
+
+@pytest.mark.parametrize("workers_before, workers_after", [(0, 0), (2, 2), (0, 2)])
+def test_exact_resume_in_a_fresh_process_across_shards_and_epochs(data, tmp_path, workers_before, workers_after):
+    straight = take(ShardLoader(spec(data, seq=256), num_workers=workers_before), 2 * 160)
+    loader = ShardLoader(spec(data, seq=256), num_workers=workers_before)
+    first = take(loader, 2 * 100)
+    state = loader.state_dict()
+    rest = _fresh_process_rows(data, state, 60, workers_after, tmp_path)
+    got = first + rest
+    assert all((a == b).all() for a, b in zip(straight, got)) and len(got) == len(straight)
+    # the run crossed shard and epoch boundaries of the arxiv domain
+    arxiv = DomainStream(data / "pre" / "arxiv")
+    assert state["domain_pos"]["arxiv"] > arxiv.total > max(arxiv.shard_tokens)
+
+
+def test_state_is_refused_mid_step(data):
+    loader = ShardLoader(spec(data))
+    next(loader)
+    with pytest.raises(RuntimeError, match="mid-step"):
+        loader.state_dict()
+
+
+def _torchrun(nproc, data, out, steps, gas, state):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+                    str(ROOT / "tests" / "data_resume_worker.py"), str(data / "pre"), str(out), str(steps), str(gas),
+                    state], check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+
+
+def _global_rows(out, world, gas, steps):
+    """Reassemble the global row order from per-rank micro-batches."""
+    per = [np.load(f"{out}.rank{r}.npy") for r in range(world)]  # (steps*gas, mbs, T)
+    rows = []
+    for s in range(steps):
+        for g in range(gas):
+            for r in range(world):
+                rows.extend(per[r][s * gas + g])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_continues_the_global_stream(data, tmp_path, world_before, world_after):
+    loader = ShardLoader(spec(data, mbs=8, gas=1))
+    straight = np.concatenate([next(loader)[0].numpy() for _ in range(10)])  # 10 steps x 8 rows, world 1
+    _torchrun(world_before, data, tmp_path / "a", 6, 2, "-")
+    _torchrun(world_after, data, tmp_path / "b", 4, 2 if world_after == 1 else 1, str(tmp_path / "a.state.json"))
+    got = np.concatenate([_global_rows(tmp_path / "a", world_before, 2, 6),
+                          _global_rows(tmp_path / "b", world_after, 2 if world_after == 1 else 1, 4)])
+    assert got.shape == straight.shape and (got == straight).all()
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_path):
+    tok = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
+    other = train_bpe([str(data / "raw" / "arxiv")], 420, str(tmp_path / "other.json"))
+    for d in ("arxiv", "general"):
+        prepare_domain(d, [str(data / "raw" / d)], str(tmp_path / "bpe"), tokenizer=tok, workers=2, quiet=True,
+                       **SMALL)
+    from scaletrain.cli import parse_config
+
+    argv = ["--data-dir", str(tmp_path / "bpe"), "--max-seq-length", "32", "--batch-size", "2"]
+    loader = build_loader(parse_config(argv + ["--tokenizer", tok]), 0, 1)
+    assert loader.vocab_size == 400 and model_vocab_size(loader.vocab_size) == 448
+    assert (tmp_path / "bpe" / "arxiv" / "tokenizer.json").exists()
+    with pytest.raises(ShardError, match="is not the one .* was prepared with"):
+        build_loader(parse_config(argv + ["--tokenizer", other]), 0, 1)
+
+
+def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
+    tok = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
+    prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)
+    prepare_domain("general", [str(data / "raw" / "general")], str(tmp_path / "mix"), quiet=True, **SMALL)
+    with pytest.raises(ShardError, match="different tokenizers"):
+        ShardLoader(StreamSpec(str(tmp_path / "mix"), ("arxiv", "general"), (0.3, 0.7), 32, 2, 1, 0, 1, 0))
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def _prep(tmp_path, files, **kw):
+    inp = tmp_path / "in"
+    inp.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (inp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return prepare_domain("d", [str(inp)], str(tmp_path / "out"), quiet=True, **kw)
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    files = {"a.jsonl": '{"text": "fine"}\n{"text": broken\n{"text": "also fine"}\n'}
+    with pytest.raises(InputError, match=r"a.jsonl:2: malformed JSONL line"):
+        _prep(tmp_path, files)
+    assert not (tmp_path / "out" / "d").exists()  # nothing half-written left behind
+    m = _prep(tmp_path, files, skip_bad_lines=True)
+    assert m["skipped_bad_lines"] == 1 and m["documents"] == 2
+
+
+def test_non_utf8_empty_file_and_empty_domain(tmp_path):
+    with pytest.raises(InputError, match=r"b.txt:2: not valid UTF-8"):
+        _prep(tmp_path / "1", {"b.txt": b"ok line\nbad \xff byte\n"})
+    with pytest.raises(InputError, match=r"e.txt: file is empty"):
+        _prep(tmp_path / "2", {"e.txt": ""})
+    with pytest.raises(InputError, match="hold no documents"):
+        _prep(tmp_path / "3", {"a.jsonl": '{"text": "   "}\n'})
+    with pytest.raises(InputError, match="does not exist"):
+        prepare_domain("d", [str(tmp_path / "nope")], str(tmp_path / "out"), quiet=True)
+
+
+def test_existing_output_is_refused_then_replaced_only_when_complete(tmp_path):
+    _prep(tmp_path, {"a.txt": "first version"})
+    with pytest.raises(InputError, match="already holds a complete preparation; pass --overwrite"):
+        _prep(tmp_path, {"a.txt": "second"})
+    before = (tmp_path / "out" / "d" / "manifest.json").read_text()
+    with pytest.raises(InputError):  # a failing overwrite keeps the old domain intact
+        _prep(tmp_path, {"a.txt": "second", "z.jsonl": "{bad"}, overwrite=True)
+    assert (tmp_path / "out" / "d" / "manifest.json").read_text() == before
+    (tmp_path / "in" / "z.jsonl").unlink()
+    _prep(tmp_path, {"a.txt": "second"}, overwrite=True)
+    assert (tmp_path / "out" / "d" / "manifest.json").read_text() != before
+
+
+def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
+    import shutil
+
+    with pytest.raises(ShardError, match="data domain folder .*nope does not exist; prepare it"):
+        DomainStream(data / "pre" / "nope")
+    copy = tmp_path / "general"
+    shutil.copytree(data / "pre" / "general", copy)
+    shard = copy / "shard-00001.tar"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-3000])
+    with pytest.raises(ShardError, match="shard-00001.tar is .* bytes but its manifest says"):
+        DomainStream(copy)
+    bad = bytearray(good)
+    bad[512 + 2048: 512 + 2048 + 10] = b"garbage!!!"  # the second member's header
+    shard.write_bytes(bytes(bad))
+    stream = DomainStream(copy)
+    perm, starts = stream._epoch_order(0)
+    k = int(np.flatnonzero(perm == 1)[0])
+    with pytest.raises(ShardError, match=r"shard-00001.tar: member 00001_000001.u16 is corrupt"):
+        stream.read(int(starts[k]), 2048)
+
+
+def test_val_split_and_missing_val(data, tmp_path):
+    val = ShardLoader(spec(data, split="val", gas=1))
+    x, _ = next(val)
+    assert x.shape == (4, 32)
+    prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "noval"), quiet=True, shard_tokens=4096,
+                   chunk_tokens=1024)
+    with pytest.raises(ShardError, match="has no shards"):
+        DomainStream(tmp_path / "noval" / "arxiv", "val")
+
+
+# ---- the demo ---------------------------------------------------------------------------------
+def test_demo_runs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--data-dir", str(tmp_path), "--steps",
+                           "4", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixing over" in proc.stdout and "demo done: 4 steps" in proc.stdout
+    shares = proc.stdout.split("mixing over")[1].splitlines()[0]
+    assert "arxiv 3" in shares and "general 6" in shares or "general 7" in shares
