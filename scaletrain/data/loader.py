@@ -68,64 +68,63 @@ class _Walker:
         self.mixer = RowMixer(list(spec.weights), spec.seed)
         self.row, self.pos = global_row, list(pos)
 
-    def step(self, materialise: set[int] | None) -> list[list[np.ndarray]] | None:
-        """Advance one optimizer step. Returns, for each micro-step ``g`` in ``materialise``
-        (None: none), this rank's rows; positions advance for every row either way."""
+    def step(self, materialise: set[int] | None) -> dict[int, list[np.ndarray] | np.ndarray] | None:
+        """Advance one optimizer step. Returns this rank's rows for each micro-step ``g`` in
+        ``materialise`` (packed: one (micro_batch, seq_len + 1) array per micro-step; padded: a list
+        of documents); read positions advance for every row of the step either way."""
         spec = self.spec
-        G, L = spec.global_batch, spec.seq_len + 1
+        G, L, W, B = spec.global_batch, spec.seq_len + 1, spec.world_size, spec.micro_batch
         dom = self.mixer.domains(self.row, G)
-        mine = {}  # index within the step -> (domain, position)
-        wanted = set()
-        if materialise:
-            for g in materialise:
-                base = (g * spec.world_size + spec.rank) * spec.micro_batch
-                wanted.update(range(base, base + spec.micro_batch))
-        if spec.packing:
-            want = np.zeros(G, dtype=bool)
-            if wanted:
-                want[list(wanted)] = True
-            for d in range(len(self.streams)):
-                idx = np.flatnonzero(dom == d)
-                starts = self.pos[d] + np.arange(len(idx), dtype=np.int64) * L
-                sel = want[idx]
-                if sel.any():
-                    w_idx, w_starts = idx[sel], starts[sel]
-                    lo, span = int(w_starts[0]), int(w_starts[-1]) + L - int(w_starts[0])
-                    if span <= 4 * len(w_idx) * L:  # one read for this rank's rows of the domain
-                        buf = self.streams[d].read(lo, span)
-                        for i, p in zip(w_idx.tolist(), (w_starts - lo).tolist()):
-                            mine[i] = buf[p: p + L]
-                    else:
-                        for i, p in zip(w_idx.tolist(), w_starts.tolist()):
-                            mine[i] = self.streams[d].read(p, L)
-                self.pos[d] += len(idx) * L
-        else:
-            for i, d in enumerate(dom.tolist()):  # document by document: positions depend on lengths
-                doc, nxt = self.streams[d].next_document(self.pos[d], L)
-                if i in wanted:
-                    mine[i] = doc
-                self.pos[d] = nxt
         self.row += G
-        if not materialise:
-            return None
-        out = []
-        for g in range(spec.grad_accum):
-            base = (g * spec.world_size + spec.rank) * spec.micro_batch
-            out.append([mine[base + b] for b in range(spec.micro_batch)] if g in materialise else [])
-        return out
+        # index within the step of micro-step g, rank r, row b: (g * W + r) * B + b
+        owner = np.full(G, -1, dtype=np.int64)  # -> micro-step g for this rank's wanted rows
+        for g in materialise or ():
+            owner[(g * W + spec.rank) * B: (g * W + spec.rank + 1) * B] = g
+        if spec.packing:
+            out = {g: np.empty((B, L), dtype=self.streams[0].dtype) for g in materialise or ()}
+            for d, stream in enumerate(self.streams):
+                idx = np.flatnonzero(dom == d)
+                if materialise:
+                    sel = owner[idx] >= 0
+                    if sel.any():
+                        w_idx = idx[sel]
+                        w_starts = self.pos[d] + np.flatnonzero(sel).astype(np.int64) * L
+                        lo, span = int(w_starts[0]), int(w_starts[-1]) + L - int(w_starts[0])
+                        if span == len(w_idx) * L:  # consecutive rows: one read, no copy
+                            rows = stream.read(lo, span).reshape(-1, L)
+                        elif span <= 4 * len(w_idx) * L:  # one read, then gather this rank's rows
+                            rows = stream.read(lo, span)[(w_starts - lo)[:, None] + np.arange(L)]
+                        else:
+                            rows = np.stack([stream.read(p, L) for p in w_starts.tolist()])
+                        b_of = w_idx % B
+                        if len(out) == 1:  # the common case: one micro-step of this step is ours
+                            next(iter(out.values()))[b_of] = rows
+                        else:
+                            g_of = owner[w_idx]
+                            for g in out:
+                                m = g_of == g
+                                out[g][b_of[m]] = rows[m]
+                self.pos[d] += len(idx) * L
+            return out if materialise else None
+        docs: dict[int, list[np.ndarray]] = {g: [None] * B for g in materialise or ()}
+        for i, d in enumerate(dom.tolist()):  # document by document: positions depend on lengths
+            doc, nxt = self.streams[d].next_document(self.pos[d], L)
+            if owner[i] >= 0:
+                docs[int(owner[i])][i % B] = doc
+            self.pos[d] = nxt
+        return docs if materialise else None
 
 
-def collate(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(rows: np.ndarray | list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``T+1`` tokens -> (input_ids, labels) of shape (B, T); shorter rows are padded on the
     right with ``pad_id`` in the inputs and ``IGNORE_INDEX`` in the labels."""
-    if all(len(r) == len(rows[0]) for r in rows):  # packed: one stack, two views
-        t = torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    if isinstance(rows, np.ndarray):  # packed: each of x and y converted straight from the rows
+        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
     T = max(len(r) for r in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
     for i, r in enumerate(rows):
-        t = torch.from_numpy(np.ascontiguousarray(r, dtype=np.int64))
+        t = torch.from_numpy(r.astype(np.int64))
         n = len(r) - 1
         x[i, :n] = t[:-1]
         y[i, :n] = t[1:]

@@ -157,7 +157,9 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     eos = np.array([tok.eos_id], dtype=np.uint32)
     n_docs = n_val = 0
     t0 = last = time.time()
-    workers = max(1, workers)
+    # byte-level encoding is a memcpy: shipping its arrays between processes costs more than it saves
+    # (measured 30M tokens/s in one process vs 10M with 2 workers), so it stays in-process
+    workers = 1 if tokenizer is None else max(1, workers)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer, eos_token)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer, eos_token)

@@ -79,15 +79,18 @@ class DomainStream:
         starts = np.concatenate([[0], np.cumsum(self.shard_tokens[perm])])
         return perm, starts
 
-    def _map(self, shard: int) -> np.memmap:
+    def _map(self, shard: int) -> np.ndarray:
+        """The shard file as a flat token array (plain ndarray over the mapping: slicing a np.memmap
+        subclass costs several microseconds a call). Member data sits at 512-byte offsets."""
         m = self._maps.get(shard)
         if m is None:
-            m = self._maps[shard] = np.memmap(self.folder / self.shards[shard]["file"], dtype=np.uint8, mode="r")
+            raw = np.memmap(self.folder / self.shards[shard]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
+            m = self._maps[shard] = raw[: len(raw) // self.dtype.itemsize * self.dtype.itemsize].view(self.dtype)
         return m
 
     def _check_member(self, shard: int, member: int) -> None:
         name, offset, n = self.shards[shard]["members"][member]
-        m = self._map(shard)
+        m = self._map(shard).view(np.uint8)
         header = bytes(m[offset - 512: offset])
         stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         try:
@@ -110,17 +113,18 @@ class DomainStream:
             if (shard, i) not in self._checked:
                 self._check_member(shard, i)
             _, offset, n = members[i]
-            lo = start - starts[i]
+            lo = int(start - starts[i])
             take = min(n - lo, length)
-            b0 = offset + lo * self.dtype.itemsize
-            out.append(self._map(shard)[b0: b0 + take * self.dtype.itemsize].view(self.dtype))
+            t0 = offset // self.dtype.itemsize + lo
+            out.append(self._map(shard)[t0: t0 + take])
             start += take
             length -= take
             i += 1
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def read(self, pos: int, length: int) -> np.ndarray:
-        """Tokens ``[pos, pos + length)`` of the endless stream (epoch after epoch)."""
+        """Tokens ``[pos, pos + length)`` of the endless stream (epoch after epoch), in the shard dtype
+        (a view into the mapped file when the range sits in one member)."""
         parts = []
         while length > 0:
             epoch, off = divmod(pos, self.total)
@@ -132,7 +136,7 @@ class DomainStream:
             parts.append(self._read_shard(shard, within, take))
             pos += take
             length -= take
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def next_document(self, pos: int, max_len: int) -> tuple[np.ndarray, int]:
         """The document starting at ``pos`` (through its EOS, cut to ``max_len``) and the next start."""
