@@ -8,17 +8,20 @@
 import os
 import sys
 
+from scaletrain.checkpoint import CheckpointError
 from scaletrain.cli import parse_config
 from scaletrain.config import ConfigError
+from scaletrain.data.shards import ShardError
 from scaletrain.trainer import train
 
 
 def main() -> None:
     try:
-        cfg = parse_config()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    train(cfg)
+        train(parse_config())
+    except (ConfigError, CheckpointError, ShardError) as e:  # user-facing: a message, not a traceback
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        os._exit(1)
     # Everything is written and the process group destroyed. Skip interpreter teardown:
     # gloo worker threads can still hold tensors then, and freeing them during finalisation
     # aborts the process now and then ("terminate called without an active exception",

@@ -73,7 +73,10 @@ class PreTrainingConfig:
     checkpoint_dir: str = _f("checkpoints", "where step_NNNNNN checkpoint folders go")
     save_interval: int = _f(0, "save every N steps (0: only at the end)")
     keep_last_n_checkpoints: int = _f(3, "keep this many step checkpoints (0: keep all)")
-    resume: str | None = _f(None, "checkpoint folder to resume from")
+    stop_at_step: int | None = _f(None, "save a checkpoint and stop after this step, keeping the schedule of "
+                                        "--max-steps (fits a run into job time limits)")
+    resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir, 'latest' (required) or 'auto' "
+                                  "(the newest complete one if any, else start fresh)")
     # evaluation and logging
     eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
     eval_steps: int = _f(10, "micro-batches per rank in each validation pass")
@@ -120,6 +123,8 @@ class PreTrainingConfig:
         for name in ("warmup_steps", "save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            raise bad("stop_at_step", f"must be between 1 and --max-steps={self.max_steps}, got {self.stop_at_step}")
         if self.num_layers is not None and self.num_layers <= 0:
             raise bad("num_layers", f"must be a positive integer, got {self.num_layers}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

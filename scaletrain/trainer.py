@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from scaletrain.checkpoint import (
+    CheckpointManager,
+    check_model_matches,
+    checkpoint_meta,
+    read_meta,
+    resolve_resume,
+    step_name,
+)
 from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader, model_vocab_size
 from scaletrain.engine import Engine, get_engine_class
@@ -22,6 +32,7 @@ class TrainResult:
     tokens_seen: int
     last_loss: float | None
     skipped_steps: int
+    preempted: bool = False
 
 
 def build_model(cfg: PreTrainingConfig, vocab_size: int | None = None,
@@ -62,15 +73,6 @@ def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
     return None  # CPU: MFU only with an explicit --peak-tflops
 
 
-def save_checkpoint(engine: Engine, cfg: PreTrainingConfig, name: str, step: int, tokens_seen: int,
-                    loader) -> str:
-    path = os.path.join(cfg.checkpoint_dir, name)
-    os.makedirs(path, exist_ok=True)
-    engine.save(path, {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(),
-                       "data": loader.state_dict(), "rng": _rng_state()})
-    return path
-
-
 def evaluate(engine: Engine, cfg: PreTrainingConfig, val_loader_fn, env) -> float:
     """Mean loss over the held-out set: the same ``eval_steps`` micro-batches per rank every time."""
     loader = val_loader_fn()  # a fresh loader: the same held-out rows at every evaluation
@@ -81,26 +83,62 @@ def evaluate(engine: Engine, cfg: PreTrainingConfig, val_loader_fn, env) -> floa
     return engine.all_reduce_mean(total / cfg.eval_steps).item()
 
 
+class _Preemption:
+    """SIGTERM / SIGUSR1 (what schedulers send before they kill) -> save at the next step boundary."""
+
+    def __init__(self, group) -> None:
+        self.flag, self.group = False, group
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        """Whether any rank got the signal (a CPU collective on the control group, every step)."""
+        t = torch.tensor([int(self.flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+
 def train(cfg: PreTrainingConfig) -> TrainResult:
     engine_cls = get_engine_class(cfg.resolved_engine)
     env = engine_cls.init_distributed()
+    control = dist.new_group(backend="gloo")  # small CPU collectives: preemption, checkpoint errors
+    resume = resolve_resume(cfg.resume, cfg.checkpoint_dir)
+    resume_meta = read_meta(resume) if resume else None
     # the data decides the vocab; a synthetic source uses the preset's
     probe = build_loader(cfg, env.rank, env.world_size, vocab_size=get_model_config(cfg.model_config_name).vocab_size)
     vocab = probe.vocab_size if cfg.data == "synthetic" else model_vocab_size(probe.vocab_size)
     model = build_model(cfg, vocab_size=vocab, device="cpu" if cfg.fsdp_cpu_offload else env.device)
     model_cfg = model.config
-    engine = engine_cls(model, cfg, env)  # may adopt batch settings from a DeepSpeed config into cfg
+    if resume_meta:
+        check_model_matches(resume_meta, model_cfg, resume)
+    engine = engine_cls(model, cfg, env, resume_meta=resume_meta)  # may adopt batch settings from a ds_config
     loader = build_loader(cfg, env.rank, env.world_size, vocab_size=vocab)
     has_val = build_loader(cfg, env.rank, env.world_size, "val", vocab) is not None
     if cfg.eval_interval and not has_val and env.is_main:
         print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
+    ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, control)
 
-    start_step, tokens_seen = 0, 0
-    if cfg.resume:
-        state = engine.load(cfg.resume)
+    start_step, tokens_seen, best_val = 0, 0, float("inf")
+    if resume:
+        state = engine.load(str(resume))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
+        best_val = state.get("best_val", best_val)
         loader.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
+        if env.is_main:
+            print(f"scaletrain: resumed from {resume} at step {start_step} (saved by {resume_meta['world_size']} "
+                  f"ranks, now {env.world_size})", flush=True)
+
+    def save(name: str, step: int, val: float = best_val) -> None:
+        client = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "data": loader.state_dict(),
+                  "rng": _rng_state(), "best_val": val}
+        path = ckpt.save(engine, name, client, checkpoint_meta(step, tokens_seen, env.world_size, engine.name,
+                                                               model_cfg, cfg))
+        if env.is_main:
+            print(f"scaletrain: saved {path}", flush=True)
 
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, run_name), env.is_main, cfg.to_dict(), start_step)
@@ -113,8 +151,9 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
               f"{cfg.mixed_precision}, global batch {loader.global_batch} x {cfg.max_seq_length} "
               f"tokens, steps {start_step}->{cfg.max_steps}", flush=True)
 
+    preempt = _Preemption(control)
     meter = Throughput()
-    last_loss = None
+    last_loss, preempted = None, False
     non_blocking = env.device.type == "cuda"
     try:
         for step in range(start_step, cfg.max_steps):
@@ -130,6 +169,9 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
                 t_eval = time.perf_counter()
                 metrics["val_loss"] = evaluate(
                     engine, cfg, lambda: build_loader(cfg, env.rank, env.world_size, "val", vocab), env)
+                if metrics["val_loss"] < best_val and cfg.save_interval:
+                    best_val = metrics["val_loss"]
+                    save("best", done, best_val)
                 meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 # the only host syncs of the loop (apart from the engine's finite check)
@@ -144,12 +186,26 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
                     metrics["mfu"] = mfu(fpt, tok_s / env.world_size, peak)
             if metrics:
                 logger.log(done, metrics)
-            if cfg.save_interval and (done % cfg.save_interval == 0 or done == cfg.max_steps):
-                save_checkpoint(engine, cfg, "final" if done == cfg.max_steps else f"step_{done:06d}",
-                                done, tokens_seen, loader)
+            t_save = time.perf_counter()
+            if preempt.requested():
+                save(step_name(done), done)
+                if env.is_main:
+                    print(f"scaletrain: preempted at step {done}: checkpoint saved, exiting", flush=True)
+                preempted = True
+                break
+            if done == cfg.stop_at_step and done != cfg.max_steps:
+                save(step_name(done), done)
+                if env.is_main:
+                    print(f"scaletrain: stopped at step {done} (--stop-at-step); resume with --resume latest")
+                break
+            if cfg.save_interval and done % cfg.save_interval == 0 and done != cfg.max_steps:
+                save(step_name(done), done)
+            if cfg.save_interval and done == cfg.max_steps:
+                save("final", done)
+            meter.exclude(time.perf_counter() - t_save)
     finally:
         logger.close()
     result = TrainResult(steps=cfg.max_steps, tokens_seen=tokens_seen, last_loss=last_loss,
-                         skipped_steps=engine.skipped_steps)
+                         skipped_steps=engine.skipped_steps, preempted=preempted)
     engine.close()
     return result

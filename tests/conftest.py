@@ -17,9 +17,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeout: int = 400,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/pretrain.py under torchrun, the deepspeed launcher or plain python (CPU, gloo)."""
+def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, run_name: str = "t"):
+    """(command, environment) of a launch/pretrain.py run on CPU (gloo)."""
     port = str(free_port())
     script = str(ROOT / "launch" / "pretrain.py")
     if launcher == "torchrun":
@@ -32,7 +31,14 @@ def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeo
     # a process group of this pytest process (single-process engine tests) must not leak into the child
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    full = cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", "t"]
+    return cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", run_name], env
+
+
+def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeout: int = 400,
+           check: bool = True, run_name: str = "t", extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launch/pretrain.py under torchrun, the deepspeed launcher or plain python (CPU, gloo)."""
+    full, env = launch_cmd(launcher, args, tmp_path, nproc, run_name)
+    env.update(extra_env or {})
     proc = subprocess.run(full, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(full)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
@@ -40,8 +46,8 @@ def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeo
     return proc
 
 
-def read_metrics(tmp_path: Path) -> list[dict]:
-    lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+def read_metrics(tmp_path: Path, run_name: str = "t") -> list[dict]:
+    lines = (tmp_path / "runs" / run_name / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines]
 
 

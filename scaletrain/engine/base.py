@@ -75,6 +75,13 @@ def dist_env(device: torch.device) -> DistEnv:
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
 
 
+def reapply_schedule(optimizer, scheduler) -> None:
+    """After loading: the learning rate of the restored step from this run's schedule (a restored
+    optimizer carries the lr of the run that saved it, which differs when --max-steps changed)."""
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices, not norms or the embedding table (GPT-3 / Llama practice)."""
     decay, no_decay = [], []
@@ -96,8 +103,10 @@ class Engine(ABC):
     def init_distributed(cls) -> DistEnv:
         """Start the process group (with this back end's preferred call) and pick the device."""
 
-    def __init__(self, model: nn.Module, cfg: PreTrainingConfig, env: DistEnv) -> None:
+    def __init__(self, model: nn.Module, cfg: PreTrainingConfig, env: DistEnv,
+                 resume_meta: dict[str, Any] | None = None) -> None:
         self.cfg, self.env = cfg, env
+        self.resume_meta = resume_meta  # COMPLETE.json of the checkpoint this run will load, if any
         self.steps_taken = 0  # optimizer steps attempted, skipped ones included
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0

@@ -12,12 +12,16 @@ import copy
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -25,7 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.lr import lr_factor_fn
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, reapply_schedule
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_batch_size": "auto",
@@ -38,6 +42,7 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
 }
 _TAG = "deepspeed"
+_UNIVERSAL = "deepspeed_universal"
 
 # DeepSpeed's per-step INFO lines and torch's deprecation notice for the collective it uses
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -152,6 +157,10 @@ class DeepSpeedEngine(Engine):
                                            fp16_supported=get_accelerator().is_fp16_supported(),
                                            device_type=self.env.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        # another world size than the checkpoint's: load DeepSpeed's universal format (converted in _load)
+        self.universal = bool(self.resume_meta) and self.resume_meta["world_size"] != self.env.world_size
+        if self.universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         factor = lr_factor_fn(cfg)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.ds_config,
@@ -186,10 +195,37 @@ class DeepSpeedEngine(Engine):
         torch.save(client_state, os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt"))
 
     def _load(self, path: str) -> dict[str, Any]:
-        load_path, client_state = self.ds.load_checkpoint(path, tag=_TAG)
+        tag = _TAG
+        if self.universal:
+            tag = _UNIVERSAL
+            if self.env.rank == 0 and not os.path.isdir(os.path.join(path, _UNIVERSAL)):
+                to_universal(path, self.zero_stage)
+            dist.barrier()
+        load_path, client_state = self.ds.load_checkpoint(path, tag=tag)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{tag}")
         rank_file = os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt")
-        if os.path.exists(rank_file):
-            client_state = torch.load(rank_file, weights_only=False)
+        if not os.path.exists(rank_file):  # more ranks than the checkpoint had: rank 0's copy
+            rank_file = os.path.join(path, _TAG, "client_state_rank0.pt")
+        client_state = torch.load(rank_file, weights_only=False)
+        reapply_schedule(self.optimizer, self.scheduler)
         return client_state
+
+
+def to_universal(path: str, zero_stage: int) -> str:
+    """Convert ``path``'s DeepSpeed shards to the universal format next to them (atomically), with
+    DeepSpeed's own converter. The same as: python -m deepspeed.checkpoint.ds_to_universal
+    --input_folder PATH/deepspeed --output_folder PATH/deepspeed_universal [--inject_missing_state]."""
+    out = os.path.join(path, _UNIVERSAL)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           os.path.join(path, _TAG), "--output_folder", tmp, "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    if zero_stage < 3:
+        cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack what the converter needs
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {path} to DeepSpeed's universal checkpoint failed:\n{proc.stderr[-3000:]}")
+    os.rename(tmp, out)
+    return out

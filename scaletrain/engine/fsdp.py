@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.lr import lr_factor_fn
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, reapply_schedule
 
 
 class FSDPEngine(Engine):
@@ -112,4 +112,5 @@ class FSDPEngine(Engine):
             rank_file = os.path.join(path, "client_state_rank0.pt")
         client_state = torch.load(rank_file, weights_only=False)
         self.scheduler.load_state_dict(client_state.pop("scheduler"))
+        reapply_schedule(self.optimizer, self.scheduler)
         return client_state
