@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     t.add_argument("--min-frequency", type=int, default=2)
     sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
+    sub.add_parser("convert", help="checkpoint -> Hugging Face safetensors (launch/convert.py)", add_help=False)
+    if argv and argv[0] == "convert":
+        from scaletrain.convert import main as convert_main
+
+        convert_main(argv[1:])
+        return
     if argv and argv[0] == "train":
         from scaletrain.cli import parse_config
         from scaletrain.config import ConfigError

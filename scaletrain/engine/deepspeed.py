@@ -229,3 +229,21 @@ def to_universal(path: str, zero_stage: int) -> str:
         raise RuntimeError(f"converting {path} to DeepSpeed's universal checkpoint failed:\n{proc.stderr[-3000:]}")
     os.rename(tmp, out)
     return out
+
+
+class ZeroTensorReader:
+    """fp32 model tensors of a ZeRO-2/3 checkpoint via DeepSpeed's zero_to_fp32 in lazy mode: each
+    tensor is assembled from the shards when asked for, so memory stays near the tensors in hand."""
+
+    def __init__(self, path: str) -> None:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        self._lazy = get_fp32_state_dict_from_zero_checkpoint(path, tag=_TAG, lazy_mode=True)
+        self.shapes = {k: (tuple(v.shape), torch.float32) for k, v in self._lazy.items()}
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self._lazy[n].contiguous() for n in names}
+
+
+def tensor_reader(path: str) -> ZeroTensorReader:
+    return ZeroTensorReader(path)

@@ -114,3 +114,28 @@ class FSDPEngine(Engine):
         self.scheduler.load_state_dict(client_state.pop("scheduler"))
         reapply_schedule(self.optimizer, self.scheduler)
         return client_state
+
+
+class DCPTensorReader:
+    """Model tensors of a DCP checkpoint, a few at a time, in one process without a process group."""
+
+    def __init__(self, path: str) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        md = FileSystemReader(path).read_metadata()
+        self.shapes = {k[len("model."):]: (tuple(v.size), v.properties.dtype)
+                       for k, v in md.state_dict_metadata.items()
+                       if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        sd = {f"model.{n}": torch.empty(self.shapes[n][0], dtype=self.shapes[n][1]) for n in names}
+        dcp.load(sd, storage_reader=FileSystemReader(self.path), no_dist=True)
+        return {n: sd[f"model.{n}"] for n in names}
+
+
+def tensor_reader(path: str) -> DCPTensorReader:
+    return DCPTensorReader(path)

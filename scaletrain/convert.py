@@ -1,0 +1,152 @@
+"""Sharded checkpoint (DeepSpeed ZeRO-2/3 or FSDP2/DCP) -> Hugging Face safetensors, streaming.
+
+    python launch/convert.py CKPT_DIR OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite]
+
+CKPT_DIR is a checkpoint folder (``step_000500``, ``final``, ...) or a checkpoint_dir (its newest
+complete checkpoint is taken). Tensors are read a few at a time (DCP: chosen keys in one process;
+DeepSpeed: zero_to_fp32 in lazy mode) and written one output shard at a time, so peak memory
+stays near one shard, not the model. Output: ``config.json`` (LlamaConfig), ``model.safetensors``
+or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``, HF parameter names,
+and the tokenizer files when the run's shards were prepared with a ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from scaletrain.checkpoint import CheckpointError, read_meta, resolve_resume
+from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '512MiB' -> 512 * 2**20, '1000' -> 1000."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.I)
+    if not m:
+        raise ValueError(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def hf_config(mc: ModelConfig, dtype: str, eos_id: int | None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim, "num_hidden_layers": mc.n_layers,
+        "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.n_kv_heads, "head_dim": mc.head_dim,
+        "vocab_size": mc.vocab_size, "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings, "attention_bias": False,
+        "mlp_bias": False, "initializer_range": mc.init_std, "torch_dtype": {"bf16": "bfloat16", "fp16": "float16",
+                                                                              "fp32": "float32"}[dtype],
+        "bos_token_id": None, "eos_token_id": eos_id, "use_cache": True,
+    }
+
+
+def _tokenizer_source(cfg: dict) -> tuple[Path | None, dict | None]:
+    """The tokenizer.json copied next to the run's shard manifests, and that manifest's tokenizer entry."""
+    if cfg.get("data") != "shards":
+        return None, None
+    for source in cfg.get("data_sources", []):
+        d = Path(cfg["data_dir"]) / source
+        manifest = d / "manifest.json"
+        if manifest.is_file():
+            tok = json.loads(manifest.read_text())["tokenizer"]
+            return (d / "tokenizer.json" if (d / "tokenizer.json").is_file() else None), tok
+    return None, None
+
+
+def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int = "5GB",
+            overwrite: bool = False, quiet: bool = False) -> Path:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    path = resolve_resume(ckpt, ckpt)
+    meta = read_meta(path)
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
+        shutil.rmtree(out_dir)
+    mc = ModelConfig(**meta["model_config"])
+    from scaletrain.engine import get_engine_class
+
+    engine_module = sys.modules[get_engine_class(meta["engine"]).__module__]
+    reader = engine_module.tensor_reader(str(path))
+    # expected names and shapes, in the model's own order
+    with torch.device("meta"):
+        expected = [(n, tuple(p.shape)) for n, p in Llama(mc).named_parameters()]
+    for name, shape in expected:
+        if name not in reader.shapes:
+            raise CheckpointError(f"checkpoint {path} has no tensor {name} (model {mc})")
+        if reader.shapes[name][0] != shape:
+            raise CheckpointError(f"checkpoint {path}: tensor {name} has shape {list(reader.shapes[name][0])}, "
+                                  f"the model config says {list(shape)}")
+    # group tensors into output shards by their size in the output dtype
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in expected:
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(groups)
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {hf_state_dict_key(k): v.to(DTYPES[dtype]).contiguous() for k, v in reader.load(names).items()}
+        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+        del tensors
+        if not quiet:
+            print(f"  wrote {fname} ({len(names)} tensors)", file=sys.stderr, flush=True)
+    if n > 1:
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    tok_file, tok = _tokenizer_source(meta.get("config", {}))
+    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, tok and tok.get("eos_id")), indent=2))
+    if tok_file is not None:
+        shutil.copyfile(tok_file, out_dir / "tokenizer.json")
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<pad>",
+            "model_max_length": mc.max_seq_len}, indent=2))
+    elif not quiet:
+        print("  no tokenizer.json: the run used the byte-level tokenizer (ids 0-255 = UTF-8 bytes, 256 = "
+              "<|endoftext|>, 257 = <pad>)", file=sys.stderr)
+    if not quiet:
+        print(f"converted {path} ({meta['engine']}, step {meta['step']}) -> {out_dir}: {n} shard(s), "
+              f"{total / 2**20:,.1f} MiB {dtype}", file=sys.stderr)
+    return out_dir
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint folder, or a checkpoint_dir (its newest complete checkpoint)")
+    p.add_argument("out", help="output folder (Hugging Face layout)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="scaletrain convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_convert_args(p)
+    a = p.parse_args(argv)
+    try:
+        convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
