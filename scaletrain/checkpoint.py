@@ -126,6 +126,7 @@ class CheckpointManager:
     """Saves through an Engine with atomic commit; all ranks call ``save``."""
 
     def __init__(self, ckpt_dir: str, keep_last_n: int, rank: int, group=None) -> None:
+        self._pending = None
         self.dir = Path(ckpt_dir)
         self.keep_last_n, self.rank, self.group = keep_last_n, rank, group
         if rank == 0:
@@ -147,16 +148,23 @@ class CheckpointManager:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def save(self, engine, name: str, client_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, engine, name: str, client_state: dict[str, Any], meta: dict[str, Any],
+             background: bool = False) -> Path:
+        """Write and commit checkpoint ``name``; with ``background`` the write runs on (engine.save_async)
+        and the commit happens at the next ``save`` or ``finish``."""
+        self.finish()
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        error = None
+        error, future = None, None
         try:
-            engine.save(str(tmp), client_state)
+            if background:
+                future = engine.save_async(str(tmp), client_state, self.group)
+            else:
+                engine.save(str(tmp), client_state)
             kind, arg = _fault()
             if kind == "save_enospc" and self.rank == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
@@ -164,6 +172,22 @@ class CheckpointManager:
                 time.sleep(float(arg))
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             error = e
+        self._pending = (name, tmp, final, meta, future, error)
+        if not background:
+            self.finish()
+        return final
+
+    def finish(self) -> Path | None:
+        """Wait for a background write, then commit it (all ranks); returns the committed folder."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return None
+        name, tmp, final, meta, future, error = pending
+        if future is not None and error is None:
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001
+                error = e
         if self._any(error is not None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

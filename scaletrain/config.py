@@ -73,6 +73,8 @@ class PreTrainingConfig:
     checkpoint_dir: str = _f("checkpoints", "where step_NNNNNN checkpoint folders go")
     save_interval: int = _f(0, "save every N steps (0: only at the end)")
     keep_last_n_checkpoints: int = _f(3, "keep this many step checkpoints (0: keep all)")
+    async_checkpoint: bool = _f(False, "fsdp: write checkpoints in the background (dcp.async_save); each one is "
+                                       "committed at the next save or the end of the run")
     stop_at_step: int | None = _f(None, "save a checkpoint and stop after this step, keeping the schedule of "
                                         "--max-steps (fits a run into job time limits)")
     resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir, 'latest' (required) or 'auto' "
@@ -145,6 +147,8 @@ class PreTrainingConfig:
         if self.resolved_engine == "fsdp" and self.mixed_precision == "fp16":
             raise bad("mixed_precision", "fp16 needs loss scaling, which the fsdp engine does not do; "
                                          "use bf16 (or fp32), or --engine deepspeed with ds_configs/zero2_fp16.json")
+        if self.async_checkpoint and self.resolved_engine != "fsdp":
+            raise bad("async_checkpoint", "needs --engine fsdp (DeepSpeed writes its checkpoints synchronously)")
         if self.data not in DATA_SOURCES:
             raise bad("data", f"unknown data source {self.data!r}; valid: {', '.join(DATA_SOURCES)}")
         if len(self.data_mix_weights) != len(self.data_sources):

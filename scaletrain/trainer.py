@@ -132,13 +132,13 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
             print(f"scaletrain: resumed from {resume} at step {start_step} (saved by {resume_meta['world_size']} "
                   f"ranks, now {env.world_size})", flush=True)
 
-    def save(name: str, step: int, val: float = best_val) -> None:
+    def save(name: str, step: int, val: float = best_val, background: bool = False) -> None:
         client = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "data": loader.state_dict(),
                   "rng": _rng_state(), "best_val": val}
         path = ckpt.save(engine, name, client, checkpoint_meta(step, tokens_seen, env.world_size, engine.name,
-                                                               model_cfg, cfg))
+                                                               model_cfg, cfg), background=background)
         if env.is_main:
-            print(f"scaletrain: saved {path}", flush=True)
+            print(f"scaletrain: {'writing' if background else 'saved'} {path}", flush=True)
 
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, run_name), env.is_main, cfg.to_dict(), start_step)
@@ -199,10 +199,11 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
                     print(f"scaletrain: stopped at step {done} (--stop-at-step); resume with --resume latest")
                 break
             if cfg.save_interval and done % cfg.save_interval == 0 and done != cfg.max_steps:
-                save(step_name(done), done)
+                save(step_name(done), done, background=cfg.async_checkpoint)
             if cfg.save_interval and done == cfg.max_steps:
                 save("final", done)
             meter.exclude(time.perf_counter() - t_save)
+        ckpt.finish()  # commit a background save still in flight
     finally:
         logger.close()
     result = TrainResult(steps=cfg.max_steps, tokens_seen=tokens_seen, last_loss=last_loss,

@@ -46,6 +46,14 @@ def test_resume_is_bit_identical(tmp_path, kind, launcher):
     assert losses(tmp_path, "resumed") == straight[3:]  # same floats: bit-identical continuation
 
 
+def test_async_checkpoint_resumes_bit_identically(tmp_path):
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck")]
+    launch("python", args + ["--save-interval", "2", "--async-checkpoint"], tmp_path, run_name="straight")
+    assert (tmp_path / "ck" / "step_000004" / COMPLETE).exists()
+    launch("python", args + ["--resume", str(tmp_path / "ck" / "step_000004")], tmp_path, run_name="resumed")
+    assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")[4:]
+
+
 @pytest.mark.parametrize("kind", ["fsdp", "zero2"])
 def test_resume_on_another_world_size(tmp_path, kind):
     """2 ranks -> 1 rank -> 2 ranks against a straight 2-rank run (DeepSpeed via its universal checkpoint)."""

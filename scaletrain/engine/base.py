@@ -189,6 +189,16 @@ class Engine(ABC):
                             skipped_steps=self.skipped_steps)
         self._save(path, client_state)
 
+    def save_async(self, path: str, client_state: dict[str, Any], group=None):
+        """Like ``save`` but the sharded state is written in the background; returns a future whose
+        ``result()`` waits for it. Back ends without it write synchronously (a completed future)."""
+        from concurrent.futures import Future
+
+        self.save(path, client_state)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
     def load(self, path: str) -> dict[str, Any]:
         """Restore what ``save`` wrote; returns the client state (all ranks)."""
         client_state = self._load(path)
