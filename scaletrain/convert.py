@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from scaletrain.checkpoint import CheckpointError, read_meta, resolve_resume
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
@@ -49,6 +48,34 @@ def hf_config(mc: ModelConfig, dtype: str, eos_id: int | None) -> dict:
                                                                               "fp32": "float32"}[dtype],
         "bos_token_id": None, "eos_token_id": eos_id, "use_cache": True,
     }
+
+
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def write_safetensors(path: Path, items: list[tuple[str, tuple, str]], fetch, dtype: torch.dtype) -> int:
+    """Write a safetensors file one tensor at a time: the header (all shapes are known up front), then
+    each tensor's bytes as ``fetch(key)`` produces it. Memory holds one tensor, not the file (safetensors'
+    save_file serialises the whole shard in memory first). Returns the bytes of tensor data."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in items:
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, shape, key in items:
+            t = fetch(key).to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {key} came back with shape {list(t.shape)}, expected {list(shape)}")
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))  # no copy of the tensor's bytes
+            del t
+    return offset
 
 
 def _tokenizer_source(cfg: dict) -> tuple[Path | None, dict | None]:
@@ -104,14 +131,12 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(groups)
     weight_map, total = {}, 0
+    shapes = dict(expected)
     for i, names in enumerate(groups):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {hf_state_dict_key(k): v.to(DTYPES[dtype]).contiguous() for k, v in reader.load(names).items()}
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-        del tensors
+        total += write_safetensors(out_dir / fname, [(hf_state_dict_key(k), shapes[k], k) for k in names],
+                                   lambda k: reader.load([k])[k], DTYPES[dtype])
+        weight_map.update({hf_state_dict_key(k): fname for k in names})
         if not quiet:
             print(f"  wrote {fname} ({len(names)} tensors)", file=sys.stderr, flush=True)
     if n > 1:
