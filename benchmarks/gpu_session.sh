@@ -3,7 +3,7 @@
 # throughput sweeps. Each phase has its own time limit so the script always reaches the end
 # and packs what it measured.
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase)
-# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile
+# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e
 # On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -50,6 +50,22 @@ for p in $PHASES; do
       phase tp_large_compile 120 python3 benchmarks/throughput.py --model-size large --num-layers 4 --engines fsdp \
         --compile --activation-checkpointing off --seq 2048 --min-micro-batch 8 --max-micro-batch 16 \
         --output "$R/tp_large_compile" ;;
+    e2e)  # the sample corpus -> shards -> FSDP2 / ZeRO-3 training with checkpoints, resume, conversion
+      S="$R/sample"; D="--data-dir $S/pretraining --data-sources arxiv general --data-mix-weights 0.3 0.7"
+      T="--model-size small --max-seq-length 1024 --batch-size 8 --max-steps 30 --warmup-steps 3 --learning-rate 6e-4"
+      T="$T --log-interval 5 --eval-interval 15 --eval-steps 4 --num-workers 2 --run-dir $R/runs"
+      phase e2e_prepare 60 python3 launch/demo.py --data-dir "$S" --prepare-only
+      phase e2e_fsdp_first 90 python3 launch/pretrain.py $D $T --engine fsdp --checkpoint-dir "$R/ck_fsdp" \
+        --save-interval 5 --async-checkpoint --stop-at-step 15 --run-name fsdp_first
+      phase e2e_fsdp_resume 90 python3 launch/pretrain.py $D $T --engine fsdp --checkpoint-dir "$R/ck_fsdp" \
+        --save-interval 15 --resume latest --run-name fsdp_resumed
+      phase e2e_zero3 90 python3 launch/pretrain.py $D $T --ds_config ds_configs/zero3_bf16.json \
+        --checkpoint-dir "$R/ck_zero3" --save-interval 30 --run-name zero3
+      for k in fsdp zero3; do
+        phase "e2e_convert_$k" 90 python3 launch/convert.py "$R/ck_$k" "$R/hf_$k" --dtype fp32 --max-shard-size 200MB
+        phase "e2e_logits_$k" 90 python3 benchmarks/hf_logits_check.py "$R/ck_$k/final" "$R/hf_$k"
+      done
+      rm -rf "$S" "$R"/ck_* "$R"/hf_* ;;
     *) echo "unknown phase $p" | tee -a "$LOG" ;;
   esac
 done

@@ -17,6 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env(**extra: str) -> dict:
+    """This environment without the pytest process's rendezvous variables (a child starts its own group)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, run_name: str = "t"):
     """(command, environment) of a launch/pretrain.py run on CPU (gloo)."""
     port = str(free_port())
@@ -27,10 +35,7 @@ def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, r
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script]
     else:
         cmd = [sys.executable, script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    # a process group of this pytest process (single-process engine tests) must not leak into the child
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = clean_env(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     return cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", run_name], env
 
 

@@ -1,7 +1,6 @@
 """Data pipeline: prepare, shards, mixing, packing/padding, exact resume on any world size, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from scaletrain.data.shards import DomainStream, ShardError
 from scaletrain.data.text import InputError, clean_latex
 from scaletrain.data.tokenizer import ByteTokenizer, train_bpe
 
-from .conftest import BIN, ROOT, free_port
+from .conftest import BIN, ROOT, clean_env, free_port
 
 SMALL = dict(shard_tokens=4096, chunk_tokens=1024, val_fraction=0.05)
 
@@ -158,9 +157,7 @@ def test_state_is_refused_mid_step(data):
 
 
 def _torchrun(nproc, data, out, steps, gas, state):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(v, None)
+    env = clean_env()
     subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                     str(ROOT / "tests" / "data_resume_worker.py"), str(data / "pre"), str(out), str(steps), str(gas),
                     state], check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
@@ -289,9 +286,7 @@ def test_val_split_and_missing_val(data, tmp_path):
 
 # ---- the demo ---------------------------------------------------------------------------------
 def test_demo_runs(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(v, None)
+    env = clean_env()
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--data-dir", str(tmp_path), "--steps",
                            "4", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard"], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)

@@ -113,27 +113,9 @@ def test_fp32_parity_with_plain_loop(tmp_path, reference, launcher, engine_args)
     assert max(n for _, n in reference) > 0.5
 
 
-BF16 = [
-    "--data",
-    "synthetic",
-    "--model-size",
-    "tiny",
-    "--max-seq-length",
-    "64",
-    "--batch-size",
-    "4",
-    "--max-steps",
-    "30",
-    "--warmup-steps",
-    "3",
-    "--learning-rate",
-    "3e-3",
-    "--log-interval",
-    "1",
-    "--save-interval",
-    "0",
-    "--no-use-tensorboard",
-]
+BF16 = ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "4", "--max-steps",
+        "30", "--warmup-steps", "3", "--learning-rate", "3e-3", "--log-interval", "1", "--save-interval", "0",
+        "--no-use-tensorboard"]
 
 
 @pytest.mark.parametrize(

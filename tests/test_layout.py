@@ -37,25 +37,9 @@ def test_python_launch_without_launcher_runs_a_world_of_one(tmp_path):
 
     proc = launch(
         "python",
-        [
-            "--data",
-            "synthetic",
-            "--model-size",
-            "tiny",
-            "--max-seq-length",
-            "32",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "3",
-            "--warmup-steps",
-            "1",
-            "--log-interval",
-            "1",
-            "--save-interval",
-            "0",
-            "--no-use-tensorboard",
-        ],
+        ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
+         "--max-steps", "3", "--warmup-steps", "1", "--log-interval", "1", "--save-interval", "0",
+         "--no-use-tensorboard"],
         tmp_path,
     )
     assert "world 1" in proc.stdout and len(read_metrics(tmp_path)) == 3

@@ -1,7 +1,6 @@
 """MFU arithmetic, the GPU peak table, TensorBoard/W&B output of a real run, throughput.py outputs."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,30 +9,11 @@ import pytest
 from scaletrain.metrics import mfu, peak_tflops
 from scaletrain.model import flops_per_token, get_model_config
 
-from .conftest import ROOT, launch, read_metrics
+from .conftest import ROOT, clean_env, launch, read_metrics
 
-RUN = [
-    "--data",
-    "synthetic",
-    "--model-size",
-    "tiny",
-    "--max-seq-length",
-    "32",
-    "--batch-size",
-    "2",
-    "--max-steps",
-    "4",
-    "--warmup-steps",
-    "1",
-    "--log-interval",
-    "2",
-    "--save-interval",
-    "0",
-    "--eval-interval",
-    "2",
-    "--eval-steps",
-    "2",
-]
+RUN = ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps",
+        "4", "--warmup-steps", "1", "--log-interval", "2", "--save-interval", "0", "--eval-interval", "2",
+        "--eval-steps", "2"]
 
 
 def test_mfu_equals_hand_computation():
@@ -109,9 +89,7 @@ def test_wandb_without_key_or_mode_falls_back_to_offline(tmp_path, monkeypatch):
 
 
 def _throughput(tmp_path, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = clean_env()
     return subprocess.run(
         [
             sys.executable,
