@@ -132,20 +132,26 @@ def _child_env() -> dict:
 def conversion_rss(model_size: str, shard: str, work: Path) -> dict:
     """Save a DCP checkpoint of ``model_size`` (fresh weights), then convert it in fresh processes."""
     ck = work / f"conv_{model_size}"
+    # the checkpoint is written the way the FSDP engine lays it out (DCP, keys "model.<name>", COMPLETE.json),
+    # from a plain model: wrapping a 1.35B model in FSDP at world size 1 to save it needs ~21 GB here
     code = f"""
-import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
-from common import build_runner
-from scaletrain.engine import get_engine_class
-from scaletrain.checkpoint import CheckpointManager, checkpoint_meta
-env = get_engine_class("fsdp").init_distributed()
-engine, cfg = build_runner("fsdp", ["--model-size", {model_size!r}, "--mixed-precision", "fp32", "--max-steps", "10",
-                                    "--warmup-steps", "1"], env)
-m = CheckpointManager({str(ck)!r}, 0, 0)
-m.save(engine, "final", {{"step": 0}}, checkpoint_meta(0, 0, 1, "fsdp", engine.module.config, cfg))
-import os; os._exit(0)
+import json, os, sys, torch; sys.path.insert(0, {str(ROOT)!r})
+import torch.distributed.checkpoint as dcp
+from dataclasses import asdict
+from scaletrain.model import Llama, get_model_config
+from scaletrain.checkpoint import COMPLETE
+cfg = get_model_config({model_size!r})
+model = Llama(cfg)
+os.makedirs({str(ck / 'final')!r}, exist_ok=True)
+dcp.save({{"model": model.state_dict()}}, checkpoint_id={str(ck / 'final')!r}, no_dist=True)
+meta = {{"step": 0, "tokens_seen": 0, "world_size": 1, "engine": "fsdp", "model_config": asdict(cfg), "config": {{}}}}
+open(os.path.join({str(ck / 'final')!r}, COMPLETE), "w").write(json.dumps(meta))
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=_child_env())
     out = {}
+    mc = get_model_config(model_size)
+    fp32_gib = num_params(mc) * 4 / 2**30
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     for name, cmd in (("convert", [sys.executable, str(ROOT / "launch" / "convert.py"), str(ck / "final"),
                                    str(work / f"hf_{model_size}"), "--dtype", "fp32", "--max-shard-size", shard,
                                    "--overwrite"]),
@@ -153,6 +159,9 @@ import os; os._exit(0)
                                              "import sys; from torch.distributed.checkpoint.format_utils import "
                                              "dcp_to_torch_save; dcp_to_torch_save(sys.argv[1], sys.argv[2])",
                                              str(ck / "final"), str(work / f"full_{model_size}.pt")])):
+        if name == "dcp_to_torch_save" and 3.5 * fp32_gib > 0.6 * total_gib:
+            out[f"{name}_peak_rss_gib"] = float("nan")  # ~3.2x the model: would not fit this machine
+            continue
         t0 = time.perf_counter()
         # a fresh interpreter per measurement: RUSAGE_CHILDREN is the max over finished children
         probe = (f"import resource, subprocess, sys; subprocess.run({cmd!r}, check=True, capture_output=True); "
@@ -161,8 +170,7 @@ import os; os._exit(0)
                                      env=_child_env()).stdout.strip())
         out[f"{name}_peak_rss_gib"] = rss_kib / 2**20
         out[f"{name}_s"] = time.perf_counter() - t0
-    mc = get_model_config(model_size)
-    out.update(model=model_size, params=num_params(mc), fp32_gib=num_params(mc) * 4 / 2**30,
+    out.update(model=model_size, params=num_params(mc), fp32_gib=fp32_gib,
                shard_gib=parse_size(shard) / 2**30)
     shutil.rmtree(ck, ignore_errors=True)
     shutil.rmtree(work / f"hf_{model_size}", ignore_errors=True)
@@ -182,9 +190,10 @@ def main() -> None:
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ckpt_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    # conversions first, in fresh processes, while this one holds no model (the big save needs the RAM)
+    conv = [conversion_rss(m, a.shard, work) for m in (a.small, a.big)]
     env = get_engine_class("deepspeed").init_distributed()
     rows = [save_load(k, a.model_size, work, env) for k in a.engines]
-    conv = [conversion_rss(m, a.shard, work) for m in (a.small, a.big)]
     print(f"\nsave / load, {a.model_size} ({num_params(get_model_config(a.model_size)) / 1e6:,.0f}M params, fp32 "
           f"weights + AdamW moments), world size 1, vs torch.save / torch.load of the same state")
     print(f"{'engine':<8}{'GiB':>7}{'save s':>9}{'torch.save':>12}{'ratio':>8}{'load s':>9}{'torch.load':>12}"

@@ -133,3 +133,14 @@ def test_bf16_training_reduces_loss(tmp_path, launcher, args):
     first, last = sum(m["loss"] for m in got[:3]) / 3, sum(m["loss"] for m in got[-3:]) / 3
     assert last < first - 0.5, (first, last)
     assert "world 2" in proc.stdout and "bf16" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--engine", "fsdp", "--fsdp-cpu-offload"],
+    ["--ds_config", "ds_configs/zero3_offload_bf16.json"],  # DeepSpeedCPUAdam: JIT-compiled once (~40 s)
+])
+def test_offloaded_optimizer_trains(tmp_path, args):
+    launch("python", BF16[:] + args, tmp_path, timeout=600)
+    got = read_metrics(tmp_path)
+    first, last = sum(m["loss"] for m in got[:3]) / 3, sum(m["loss"] for m in got[-3:]) / 3
+    assert last < first - 0.5, (first, last)

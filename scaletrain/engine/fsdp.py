@@ -46,7 +46,8 @@ class FSDPEngine(Engine):
         if mp is not None:
             kwargs["mp_policy"] = mp
         if cfg.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # pinned host memory speeds the copies to the GPU; a CPU-only build cannot pin at all
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         else:
             model.to(env.device)
         # with one rank a "shard" is the whole tensor: freeing it after forward saves nothing and
