@@ -26,16 +26,9 @@ def main(argv: list[str] | None = None) -> None:
         convert_main(argv[1:])
         return
     if argv and argv[0] == "train":
-        from scaletrain.cli import parse_config
-        from scaletrain.config import ConfigError
-        from scaletrain.trainer import train
+        from scaletrain.cli import pretrain_main
 
-        try:
-            cfg = parse_config(argv[1:])
-        except ConfigError as e:
-            sys.exit(f"error: {e}")
-        train(cfg)
-        return
+        pretrain_main(argv[1:])
     args = p.parse_args(argv)
     from scaletrain.data.text import InputError
 

@@ -118,3 +118,27 @@ def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:
     cfg = PreTrainingConfig(**values)
     cfg.explicit = set(values)  # type: ignore[attr-defined]
     return cfg.validate()
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> None:
+    """``launch/pretrain.py`` and ``scaletrain train``: parse, train, exit."""
+    import os
+    import sys
+
+    from scaletrain.checkpoint import CheckpointError
+    from scaletrain.data.shards import ShardError
+    from scaletrain.trainer import train
+
+    try:
+        train(parse_config(argv))
+    except (ConfigError, CheckpointError, ShardError) as e:  # user-facing: a message, not a traceback
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    # Everything is written and the process group destroyed. Skip interpreter teardown:
+    # gloo worker threads can still hold tensors then, and freeing them during finalisation
+    # aborts the process now and then ("terminate called without an active exception",
+    # seen here about 1 run in 8 under load; pytorch/pytorch#179291 describes it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
