@@ -183,21 +183,26 @@ class Engine(ABC):
             t /= self.env.world_size
         return t
 
-    def save(self, path: str, client_state: dict[str, Any]) -> None:
-        """Write sharded model/optimizer/scheduler state plus ``client_state`` under ``path`` (all ranks)."""
-        client_state = dict(client_state, engine=self.name, steps_taken=self.steps_taken,
-                            skipped_steps=self.skipped_steps)
-        self._save(path, client_state)
+    def _with_engine_state(self, client_state: dict[str, Any]) -> dict[str, Any]:
+        return dict(client_state, engine=self.name, steps_taken=self.steps_taken, skipped_steps=self.skipped_steps)
 
-    def save_async(self, path: str, client_state: dict[str, Any], group=None):
-        """Like ``save`` but the sharded state is written in the background; returns a future whose
-        ``result()`` waits for it. Back ends without it write synchronously (a completed future)."""
+    def _save_async(self, path: str, client_state: dict[str, Any], group=None):
+        """Back-end hook for a background write; without one the write is synchronous (a done future)."""
         from concurrent.futures import Future
 
-        self.save(path, client_state)
+        self._save(path, client_state)
         done: Future = Future()
         done.set_result(None)
         return done
+
+    def save(self, path: str, client_state: dict[str, Any]) -> None:
+        """Write sharded model/optimizer/scheduler state plus ``client_state`` under ``path`` (all ranks)."""
+        self._save(path, self._with_engine_state(client_state))
+
+    def save_async(self, path: str, client_state: dict[str, Any], group=None):
+        """Like ``save`` but the sharded state is written in the background; returns a future whose
+        ``result()`` waits for it."""
+        return self._save_async(path, self._with_engine_state(client_state), group)
 
     def load(self, path: str) -> dict[str, Any]:
         """Restore what ``save`` wrote; returns the client state (all ranks)."""

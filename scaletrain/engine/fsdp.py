@@ -102,11 +102,10 @@ class FSDPEngine(Engine):
         torch.save(client_state, os.path.join(path, f"client_state_rank{self.env.rank}.pt"))
         dist.barrier()
 
-    def save_async(self, path: str, client_state: dict[str, Any], group=None):
+    def _save_async(self, path: str, client_state: dict[str, Any], group=None):
         """dcp.async_save: the state is staged to CPU memory, then written by a background thread
         while training goes on (``group`` must be a gloo group when the default one is NCCL)."""
-        client_state = dict(client_state, engine=self.name, steps_taken=self.steps_taken,
-                            skipped_steps=self.skipped_steps, scheduler=self.scheduler.state_dict())
+        client_state = dict(client_state, scheduler=self.scheduler.state_dict())
         torch.save(client_state, os.path.join(path, f"client_state_rank{self.env.rank}.pt"))
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, process_group=group)
