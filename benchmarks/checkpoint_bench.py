@@ -36,7 +36,7 @@ from scaletrain.model import get_model_config, num_params  # noqa: E402
 
 
 def _one_step(engine, cfg) -> None:
-    vocab = get_model_config(cfg.model_config_name).vocab_size
+    vocab = get_model_config(cfg.model_size).vocab_size
     loader = SyntheticLoader(vocab, cfg.max_seq_length, cfg.micro_batch_size, 1, 0, 1, 0)
     engine.train_step([next(loader)])  # creates the AdamW moments, so the state is the full 12 bytes/param
 
@@ -79,7 +79,8 @@ def _drop_cache(path: Path) -> None:
 
 
 def save_load(kind: str, model_size: str, work: Path, env) -> dict:
-    argv = ["--model-size", model_size, "--batch-size", "1", "--max-seq-length", "64", "--mixed-precision", "fp32",
+    argv = ["--model-size", model_size, "--micro-batch-size", "1", "--max-seq-length", "64",
+            "--mixed-precision", "fp32",
             "--max-steps", "10", "--warmup-steps", "1"]
     engine, cfg = build_runner(kind, argv, env)
     _one_step(engine, cfg)
@@ -90,7 +91,7 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         ours.mkdir()
         t0 = time.perf_counter()
-        engine.save(str(ours), {"step": 1})
+        engine.save(str(ours))
         os.sync()
         row["save_s"] = time.perf_counter() - t0
         state = _torch_state(engine)
@@ -101,7 +102,7 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
         del state
         _drop_cache(ours)
         t0 = time.perf_counter()
-        engine.load(str(ours))
+        engine.load(str(ours), optimizer_steps=1)
         row["load_s"] = time.perf_counter() - t0
         _drop_cache(ref)
         t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
         shutil.rmtree(work / "async", ignore_errors=True)
         (work / "async").mkdir()
         t0 = time.perf_counter()
-        fut = engine.save_async(str(work / "async"), {"step": 1})
+        fut = engine.save_async(str(work / "async"))
         row["async_stall_s"] = time.perf_counter() - t0
         fut.result()
         row["async_total_s"] = time.perf_counter() - t0

@@ -35,6 +35,22 @@ def engine_argv(kind: str, tmpdir: str | None = None) -> list[str]:
     raise ValueError(f"unknown engine kind {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    """This environment without the rendezvous variables (a child starts its own group), one thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -60,11 +76,13 @@ class Plain:
         self.dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
         self.device = device
 
-    def train_step(self, micro_batches):
-        for x, y in micro_batches:
+    def train_step(self, micro_batches, num_tokens: int | None = None):
+        # the engines' loss: the step's summed token losses over its target tokens
+        num_tokens = num_tokens or sum(int(mb[1].numel()) for mb in micro_batches)
+        for x, y, *_ in micro_batches:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                loss = self.model(x, labels=y)
-            (loss / len(micro_batches)).backward()
+                loss_sum = self.model(x, labels=y, reduction="sum")
+            (loss_sum / num_tokens).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         if torch.isfinite(norm):  # the same host sync the engines make
             self.opt.step()
@@ -78,4 +96,6 @@ def build_runner(kind: str, argv: list[str], env):
         cfg = parse_config(argv + ["--engine", "fsdp"])
         return Plain(cfg, env.device), cfg
     cfg = parse_config(argv + engine_argv(kind))
-    return get_engine_class(cfg.resolved_engine)(build_model(cfg, device=env.device), cfg, env), cfg
+    cls = get_engine_class(cfg.resolved_engine)
+    cfg = cls.resolve_config(cfg, env.world_size, env.device.type).freeze()
+    return cls(build_model(cfg, device=cls.init_device(cfg, env)), cfg, env), cfg

@@ -44,17 +44,18 @@ def main() -> None:
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args()
     precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    argv = ["--model-size", a.model_size, "--batch-size", str(a.batch_size), "--max-seq-length", str(a.seq),
+    argv = ["--model-size", a.model_size, "--micro-batch-size", str(a.batch_size), "--max-seq-length", str(a.seq),
             "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", precision,
             "--max-steps", "100000", "--warmup-steps", "10"]
     if a.num_layers:
         argv += ["--num-layers", str(a.num_layers)]
     env = get_engine_class("deepspeed").init_distributed()  # one world-of-one group shared by all
     cfg = parse_config(argv)
-    vocab = get_model_config(cfg.model_config_name).vocab_size
+    vocab = get_model_config(cfg.model_size).vocab_size
     loader = SyntheticLoader(vocab, a.seq, a.batch_size, a.accum, 0, 1, 0)
     # fixed batches already on the device: the benchmark times the engines, not the data source
-    batches = [[tuple(t.to(env.device) for t in next(loader)) for _ in range(a.accum)] for _ in range(4)]
+    batches = [[(x.to(env.device), y.to(env.device), n) for x, y, n in (next(loader) for _ in range(a.accum))]
+               for _ in range(4)]
     runners = {k: build_runner(k, argv, env)[0] for k in a.engines}
     times: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(a.rounds):

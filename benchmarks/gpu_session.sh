@@ -28,12 +28,12 @@ PHASES=${*:-train engine_overhead tp_base tp_large tp_base_compile tp_large_comp
 for p in $PHASES; do
   case $p in
     train)
-      phase fsdp_small_train 60 python3 launch/pretrain.py --data synthetic --engine fsdp --model-size small --max-seq-length 2048 \
-        --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --save-interval 0 \
+      phase fsdp_small_train 60 python3 launch/pretrain.py --data-kind synthetic --engine fsdp --model-size small --max-seq-length 2048 \
+        --micro-batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 --checkpoint-dir "$R/ck_fsdp_small" \
         --run-dir "$R/runs" --run-name fsdp_small
-      phase zero3_small_train 75 python3 launch/pretrain.py --data synthetic --ds_config ds_configs/zero3_bf16.json --model-size small \
-        --max-seq-length 2048 --batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
-        --save-interval 0 --run-dir "$R/runs" --run-name zero3_small ;;
+      phase zero3_small_train 75 python3 launch/pretrain.py --data-kind synthetic --ds_config ds_configs/zero3_bf16.json --model-size small \
+        --max-seq-length 2048 --micro-batch-size 8 --max-steps 30 --warmup-steps 5 --learning-rate 6e-4 --log-interval 5 \
+        --checkpoint-dir "$R/ck_zero3_small" --run-dir "$R/runs" --run-name zero3_small ;;
     engine_overhead)
       phase engine_overhead 60 python3 benchmarks/engine_overhead.py --model-size small --batch-size 8 --seq 2048 \
         --accum 2 --steps 5 --rounds 2 --engines plain fsdp zero2 zero3 --output "$R" ;;
@@ -52,7 +52,7 @@ for p in $PHASES; do
         --output "$R/tp_large_compile" ;;
     e2e)  # the sample corpus -> shards -> FSDP2 / ZeRO-3 training with checkpoints, resume, conversion
       S="$R/sample"; D="--data-dir $S/pretraining --data-sources arxiv general --data-mix-weights 0.3 0.7"
-      T="--model-size small --max-seq-length 1024 --batch-size 8 --max-steps 30 --warmup-steps 3 --learning-rate 6e-4"
+      T="--model-size small --max-seq-length 1024 --micro-batch-size 8 --max-steps 30 --warmup-steps 3 --learning-rate 6e-4"
       T="$T --log-interval 5 --eval-interval 15 --eval-steps 4 --num-workers 2 --run-dir $R/runs"
       phase e2e_prepare 60 python3 launch/demo.py --data-dir "$S" --prepare-only
       phase e2e_fsdp_first 90 python3 launch/pretrain.py $D $T --engine fsdp --checkpoint-dir "$R/ck_fsdp" \

@@ -66,7 +66,7 @@ def _release(device: torch.device) -> None:
 
 def measure(kind: str, ac: bool, mbs: int, a, env) -> dict:
     """One point of the sweep in this process: build, warm up, time ``a.steps`` optimizer steps."""
-    argv = ["--model-size", a.model_size, "--batch-size", str(mbs), "--max-seq-length", str(a.seq),
+    argv = ["--model-size", a.model_size, "--micro-batch-size", str(mbs), "--max-seq-length", str(a.seq),
             "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision,
             "--max-steps", "100000", "--warmup-steps", "10", "--seed", "0"]
     argv += ["--num-layers", str(a.num_layers)] if a.num_layers else []
@@ -78,7 +78,8 @@ def measure(kind: str, ac: bool, mbs: int, a, env) -> dict:
         runner, cfg = build_runner(kind, argv, env)
         vocab = get_model_config(a.model_size).vocab_size
         g = torch.Generator().manual_seed(0)
-        batches = [(x.to(env.device), x.to(env.device)) for x in
+        step_tokens = mbs * a.accum * a.seq * env.world_size
+        batches = [(x.to(env.device), x.to(env.device), step_tokens) for x in
                    (torch.randint(vocab, (mbs, a.seq), generator=g) for _ in range(a.accum))]
 
         def step(runner=runner):
@@ -173,7 +174,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def best_command(best: dict, a, world: int, ds_path: Path) -> str:
-    flags = (f"--model-size {a.model_size} --batch-size {best['micro_batch']} --max-seq-length {a.seq} "
+    flags = (f"--model-size {a.model_size} --micro-batch-size {best['micro_batch']} --max-seq-length {a.seq} "
              f"--gradient-accumulation-steps {a.accum} --mixed-precision {a.precision}")
     flags += " --gradient-checkpointing" if best["activation_checkpointing"] else ""
     flags += " --compile" if a.compile else ""

@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
 
         pretrain_main(argv[1:])
     args = p.parse_args(argv)
-    from scaletrain.data.text import InputError
+    from scaletrain.errors import run_entry
 
-    try:
+    def run() -> None:
         if args.command == "prepare":
             from scaletrain.data.prepare import run_prepare
 
@@ -40,10 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from scaletrain.data.tokenizer import train_bpe
 
-            out = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency)
-            print(f"wrote {out} (vocab {args.vocab_size})")
-    except (InputError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+            out, size = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency)
+            note = "" if size == args.vocab_size else (
+                f"; fewer than --vocab-size {args.vocab_size}: the corpus had no more merges seen at least "
+                f"--min-frequency {args.min_frequency} times")
+            print(f"wrote {out} (vocab {size}{note})")
+
+    run_entry(run)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Command line -> validated PreTrainingConfig.
 
-Every config field is a flag (``save_interval`` -> ``--save-interval``; a few carry the
-original design's names: ``--model-size``, ``--batch-size``, ``--ds_config``).
-``--config FILE`` (JSON, YAML or TOML) is applied beneath the flags.
+Every config field is a flag with the field's name (``save_interval`` -> ``--save-interval``);
+``--batch-size`` is kept as an alias of ``--micro-batch-size`` and ``--ds-config`` of
+``--ds_config``. ``--config FILE`` (JSON, YAML or TOML) is applied beneath the flags.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from scaletrain.config import ConfigError, PreTrainingConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PreTrainingConfig)}
 _HINTS = typing.get_type_hints(PreTrainingConfig)
+# alias (as a config-file key) -> field, e.g. batch_size -> micro_batch_size
+_ALIASES = {a.lstrip("-").replace("-", "_"): name for name, f in _FIELDS.items() for a in f.metadata.get("aliases", ())}
 
 
 def _base_type(hint: Any) -> tuple[type, bool]:
@@ -34,15 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Pre-train a Llama-style model with DeepSpeed ZeRO-2/3 or FSDP2.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
+        allow_abbrev=False,  # a prefix such as --data must not silently pick one of --data-dir/--data-kind
     )
     p.add_argument("--config", help="JSON/YAML/TOML file of settings, applied beneath the flags")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; ignored")
     for name, f in _FIELDS.items():
         typ, is_list = _base_type(_HINTS[name])
         flag = PreTrainingConfig.flag(name)
-        flags = [flag]
-        if "_" in flag:  # --ds_config is also --ds-config
-            flags.append(flag.replace("_", "-"))
+        flags = [flag, *f.metadata.get("aliases", ())]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"{f.metadata['doc']} (default: {default})"
         if typ is bool:
@@ -84,11 +85,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path!r} must hold a mapping of setting -> value")
     out = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
-        if name == "model_size":
-            name = "model_config_name"
-        elif name == "batch_size":
-            name = "micro_batch_size"
+        name = _ALIASES.get(key.replace("-", "_").lstrip("_"), key.replace("-", "_"))
         if name not in _FIELDS:
             raise ConfigError(f"--config: {path!r} has unknown setting {key!r}")
         typ, is_list = _base_type(_HINTS[name])
@@ -115,30 +112,17 @@ def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:
     if "config" in args:
         values.update(load_config_file(args.pop("config")))
     values.update(args)
-    cfg = PreTrainingConfig(**values)
-    cfg.explicit = set(values)  # type: ignore[attr-defined]
-    return cfg.validate()
+    return PreTrainingConfig(**values).with_explicit(values).validate()
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> None:
-    """``launch/pretrain.py`` and ``scaletrain train``: parse, train, exit."""
-    import os
-    import sys
+    """``launch/pretrain.py`` and ``scaletrain train``: parse, train, exit (errors: one line, status 1)."""
+    from scaletrain.errors import run_entry
 
-    from scaletrain.checkpoint import CheckpointError
-    from scaletrain.data.shards import ShardError
-    from scaletrain.trainer import train
+    def main() -> None:
+        cfg = parse_config(argv)
+        from scaletrain.trainer import train
 
-    try:
-        train(parse_config(argv))
-    except (ConfigError, CheckpointError, ShardError) as e:  # user-facing: a message, not a traceback
-        sys.stderr.write(f"error: {e}\n")
-        sys.stderr.flush()
-        os._exit(1)
-    # Everything is written and the process group destroyed. Skip interpreter teardown:
-    # gloo worker threads can still hold tensors then, and freeing them during finalisation
-    # aborts the process now and then ("terminate called without an active exception",
-    # seen here about 1 run in 8 under load; pytorch/pytorch#179291 describes it).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        train(cfg)
+
+    run_entry(main, hard_exit=True)

@@ -12,18 +12,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaletrain.errors import ScaletrainError
+
 PRECISIONS = ("fp16", "bf16", "fp32")
 ENGINES = ("deepspeed", "fsdp")
-DATA_SOURCES = ("shards", "synthetic")
+DATA_KINDS = ("shards", "synthetic")
 
 
-class ConfigError(ValueError):
+class ConfigError(ScaletrainError):
     """A user mistake in flags or config files; the message names the flag and what is valid."""
 
 
-def _f(default: Any, doc: str, flag: str | None = None, **kw: Any) -> Any:
-    meta = {"doc": doc}
-    if flag:
+def _f(default: Any, doc: str, aliases: tuple[str, ...] = (), flag: str | None = None, **kw: Any) -> Any:
+    meta: dict[str, Any] = {"doc": doc, "aliases": aliases}
+    if flag:  # only --ds_config, spelled as DeepSpeed's own launcher examples spell it
         meta["flag"] = flag
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
@@ -33,21 +35,23 @@ def _f(default: Any, doc: str, flag: str | None = None, **kw: Any) -> Any:
 @dataclass
 class PreTrainingConfig:
     # model
-    model_config_name: str = _f("tiny", "model preset: tiny, small, base, large", flag="--model-size")
+    model_size: str = _f("tiny", "model preset: tiny, small, base, large")
     num_layers: int | None = _f(None, "override the preset's layer count (benchmarks on one GPU)")
     max_seq_length: int = _f(256, "tokens per training row")
     # data
-    data: str = _f("shards", "shards (prepared WebDataset shards under --data-dir) or synthetic (a "
-                             "deterministic, learnable token stream for tests and benchmarks)")
+    data_kind: str = _f("shards", "shards (prepared WebDataset shards under --data-dir) or synthetic (a "
+                                  "deterministic, learnable token stream for tests and benchmarks)")
     data_dir: str = _f("data/pretraining", "folder with one sub-folder of shards per domain")
     data_sources: list[str] = _f(["arxiv", "general"], "domains to mix (sub-folders of data_dir)")
-    data_mix_weights: list[float] = _f([0.3, 0.7], "token share of each domain, one per data source")
-    packing: bool = _f(True, "pack documents into full rows; --no-packing: one document per row, padded")
+    data_mix_weights: list[float] = _f([0.3, 0.7], "token share of each domain, one per data source (trained "
+                                                    "target tokens, with or without packing)")
+    packing: bool = _f(True, "pack documents into full rows; --no-packing: one document per row, padded (the loss "
+                             "and tokens/s count real tokens only)")
     tokenizer: str | None = _f(None, "tokenizer.json the shards were prepared with (checked against the manifests)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     pin_memory: bool = _f(True, "pin host batches (only where CUDA exists)")
     # batch and schedule
-    micro_batch_size: int = _f(8, "rows per device per micro-step", flag="--batch-size")
+    micro_batch_size: int = _f(8, "rows per device per micro-step", aliases=("--batch-size",))
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
     max_steps: int = _f(100, "optimizer steps to train")
     warmup_steps: int = _f(10, "linear warmup steps before cosine decay")
@@ -66,12 +70,16 @@ class PreTrainingConfig:
     # engine
     engine: str | None = _f(None, "deepspeed or fsdp (default: deepspeed when --ds_config is given, else fsdp)")
     ds_config: str | None = _f(None, "DeepSpeed JSON config; 'auto' fields are filled from these settings",
-                                flag="--ds_config")
+                                flag="--ds_config", aliases=("--ds-config",))
     fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3 style)")
     fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer state on the CPU")
     # checkpoints
     checkpoint_dir: str = _f("checkpoints", "where step_NNNNNN checkpoint folders go")
-    save_interval: int = _f(0, "save every N steps (0: only at the end)")
+    save_interval: int = _f(0, "save a step_N checkpoint every N steps (0: none); every run that completes "
+                               "writes final")
+    save_best: bool = _f(True, "keep a 'best' checkpoint of the lowest validation loss; each improvement writes "
+                               "a full checkpoint (12-14 bytes per parameter: ~90 GB for 7B), --no-save-best "
+                               "skips that")
     keep_last_n_checkpoints: int = _f(3, "keep this many step checkpoints (0: keep all)")
     async_checkpoint: bool = _f(False, "fsdp: write checkpoints in the background (dcp.async_save); each one is "
                                        "committed at the next save or the end of the run")
@@ -95,9 +103,32 @@ class PreTrainingConfig:
     # ---- helpers -------------------------------------------------------------------------
     @staticmethod
     def flag(name: str) -> str:
-        """The command-line flag that sets field ``name``."""
+        """The command-line flag that sets field ``name`` (the field's name with dashes)."""
         f = {x.name: x for x in dataclasses.fields(PreTrainingConfig)}[name]
         return f.metadata.get("flag", "--" + name.replace("_", "-"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"the run's config is frozen once resolved; cannot set {name}")
+        object.__setattr__(self, name, value)
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """Fields the user set (a flag or the --config file), as opposed to defaults."""
+        return getattr(self, "_explicit", frozenset())
+
+    def with_explicit(self, names) -> PreTrainingConfig:
+        object.__setattr__(self, "_explicit", frozenset(names))
+        return self
+
+    def replace(self, **changes: Any) -> PreTrainingConfig:
+        """A new, unfrozen config with ``changes`` (validated); remembers which fields were explicit."""
+        return dataclasses.replace(self, **changes).with_explicit(self.explicit).validate()
+
+    def freeze(self) -> PreTrainingConfig:
+        """Nothing may change this config afterwards (resolve first, then freeze)."""
+        object.__setattr__(self, "_frozen", True)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,10 +145,13 @@ class PreTrainingConfig:
         from scaletrain.model.presets import PRESETS
 
         def bad(name: str, msg: str) -> ConfigError:
-            return ConfigError(f"{self.flag(name)}: {msg}")
+            flag = self.flag(name)
+            others = [a for a in self.__dataclass_fields__[name].metadata.get("aliases", ())
+                      if a.replace("_", "-") != flag.replace("_", "-")]  # --batch-size, not --ds-config
+            return ConfigError(f"{'/'.join([flag, *others])}: {msg}")
 
-        if self.model_config_name not in PRESETS:
-            raise bad("model_config_name", f"unknown preset {self.model_config_name!r}; valid: {', '.join(PRESETS)}")
+        if self.model_size not in PRESETS:
+            raise bad("model_size", f"unknown preset {self.model_size!r}; valid: {', '.join(PRESETS)}")
         for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "max_steps",
                      "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:
@@ -149,8 +183,8 @@ class PreTrainingConfig:
                                          "use bf16 (or fp32), or --engine deepspeed with ds_configs/zero2_fp16.json")
         if self.async_checkpoint and self.resolved_engine != "fsdp":
             raise bad("async_checkpoint", "needs --engine fsdp (DeepSpeed writes its checkpoints synchronously)")
-        if self.data not in DATA_SOURCES:
-            raise bad("data", f"unknown data source {self.data!r}; valid: {', '.join(DATA_SOURCES)}")
+        if self.data_kind not in DATA_KINDS:
+            raise bad("data_kind", f"unknown data kind {self.data_kind!r}; valid: {', '.join(DATA_KINDS)}")
         if len(self.data_mix_weights) != len(self.data_sources):
             raise bad("data_mix_weights", f"{len(self.data_mix_weights)} weights for {len(self.data_sources)} "
                                           f"--data-sources {self.data_sources}; give one weight per source")

@@ -3,11 +3,15 @@
     python launch/convert.py CKPT_DIR OUT_DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite]
 
 CKPT_DIR is a checkpoint folder (``step_000500``, ``final``, ...) or a checkpoint_dir (its newest
-complete checkpoint is taken). Tensors are read a few at a time (DCP: chosen keys in one process;
-DeepSpeed: zero_to_fp32 in lazy mode) and written one output shard at a time, so peak memory
-stays near one shard, not the model. Output: ``config.json`` (LlamaConfig), ``model.safetensors``
-or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``, HF parameter names,
-and the tokenizer files when the run's shards were prepared with a ``tokenizer.json``.
+complete checkpoint is taken). Only the checkpoint is read: the engine's shards, ``COMPLETE.json``
+(model shape, trained sequence length, the tokenizer's special tokens) and the tokenizer it carries.
+Tensors are read a few at a time through the engine's own reader (DCP: chosen keys in one process;
+DeepSpeed: zero_to_fp32 in lazy mode) and written one output shard at a time, so peak memory stays
+near one shard, not the model. Output: ``config.json`` (LlamaConfig), ``generation_config.json``,
+``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``,
+Hugging Face parameter names, and ``tokenizer.json``, ``tokenizer_config.json`` and
+``special_tokens_map.json`` for the tokenizer the run used (the byte-level one included), whose ids
+equal the training ids. The JSON files are written directly, so converting needs no transformers.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from scaletrain.checkpoint import CheckpointError, read_meta, resolve_resume
+from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta, resolve_resume
+from scaletrain.data.manifest import TokenizerInfo
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -31,23 +35,30 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes, '512MiB' -> 512 * 2**20, '1000' -> 1000."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.I)
     if not m:
-        raise ValueError(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB")
+        raise CheckpointError(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * base**power)
 
 
-def hf_config(mc: ModelConfig, dtype: str, eos_id: int | None) -> dict:
+def hf_config(mc: ModelConfig, dtype: str, max_positions: int, tok: TokenizerInfo | None) -> dict:
+    """LlamaConfig fields; ``max_position_embeddings`` is the length the model was trained at."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim, "num_hidden_layers": mc.n_layers,
         "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.n_kv_heads, "head_dim": mc.head_dim,
-        "vocab_size": mc.vocab_size, "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
+        "vocab_size": mc.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": mc.norm_eps,
         "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings, "attention_bias": False,
         "mlp_bias": False, "initializer_range": mc.init_std, "torch_dtype": {"bf16": "bfloat16", "fp16": "float16",
                                                                               "fp32": "float32"}[dtype],
-        "bos_token_id": None, "eos_token_id": eos_id, "use_cache": True,
+        "bos_token_id": tok.bos_id if tok else None, "eos_token_id": tok.eos_id if tok else None,
+        "pad_token_id": tok.pad_id if tok else None, "use_cache": True,
     }
+
+
+def generation_config(tok: TokenizerInfo | None) -> dict:
+    return {"bos_token_id": tok.bos_id if tok else None, "eos_token_id": tok.eos_id if tok else None,
+            "pad_token_id": tok.pad_id if tok else None}
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -78,23 +89,10 @@ def write_safetensors(path: Path, items: list[tuple[str, tuple, str]], fetch, dt
     return offset
 
 
-def _tokenizer_source(cfg: dict) -> tuple[Path | None, dict | None]:
-    """The tokenizer.json copied next to the run's shard manifests, and that manifest's tokenizer entry."""
-    if cfg.get("data") != "shards":
-        return None, None
-    for source in cfg.get("data_sources", []):
-        d = Path(cfg["data_dir"]) / source
-        manifest = d / "manifest.json"
-        if manifest.is_file():
-            tok = json.loads(manifest.read_text())["tokenizer"]
-            return (d / "tokenizer.json" if (d / "tokenizer.json").is_file() else None), tok
-    return None, None
-
-
 def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int = "5GB",
             overwrite: bool = False, quiet: bool = False) -> Path:
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     path = resolve_resume(ckpt, ckpt)
     meta = read_meta(path)
@@ -106,8 +104,7 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     mc = ModelConfig(**meta["model_config"])
     from scaletrain.engine import get_engine_class
 
-    engine_module = sys.modules[get_engine_class(meta["engine"]).__module__]
-    reader = engine_module.tensor_reader(str(path))
+    reader = get_engine_class(meta["engine"]).tensor_reader(str(path))
     # expected names and shapes, in the model's own order
     with torch.device("meta"):
         expected = [(n, tuple(p.shape)) for n, p in Llama(mc).named_parameters()]
@@ -128,33 +125,43 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
             size = 0
         groups[-1].append(name)
         size += nbytes
+    if not quiet:
+        print(f"converting {path}: step {meta['step']}, {meta['engine']} engine, saved by "
+              f"{meta['world_size']} rank(s) -> {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(groups)
     weight_map, total = {}, 0
     shapes = dict(expected)
     for i, names in enumerate(groups):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        total += write_safetensors(out_dir / fname, [(hf_state_dict_key(k), shapes[k], k) for k in names],
+        nbytes = write_safetensors(out_dir / fname, [(hf_state_dict_key(k), shapes[k], k) for k in names],
                                    lambda k: reader.load([k])[k], DTYPES[dtype])
+        total += nbytes
         weight_map.update({hf_state_dict_key(k): fname for k in names})
         if not quiet:
-            print(f"  wrote {fname} ({len(names)} tensors)", file=sys.stderr, flush=True)
+            print(f"  wrote {fname}: {len(names)} tensors, {nbytes / 2**20:,.1f} MiB", flush=True)
     if n > 1:
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tok_file, tok = _tokenizer_source(meta.get("config", {}))
-    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, tok and tok.get("eos_id")), indent=2))
-    if tok_file is not None:
-        shutil.copyfile(tok_file, out_dir / "tokenizer.json")
-        (out_dir / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<pad>",
-            "model_max_length": mc.max_seq_len}, indent=2))
-    elif not quiet:
-        print("  no tokenizer.json: the run used the byte-level tokenizer (ids 0-255 = UTF-8 bytes, 256 = "
-              "<|endoftext|>, 257 = <pad>)", file=sys.stderr)
+    tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    max_positions = int(meta.get("config", {}).get("max_seq_length") or mc.max_seq_len)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
+    written = ["config.json", "generation_config.json"]
+    if tok is not None:
+        from scaletrain.data.tokenizer import export_hf_tokenizer
+
+        written += export_hf_tokenizer(tok, path / TOKENIZER_DIR / "tokenizer.json", out_dir, max_positions)
     if not quiet:
-        print(f"converted {path} ({meta['engine']}, step {meta['step']}) -> {out_dir}: {n} shard(s), "
-              f"{total / 2**20:,.1f} MiB {dtype}", file=sys.stderr)
+        print(f"  wrote {', '.join(written)}" + (f" (tokenizer {tok.name}: eos {tok.eos_token!r}={tok.eos_id}, pad "
+                                                 f"{tok.pad_token!r}={tok.pad_id}"
+                                                 + (f", bos {tok.bos_token!r}={tok.bos_id}" if tok.bos_token else "")
+                                                 + f", add_bos {tok.add_bos})" if tok else
+                                                 " (no tokenizer: the run trained on synthetic token ids)"))
+        print(f"converted: {n} safetensors shard(s), {total / 2**20:,.1f} MiB {dtype}, {mc.n_layers} layers, "
+              f"vocab {mc.vocab_size}, trained at {max_positions} tokens\n"
+              f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
+              + (f" and AutoTokenizer.from_pretrained({str(out_dir)!r})" if tok else ""), flush=True)
     return out_dir
 
 
@@ -171,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_convert_args(p)
     a = p.parse_args(argv)
-    try:
-        convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from scaletrain.errors import run_entry
+
+    run_entry(lambda: convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite))

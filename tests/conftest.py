@@ -25,7 +25,8 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, run_name: str = "t"):
+def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, run_name: str = "t",
+               checkpoints_in_tmp: bool = True):
     """(command, environment) of a launch/pretrain.py run on CPU (gloo)."""
     port = str(free_port())
     script = str(ROOT / "launch" / "pretrain.py")
@@ -36,15 +37,18 @@ def launch_cmd(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, r
     else:
         cmd = [sys.executable, script]
     env = clean_env(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    if "--checkpoint-dir" not in args and checkpoints_in_tmp:  # every completed run writes final: not into the repo
+        args = args + ["--checkpoint-dir", str(tmp_path / "checkpoints")]
     return cmd + args + ["--run-dir", str(tmp_path / "runs"), "--run-name", run_name], env
 
 
 def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeout: int = 400,
-           check: bool = True, run_name: str = "t", extra_env: dict | None = None) -> subprocess.CompletedProcess:
+           check: bool = True, run_name: str = "t", extra_env: dict | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run launch/pretrain.py under torchrun, the deepspeed launcher or plain python (CPU, gloo)."""
-    full, env = launch_cmd(launcher, args, tmp_path, nproc, run_name)
+    full, env = launch_cmd(launcher, args, tmp_path, nproc, run_name, checkpoints_in_tmp=cwd is None)
     env.update(extra_env or {})
-    proc = subprocess.run(full, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(full, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(full)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")

@@ -13,7 +13,7 @@ from scaletrain.checkpoint import COMPLETE, newest_checkpoint
 
 from .conftest import ROOT, launch, launch_cmd, read_metrics
 
-BASE = ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--max-steps", "6",
+BASE = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--max-steps", "6",
         "--warmup-steps", "1", "--learning-rate", "2e-3", "--log-interval", "1", "--eval-interval", "0",
         "--no-use-tensorboard", "--mixed-precision", "fp32", "--max-grad-norm", "0.5"]
 ENGINES = {"fsdp": ["--engine", "fsdp"], "zero2": ["--ds_config", "ds_configs/zero2_bf16.json"],
@@ -34,18 +34,6 @@ def losses(tmp_path, run):
     return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path, run)]
 
 
-@pytest.mark.parametrize("kind, launcher", [("zero2", "deepspeed"), ("zero3", "torchrun"), ("fsdp", "torchrun")])
-def test_resume_is_bit_identical(tmp_path, kind, launcher):
-    args = BASE + fp32(kind, tmp_path) + ["--batch-size", "2", "--gradient-accumulation-steps", "2",
-                                          "--checkpoint-dir", str(tmp_path / "ck")]
-    launch(launcher, args + ["--save-interval", "0"], tmp_path, run_name="straight")
-    launch(launcher, args + ["--stop-at-step", "3"], tmp_path, run_name="first")
-    launch(launcher, args + ["--resume", "latest"], tmp_path, run_name="resumed")
-    straight = losses(tmp_path, "straight")
-    assert losses(tmp_path, "first") == straight[:3]
-    assert losses(tmp_path, "resumed") == straight[3:]  # same floats: bit-identical continuation
-
-
 def test_async_checkpoint_resumes_bit_identically(tmp_path):
     args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck")]
     launch("python", args + ["--save-interval", "2", "--async-checkpoint"], tmp_path, run_name="straight")
@@ -54,22 +42,54 @@ def test_async_checkpoint_resumes_bit_identically(tmp_path):
     assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")[4:]
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "zero2"])
-def test_resume_on_another_world_size(tmp_path, kind):
-    """2 ranks -> 1 rank -> 2 ranks against a straight 2-rank run (DeepSpeed via its universal checkpoint)."""
-    def run(world, extra, name):  # the same global batch of 4 rows on any world size
-        args = BASE + fp32(kind, tmp_path) + ["--batch-size", str(4 // world), "--checkpoint-dir", str(tmp_path / "ck")]
-        launch("torchrun" if world > 1 else "python", args + extra, tmp_path, nproc=world, run_name=name)
+def optimizer_invariants(ckpt, tmp_path):
+    """(weight decay per param group, the Adam step values, whether two states share one step tensor) as saved
+    in a checkpoint: what a load left in memory, read back from the files a user has."""
+    import torch
 
-    run(2, ["--save-interval", "0"], "straight")
-    run(2, ["--stop-at-step", "2"], "first")
-    run(1, ["--resume", "latest", "--stop-at-step", "4"], "on_one")
+    if (ckpt / "deepspeed").is_dir():
+        decays, steps, shared = set(), set(), False
+        for f in sorted((ckpt / "deepspeed").glob("*optim_states.pt")):
+            outer = torch.load(f, weights_only=False)["optimizer_state_dict"]
+            base = outer.get("optimizer_state_dict") or outer["base_optimizer_state"]  # ZeRO-3 / ZeRO-1,2
+            decays.add(tuple(g["weight_decay"] for g in base["param_groups"]))
+            tensors = [s["step"] for s in base["state"].values()]
+            steps |= {float(t) for t in tensors}
+            shared |= len({t.untyped_storage().data_ptr() for t in tensors}) < len(tensors)  # torch.save keeps aliasing
+        assert len(decays) == 1
+        return decays.pop(), steps, shared
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(ckpt), str(tmp_path / "flat.pt"))
+    optim = torch.load(tmp_path / "flat.pt", weights_only=False)["optim"]
+    return (tuple(g["weight_decay"] for g in optim["param_groups"]),
+            {float(s["step"]) for s in optim["state"].values()}, False)
+
+
+@pytest.mark.parametrize("kind, launcher", [("zero2", "deepspeed"), ("zero3", "torchrun"), ("fsdp", "torchrun")])
+def test_resume_on_the_same_and_another_world_size(tmp_path, kind, launcher):
+    """Against a straight 2-rank run (global batch 4 = 1 row x 2 micro-steps x 2 ranks): its step-2 checkpoint resumed
+    on 2 ranks continues bit-identically; resumed on 1 rank to step 4 and on 2 ranks to the end (DeepSpeed through its
+    universal checkpoint, FSDP2 through DCP) it matches to fp32 rounding. After each load the optimizer holds this
+    run's weight decays and one step count per parameter (read back from the checkpoints written afterwards)."""
+    def run(world, extra, name, ck="ck", via="torchrun"):
+        args = BASE + fp32(kind, tmp_path) + ["--batch-size", str(2 // world), "--gradient-accumulation-steps", "2",
+                                              "--checkpoint-dir", str(tmp_path / ck)]
+        launch(via if world > 1 else "python", args + extra, tmp_path, nproc=world, run_name=name)
+
+    run(2, ["--save-interval", "2"], "straight", ck="straight_ck")
+    step2 = str(tmp_path / "straight_ck" / "step_000002")
+    run(2, ["--resume", step2], "same", ck="same_ck", via=launcher)
+    run(1, ["--resume", step2, "--stop-at-step", "4"], "on_one")
+    assert optimizer_invariants(tmp_path / "ck" / "step_000004", tmp_path) == ((0.1, 0.0), {4.0}, False)
     run(2, ["--resume", "latest"], "on_two")
+    assert optimizer_invariants(tmp_path / "ck" / "final", tmp_path) == ((0.1, 0.0), {6.0}, False)
     straight = losses(tmp_path, "straight")
+    assert losses(tmp_path, "same") == straight[2:]  # same floats: bit-identical continuation
     resumed = losses(tmp_path, "on_one") + losses(tmp_path, "on_two")
     assert [s for s, _, _ in resumed] == [3, 4, 5, 6]
     for (_, a, ga), (_, b, gb) in zip(straight[2:], resumed):
-        assert abs(a - b) < 2e-4 and abs(ga - gb) < 2e-3 * max(1, ga)
+        assert abs(a - b) < 2e-4 and abs(ga - gb) < 2e-3 * max(1, ga), (kind, straight, resumed)
 
 
 def _wait_for(cond, timeout=120):
@@ -125,11 +145,77 @@ def test_sigterm_saves_and_exits_zero(tmp_path, launcher):
 def test_keep_last_n_keeps_the_right_ones(tmp_path):
     ck = tmp_path / "ck"
     launch("python", BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--save-interval",
-                             "1", "--keep-last-n-checkpoints", "2", "--eval-interval", "2", "--data", "synthetic"],
+                             "1", "--keep-last-n-checkpoints", "2", "--eval-interval", "2", "--data-kind", "synthetic"],
            tmp_path)
     names = sorted(p.name for p in ck.iterdir() if p.is_dir())
     assert names == ["best", "final", "step_000004", "step_000005"]
     assert (ck / "latest").read_text().strip() == "final"
+
+
+def test_a_run_with_default_flags_ends_with_a_final_checkpoint(tmp_path):
+    """No --save-interval, no --checkpoint-dir: what a newcomer runs. It must leave something to convert."""
+    proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "3", "--warmup-steps", "1", "--max-seq-length",
+                             "32", "--batch-size",
+                             "2", "--no-use-tensorboard"], tmp_path, cwd=tmp_path)
+    final = tmp_path / "checkpoints" / "final"
+    assert (final / COMPLETE).is_file() and json.loads((final / COMPLETE).read_text())["step"] == 3
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "final"
+    assert "python launch/convert.py checkpoints/final exports/t" in proc.stdout
+
+
+def test_best_survives_a_resume_from_an_earlier_step(tmp_path):
+    """step_N and final remember the best validation loss of their run, so the first evaluation after a
+    resume replaces best only when it is better."""
+    ck = tmp_path / "ck"
+    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--eval-interval", "2",
+                      "--eval-steps", "2", "--save-interval", "2"]
+    launch("python", args + ["--stop-at-step", "4"], tmp_path, run_name="first")
+    best = json.loads((ck / "best" / COMPLETE).read_text())
+    assert json.loads((ck / "step_000004" / COMPLETE).read_text())["best_val_loss"] == best["best_val_loss"]
+    # resumed with a learning rate that wrecks the model: later validation losses are all worse
+    launch("python", args + ["--resume", "latest", "--learning-rate", "1.0"], tmp_path, run_name="wrecked")
+    val = [m["val_loss"] for m in read_metrics(tmp_path, "wrecked") if "val_loss" in m]
+    assert val and min(val) > best["best_val_loss"]
+    after = json.loads((ck / "best" / COMPLETE).read_text())
+    assert (after["step"], after["best_val_loss"]) == (best["step"], best["best_val_loss"])
+
+
+def test_a_crash_between_the_renames_of_final_loses_nothing(tmp_path):
+    """Re-saving final moves the old copy aside, then renames the new one in: killed in between, the next
+    start puts a complete final back instead of deleting both."""
+    ck = tmp_path / "ck"
+    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--max-steps", "2"]
+    launch("python", args, tmp_path, run_name="one")
+    proc = launch("python", args, tmp_path, run_name="two", check=False, extra_env={"SCALETRAIN_FAULT": "swap_kill"})
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ck / "final").exists() and (ck / ".old-final" / COMPLETE).is_file()
+    assert (ck / ".tmp-final" / COMPLETE).is_file()
+    proc = launch("python", args + ["--resume", "latest"], tmp_path, run_name="three")
+    assert "final: committed the new copy" in proc.stdout
+    assert (ck / "final" / COMPLETE).is_file() and not list(ck.glob(".old-*")) and not list(ck.glob(".tmp-*"))
+
+
+def test_bad_run_state_is_an_error_not_a_traceback(tmp_path):
+    import torch
+
+    ck = tmp_path / "ck"
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--stop-at-step", "2"]
+    launch("python", args, tmp_path)
+    state_file = ck / "step_000002" / "train_state_rank0.pt"
+    good = torch.load(state_file, weights_only=True)
+    torch.save(dict(good, data={"global_row": 0}), state_file)  # a data state without positions
+    p = launch("python", args + ["--resume", "latest"], tmp_path, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "error: the checkpoint's data state {'global_row': 0} is not a synthetic-data state" in p.stderr
+    state_file.write_bytes(b"not a torch file")
+    p = launch("python", args + ["--resume", "latest"], tmp_path, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "step_000002: cannot read train_state_rank0.pt" in p.stderr
+    torch.save(good, state_file)
+    (ck / "step_000002" / ".metadata").write_bytes(b"garbage")  # the engine's own state
+    p = launch("python", args + ["--resume", "latest"], tmp_path, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "step_000002: the fsdp engine cannot load its state" in p.stderr
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):

@@ -10,7 +10,7 @@ from scaletrain.lr import lr_at
 @pytest.mark.parametrize("argv, flag", [
     (["--model-size", "huge"], "--model-size: unknown preset 'huge'; valid: tiny, small, base, large"),
     (["--max-steps", "-5"], "--max-steps: must be a positive integer"),
-    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--batch-size", "0"], "--micro-batch-size/--batch-size: must be a positive integer"),
     (["--mixed-precision", "fp8"], "--mixed-precision: got 'fp8'"),
     (["--engine", "megatron"], "--engine: unknown engine 'megatron'; valid: deepspeed, fsdp"),
     (["--engine", "fsdp", "--mixed-precision", "fp16"], "--mixed-precision: fp16 needs loss scaling"),
@@ -20,7 +20,7 @@ from scaletrain.lr import lr_at
     (["--data-mix-weights", "0", "0"], "--data-mix-weights: weights sum to zero"),
     (["--min-learning-rate", "1.0", "--learning-rate", "0.1"], "--min-learning-rate: must be between 0"),
     (["--warmup-steps", "50", "--max-steps", "10"], "--warmup-steps: 50 exceeds --max-steps=10"),
-    (["--data", "imagenet"], "--data: unknown data source 'imagenet'"),
+    (["--data-kind", "imagenet"], "--data-kind: unknown data kind 'imagenet'"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as e:
@@ -32,7 +32,7 @@ def test_every_field_is_a_flag_and_aliases_work():
     cfg = parse_config(["--model-size", "small", "--batch-size", "4", "--save-interval", "100",
                         "--checkpoint-dir", "/tmp/ck", "--max-seq-length", "512", "--gradient-checkpointing",
                         "--ds_config", "ds.json", "--local_rank=1", "--no-use-tensorboard"])
-    assert (cfg.model_config_name, cfg.micro_batch_size, cfg.save_interval, cfg.checkpoint_dir,
+    assert (cfg.model_size, cfg.micro_batch_size, cfg.save_interval, cfg.checkpoint_dir,
             cfg.max_seq_length) == ("small", 4, 100, "/tmp/ck", 512)
     assert cfg.gradient_checkpointing and not cfg.use_tensorboard
     assert cfg.resolved_engine == "deepspeed"
@@ -83,9 +83,36 @@ def test_config_dataclass_documents_every_field():
     for f in dataclasses.fields(PreTrainingConfig):
         assert f.metadata.get("doc"), f.name
     # the original design's fields are all present
-    for name in ("model_config_name max_seq_length data_dir data_sources data_mix_weights micro_batch_size "
+    for name in ("model_size max_seq_length data_dir data_sources data_mix_weights micro_batch_size "
                  "gradient_accumulation_steps max_steps warmup_steps learning_rate min_learning_rate "
                  "mixed_precision gradient_checkpointing max_grad_norm checkpoint_dir save_interval "
                  "keep_last_n_checkpoints log_interval use_wandb wandb_project use_tensorboard num_workers "
                  "pin_memory seed engine ds_config").split():
         assert name in PreTrainingConfig.__dataclass_fields__, name
+
+
+def test_flags_are_the_field_names_and_aliases_map_to_them(capsys):
+    import dataclasses
+
+    from scaletrain.cli import build_parser
+
+    for f in dataclasses.fields(PreTrainingConfig):
+        expected = "--ds_config" if f.name == "ds_config" else "--" + f.name.replace("_", "-")
+        assert PreTrainingConfig.flag(f.name) == expected
+    cfg = parse_config(["--micro-batch-size", "3"])
+    assert cfg.micro_batch_size == 3 and parse_config(["--batch-size", "5"]).micro_batch_size == 5
+    assert parse_config(["--model-size", "small"]).model_size == "small"
+    # a prefix of several flags is not guessed (argparse's abbreviations are off)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--data", "synthetic"])
+    assert "unrecognized arguments: --data" in capsys.readouterr().err
+
+
+def test_config_is_frozen_once_resolved():
+    cfg = parse_config(["--max-steps", "7", "--warmup-steps", "1"])
+    cfg.max_steps = 8  # before freezing: fine
+    cfg.freeze()
+    with pytest.raises(AttributeError, match="frozen"):
+        cfg.max_steps = 9
+    other = cfg.replace(max_steps=10)  # a new config, the explicit set carried over
+    assert other.max_steps == 10 and cfg.max_steps == 8 and "max_steps" in other.explicit

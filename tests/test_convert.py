@@ -13,7 +13,8 @@ from scaletrain.model import Llama, ModelConfig
 
 from .conftest import launch
 
-ARGS = ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps",
+ARGS = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
+        "--max-steps",
         "3", "--warmup-steps", "1", "--learning-rate", "3e-3", "--log-interval", "1", "--eval-interval", "0",
         "--no-use-tensorboard", "--save-interval", "3"]
 
@@ -61,7 +62,8 @@ def test_converted_checkpoint_loads_in_transformers_with_equal_logits(checkpoint
 
 def test_bf16_single_file_and_output_rules(checkpoints, tmp_path):
     out = convert(str(checkpoints / "fsdp" / "final"), str(tmp_path / "hf"), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32  # the trained length
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
         assert "lm_head.weight" in f.keys()
@@ -85,29 +87,76 @@ def test_shape_mismatch_names_the_tensor(checkpoints, tmp_path):
         convert(str(bad), str(tmp_path / "hf"), quiet=True)
 
 
-def test_tokenizer_files_travel_with_the_model(tmp_path):
-    from transformers import AutoTokenizer
+HELD_OUT = "Ünïcode ∑ 𝔸 held-out: Anna has lived in Bergen for 12 years, with a literal </s> and <pad> in it."
+
+
+def _bpe_with_s_tokens(raw, path):
+    """A byte-level BPE whose end token is </s>, with <s> and no <pad>, and a post-processor that adds <s>
+    (as Llama's tokenizer.json does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from scaletrain.data.text import iter_documents
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in iter_documents([str(raw)])), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "bpe_add_bos"])
+def test_exported_tokenizer_encodes_as_training_did(tmp_path, kind):
+    """The export carries the run's tokenizer (read from the checkpoint alone: the shards are gone): AutoTokenizer
+    encodes a held-out text to exactly the ids prepare wrote, the special tokens agree everywhere, no token is
+    added past the model's rows, and a text-generation pipeline runs."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     from scaletrain.data.prepare import prepare_domain
     from scaletrain.data.sample import create_sample_pretraining_data
-    from scaletrain.data.tokenizer import HFTokenizer, train_bpe
+    from scaletrain.data.shards import DomainStream
 
-    raw = create_sample_pretraining_data(tmp_path, scale=0.02)
-    tok = train_bpe([str(raw["general"])], 400, str(tmp_path / "tok.json"))
-    prepare_domain("general", [str(raw["general"])], str(tmp_path / "pre"), tokenizer=tok, quiet=True,
-                   shard_tokens=4096, chunk_tokens=1024)
-    args = [a for a in ARGS if a != "synthetic"]
-    args.remove("--data")
-    launch("python", args + ["--data-dir", str(tmp_path / "pre"), "--data-sources", "general", "--data-mix-weights",
-                             "1", "--checkpoint-dir", str(tmp_path / "ck"), "--tokenizer", tok], tmp_path)
+    raw = create_sample_pretraining_data(tmp_path / "raw", scale=0.02)
+    tok = None if kind == "byte" else _bpe_with_s_tokens(raw["general"], tmp_path / "tok.json")
+    add_bos = kind == "bpe_add_bos"
+    data = tmp_path / "pre"
+    prepare_domain("general", [str(raw["general"])], str(data), tokenizer=tok, add_bos=add_bos, quiet=True,
+                   shard_tokens=8192, chunk_tokens=1024)
+    (tmp_path / "held.jsonl").write_text(json.dumps({"text": HELD_OUT}) + "\n")
+    prepare_domain("held", [str(tmp_path / "held.jsonl")], str(tmp_path / "heldout"), tokenizer=tok, add_bos=add_bos,
+                   quiet=True)
+    stream = DomainStream(tmp_path / "heldout" / "held")
+    written = stream.read(0, stream.total).tolist()  # [bos] + ids + [eos], as prepare wrote them
+    args = [a for a in ARGS if a not in ("--data-kind", "synthetic")]
+    launch("python", args + ["--data-dir", str(data), "--data-sources", "general", "--data-mix-weights", "1",
+                             "--checkpoint-dir", str(tmp_path / "ck")], tmp_path)
+    shutil.move(str(data), str(tmp_path / "moved"))  # convert needs nothing but the checkpoint
     out = convert(str(tmp_path / "ck"), str(tmp_path / "hf"), quiet=True)
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"} <= \
+        {p.name for p in out.iterdir()}
     hf_tok = AutoTokenizer.from_pretrained(str(out))
-    text = "Anna has lived in Bergen for 12 years."
-    assert hf_tok(text, add_special_tokens=False)["input_ids"] == HFTokenizer(tok).encode(text).tolist()
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 448  # 400 rounded up to 64s
+    assert hf_tok(HELD_OUT)["input_ids"] + [hf_tok.eos_token_id] == written
+    config = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        assert config[key] == gen[key] == getattr(hf_tok, key), key
+    assert hf_tok.eos_token == ("<|endoftext|>" if kind == "byte" else "</s>")
+    assert (hf_tok.bos_token_id is not None) == (kind != "byte")
+    assert (written[0] == hf_tok.bos_token_id) == add_bos  # a BOS exactly where prepare wrote one
+    assert len(hf_tok) <= config["vocab_size"] and config["max_position_embeddings"] == 32
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    text = pipeline("text-generation", model=model, tokenizer=hf_tok)("Anna has", max_new_tokens=4,
+                                                                       do_sample=False)[0]["generated_text"]
+    assert text.startswith("Anna has")
 
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
-    with pytest.raises(ValueError, match="--max-shard-size"):
+    with pytest.raises(CheckpointError, match="--max-shard-size"):
         parse_size("lots")

@@ -99,8 +99,8 @@ def test_mixer_rejects_bad_weights():
 
 def test_packed_rows_follow_the_domain_streams(data):
     loader = ShardLoader(spec(data, mbs=4, gas=1))
-    x, y = next(loader)
-    assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
+    x, y, n = next(loader)
+    assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all() and n == 4 * 32
     dom = RowMixer([0.3, 0.7], 0).domains(0, 4)
     streams = [DomainStream(data / "pre" / d, seed=0, domain_index=i) for i, d in enumerate(("arxiv", "general"))]
     pos = [0, 0]
@@ -112,13 +112,61 @@ def test_packed_rows_follow_the_domain_streams(data):
 
 def test_padding_mode_one_document_per_row(data):
     loader = ShardLoader(spec(data, mbs=4, gas=1, seq=4096, packing=False))
-    x, y = next(loader)
+    x, y, n = next(loader)
+    assert n == int((y != -100).sum())  # the step's real target tokens, padding not counted
     eos, pad = 256, 257
     for i in range(4):
         n = int((y[i] != -100).sum())
         assert (y[i, n:] == -100).all() and (x[i, n:] == pad).all()
         assert y[i, n - 1] == eos and eos not in x[i, :n].tolist()  # exactly one document, ending in EOS
     assert x.shape[1] == max(int((y[i] != -100).sum()) for i in range(4))  # padded to the longest
+
+
+def test_padded_rows_keep_token_shares_and_count_real_tokens(data):
+    """--no-packing: one document per row, yet the weights stay shares of trained target tokens (rows are
+    drawn by token deficit), and each micro-batch carries the step's real target-token count."""
+    loader = ShardLoader(spec(data, mbs=8, gas=2, seq=512, packing=False))
+    total = 0
+    for _ in range(150):  # 150 steps of 16 rows
+        micro = [next(loader) for _ in range(2)]
+        real = sum(int((y != -100).sum()) for _, y, _ in micro)
+        assert micro[0][2] == micro[1][2] == real
+        total += real
+    tokens = loader.state_dict()["domain_tokens"]
+    assert sum(tokens.values()) == total
+    assert abs(tokens["arxiv"] / total - 0.3) < 0.01, tokens
+    # documents of the two domains differ in length: document shares are far from the weights
+    pos = loader.state_dict()["domain_pos"]
+    docs = {d: DomainStream(data / "pre" / d).manifest.train for d in ("arxiv", "general")}
+    mean_len = {d: docs[d].tokens / docs[d].documents for d in docs}
+    assert max(mean_len.values()) > 1.5 * min(mean_len.values()), mean_len
+    assert pos["arxiv"] > 0
+
+
+def test_raw_text_folder_says_which_prepare_command_to_run(tmp_path):
+    raw = tmp_path / "data" / "pretraining" / "arxiv"
+    raw.mkdir(parents=True)
+    (raw / "part-000.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ShardError) as e:
+        DomainStream(raw)
+    msg = str(e.value)
+    assert "it holds raw text (part-000.jsonl), not prepared shards" in msg
+    assert f"scaletrain prepare --domain arxiv --input {raw} --output {tmp_path / 'data' / 'pretraining_prepared'}" \
+        in msg and f"--data-dir {tmp_path / 'data' / 'pretraining_prepared'}" in msg
+
+
+def test_format_1_manifest_is_read(data, tmp_path):
+    import shutil
+
+    old = tmp_path / "general"
+    shutil.copytree(data / "pre" / "general", old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["format"] = 1
+    m["tokenizer"] = {k: m["tokenizer"][k] for k in ("name", "identity", "vocab_size", "eos_id", "pad_id")}
+    (old / "manifest.json").write_text(json.dumps(m))
+    tok = DomainStream(old).manifest.tokenizer
+    assert (tok.kind, tok.eos_token, tok.eos_id, tok.pad_token, tok.bos_id) == ("byte", "<|endoftext|>", 256,
+                                                                                "<pad>", None)
 
 
 # ---- exact resume ---------------------------------------------------------------------------
@@ -187,8 +235,8 @@ def test_resume_on_another_world_size_continues_the_global_stream(data, tmp_path
 
 # ---- tokenizers -------------------------------------------------------------------------------
 def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_path):
-    tok = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
-    other = train_bpe([str(data / "raw" / "arxiv")], 420, str(tmp_path / "other.json"))
+    tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
+    other, _ = train_bpe([str(data / "raw" / "arxiv")], 420, str(tmp_path / "other.json"))
     for d in ("arxiv", "general"):
         prepare_domain(d, [str(data / "raw" / d)], str(tmp_path / "bpe"), tokenizer=tok, workers=2, quiet=True,
                        **SMALL)
@@ -203,7 +251,7 @@ def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_pa
 
 
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
-    tok = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
+    tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)
     prepare_domain("general", [str(data / "raw" / "general")], str(tmp_path / "mix"), quiet=True, **SMALL)
     with pytest.raises(ShardError, match="different tokenizers"):
@@ -225,7 +273,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         _prep(tmp_path, files)
     assert not (tmp_path / "out" / "d").exists()  # nothing half-written left behind
     m = _prep(tmp_path, files, skip_bad_lines=True)
-    assert m["skipped_bad_lines"] == 1 and m["documents"] == 2
+    assert m.skipped_bad_lines == 1 and m.train.documents == 2
 
 
 def test_non_utf8_empty_file_and_empty_domain(tmp_path):
@@ -276,7 +324,7 @@ def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
 
 def test_val_split_and_missing_val(data, tmp_path):
     val = ShardLoader(spec(data, split="val", gas=1))
-    x, _ = next(val)
+    x, _, _ = next(val)
     assert x.shape == (4, 32)
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "noval"), quiet=True, shard_tokens=4096,
                    chunk_tokens=1024)
@@ -288,9 +336,10 @@ def test_val_split_and_missing_val(data, tmp_path):
 def test_demo_runs(tmp_path):
     env = clean_env()
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--data-dir", str(tmp_path), "--steps",
-                           "4", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+                           "4", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard", "--checkpoint-dir",
+                           str(tmp_path / "ck")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixing over" in proc.stdout and "demo done: 4 steps" in proc.stdout
     shares = proc.stdout.split("mixing over")[1].splitlines()[0]
     assert "arxiv 3" in shares and "general 6" in shares or "general 7" in shares
+    assert (tmp_path / "ck" / "final" / "COMPLETE.json").is_file()

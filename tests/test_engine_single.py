@@ -1,16 +1,20 @@
-"""Engine behaviour in one process (a world of one): non-finite steps and save/load round trips."""
+"""Engine behaviour in one process (a world of one): non-finite steps, save/load round trips, and the
+optimizer's invariants after any load."""
 
 import pytest
 import torch
 
 from scaletrain.cli import parse_config
 from scaletrain.data.synthetic import SyntheticLoader
-from scaletrain.engine import TrainingDiverged, get_engine_class
+from scaletrain.engine import get_engine_class
+from scaletrain.engine.base import param_groups, restore_optimizer_invariants
+from scaletrain.train_state import TrainingDiverged, TrainState
 from scaletrain.trainer import build_model
 
 ARGS = ["--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--gradient-accumulation-steps", "2",
         "--max-steps", "20", "--warmup-steps", "2", "--mixed-precision", "fp32", "--max-nonfinite-steps", "3"]
-ENGINES = {"fsdp": ["--engine", "fsdp"], "zero2": ["--engine", "deepspeed"]}
+ENGINES = {"fsdp": ["--engine", "fsdp"], "zero2": ["--engine", "deepspeed"],
+           "zero3": ["--ds_config", "ds_configs/zero3_bf16.json", "--mixed-precision", "fp32"]}
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +25,27 @@ def env():
 
 
 def make(env, kind, extra=()):
-    cfg = parse_config(ARGS + ENGINES[kind] + list(extra))
+    from .conftest import ROOT
+
+    argv = [a.replace("ds_configs/", str(ROOT / "ds_configs") + "/") for a in ARGS + ENGINES[kind] + list(extra)]
+    if kind == "zero3":  # the shipped file enables bf16; fp32 here
+        import json
+
+        ds = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
+        ds["bf16"] = {"enabled": "auto"}
+        ds["sub_group_size"] = 20000  # several sub-groups, as a real model has
+        ds["zero_optimization"]["sub_group_size"] = 20000
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp()) / "zero3_fp32.json"
+        path.write_text(json.dumps(ds))
+        argv[argv.index("--ds_config") + 1] = str(path)
+    cfg = parse_config(argv)
+    cls = get_engine_class(cfg.resolved_engine)
+    cfg = cls.resolve_config(cfg, env.world_size, env.device.type).freeze()
     model = build_model(cfg)
-    engine = get_engine_class(cfg.resolved_engine)(model, cfg, env)
+    engine = cls(model, cfg, env)
     loader = SyntheticLoader(model.config.vocab_size, cfg.max_seq_length, cfg.micro_batch_size,
                              cfg.gradient_accumulation_steps, 0, 1, cfg.seed)
     return engine, loader, model
@@ -33,39 +55,82 @@ def batches(loader, n=2):
     return [next(loader) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kind", list(ENGINES))
+@pytest.mark.parametrize("kind", ["fsdp", "zero2"])
 def test_nonfinite_step_is_skipped_then_training_stops(env, kind):
     engine, loader, model = make(env, kind)
+    state = TrainState()
+
+    def step():
+        out = engine.train_step(batches(loader))
+        state.record_step(out.skipped, out.num_tokens, out.lr, engine.cfg.max_nonfinite_steps)
+        return out
+
     poison = {"on": False}
     model.norm.register_forward_hook(lambda m, i, o: o * float("nan") if poison["on"] else o)
-    assert not engine.train_step(batches(loader)).skipped
+    assert not step().skipped
     before = [p.detach().clone() for p in engine.module.parameters()]
     poison["on"] = True
-    out = engine.train_step(batches(loader))
-    assert out.skipped and engine.skipped_steps == 1
+    out = step()
+    assert out.skipped and state.skipped_steps == 1 and state.optimizer_steps == 1
     after = [p.detach() for p in engine.module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step changed the weights"
     poison["on"] = False
-    assert not engine.train_step(batches(loader)).skipped and engine.nonfinite_in_a_row == 0
+    assert not step().skipped and state.nonfinite_in_a_row == 0
     poison["on"] = True
-    engine.train_step(batches(loader))
-    engine.train_step(batches(loader))
+    step()
+    step()
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row had a non-finite"):
-        engine.train_step(batches(loader))
+        step()
+
+
+def _policy(model, cfg):
+    return [g["weight_decay"] for g in param_groups(model, cfg.weight_decay)]
+
+
+def _check_invariants(engine, steps):
+    """Every group's weight decay is the run's policy; every state has a step tensor of its own == steps."""
+    opt = engine.base_optimizer
+    assert [g["weight_decay"] for g in opt.param_groups] == [engine.cfg.weight_decay, 0.0]
+    step_tensors = [s["step"] for s in opt.state.values()]
+    assert step_tensors and len({id(t) for t in step_tensors}) == len(step_tensors), "shared step tensors"
+    assert {float(t) for t in step_tensors} == {float(steps)}
 
 
 @pytest.mark.parametrize("kind", list(ENGINES))
 def test_save_load_continues_bit_identically(env, kind, tmp_path):
     ref, ref_loader, _ = make(env, kind)
-    straight = [ref.train_step(batches(ref_loader)).loss.item() for _ in range(4)]
+    straight = [ref.step_loss(ref.train_step(batches(ref_loader))) for _ in range(4)]
 
     engine, loader, _ = make(env, kind)
-    first = [engine.train_step(batches(loader)).loss.item() for _ in range(2)]
-    engine.save(str(tmp_path), {"data": loader.state_dict()})
+    first = [engine.step_loss(engine.train_step(batches(loader))) for _ in range(2)]
+    _check_invariants(engine, 2)
+    engine.save(str(tmp_path))
+    data = loader.state_dict()
     engine2, loader2, _ = make(env, kind)
-    state = engine2.load(str(tmp_path))
-    loader2.load_state_dict(state["data"])
-    assert engine2.steps_taken == 2
-    resumed = [engine2.train_step(batches(loader2)).loss.item() for _ in range(2)]
+    engine2.load(str(tmp_path), optimizer_steps=2)
+    loader2.load_state_dict(data)
+    _check_invariants(engine2, 2)
+    assert engine2.current_lr() == engine.current_lr()
+    resumed = [engine2.step_loss(engine2.train_step(batches(loader2))) for _ in range(2)]
     assert first + resumed == straight
     assert engine2.current_lr() == ref.current_lr()
+    _check_invariants(engine2, 4)
+
+
+def test_restore_repairs_a_shared_step_and_copied_hyperparameters():
+    """The damage DeepSpeed 0.19.8's ZeRO-3 universal load does, on a plain AdamW, and its repair."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    policy = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    shared = torch.tensor(1.0)
+    for s in opt.state.values():  # one step tensor for everyone, group 0's hyperparameters everywhere
+        s["step"] = shared
+    opt.param_groups[1]["weight_decay"] = 0.1
+    opt.step()
+    assert float(shared) == 1.0 + len(opt.state)  # incremented once per parameter: the bug
+    restore_optimizer_invariants(opt, policy, optimizer_steps=2)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    steps = [s["step"] for s in opt.state.values()]
+    assert len({id(t) for t in steps}) == len(steps) and {float(t) for t in steps} == {2.0}

@@ -37,8 +37,8 @@ def test_python_launch_without_launcher_runs_a_world_of_one(tmp_path):
 
     proc = launch(
         "python",
-        ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
-         "--max-steps", "3", "--warmup-steps", "1", "--log-interval", "1", "--save-interval", "0",
+        ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2",
+         "--max-steps", "3", "--warmup-steps", "1", "--log-interval", "1", "--checkpoint-dir", str(tmp_path / "ck"),
          "--no-use-tensorboard"],
         tmp_path,
     )
@@ -50,3 +50,56 @@ def test_bad_flag_exits_with_a_message(tmp_path):
 
     proc = launch("python", ["--max-steps", "-1"], tmp_path, check=False)
     assert proc.returncode != 0 and "error: --max-steps: must be a positive integer" in proc.stderr
+
+
+def test_training_needs_neither_the_shard_writer_nor_webdataset():
+    code = ("import sys, scaletrain.trainer, scaletrain.convert; "
+            "bad = {'webdataset', 'scaletrain.data.prepare'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_back_ends_are_named_only_inside_engine():
+    """The loop, the run plan, checkpoints and conversion ask the engine class; they never branch on its name."""
+    for rel in ("trainer.py", "run.py", "convert.py", "checkpoint/manager.py", "checkpoint/store.py"):
+        text = (ROOT / "scaletrain" / rel).read_text()
+        # a back end's name as a string, one of its settings, or a module lookup
+        assert not re.search(r"[\"'](fsdp|deepspeed)[\"']|fsdp_\w+|\bds_config\b|sys\.modules", text), rel
+
+
+def test_user_errors_share_one_base_and_one_entry_wrapper():
+    from scaletrain.checkpoint import CheckpointError
+    from scaletrain.config import ConfigError
+    from scaletrain.data.loader import LoaderStateError
+    from scaletrain.data.manifest import ShardError
+    from scaletrain.data.text import InputError
+    from scaletrain.data.tokenizer import TokenizerError
+    from scaletrain.errors import ScaletrainError
+    from scaletrain.train_state import TrainingDiverged
+
+    for cls in (CheckpointError, ConfigError, LoaderStateError, ShardError, InputError, TokenizerError,
+                TrainingDiverged):
+        assert issubclass(cls, ScaletrainError), cls
+    for rel in ("scaletrain/cli.py", "scaletrain/convert.py", "scaletrain/data/prepare.py", "scaletrain/__main__.py",
+                "launch/demo.py"):
+        assert "run_entry(" in (ROOT / rel).read_text(), rel
+    # no entry point catches errors its own way
+    assert not _files_matching(r"sys\.exit\(f\"error")
+
+
+def test_user_errors_on_every_entry_point_are_one_line(tmp_path):
+    from .conftest import clean_env
+
+    env = clean_env()
+    runs = {
+        "train": [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--tokenizer", str(tmp_path / "missing.json"),
+                  "--data-dir", str(tmp_path)],
+        "prepare": [sys.executable, "-m", "scaletrain", "prepare", "--domain", "d", "--input", str(tmp_path / "no"),
+                    "--output", str(tmp_path / "o")],
+        "convert": [sys.executable, str(ROOT / "launch" / "convert.py"), str(tmp_path / "nock"), str(tmp_path / "o")],
+        "train-tokenizer": [sys.executable, "-m", "scaletrain", "train-tokenizer", "--input", str(tmp_path / "no"),
+                            "--vocab-size", "500", "--output", str(tmp_path / "t.json")],
+    }
+    for name, cmd in runs.items():
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, (name, p.stderr[-2000:])
+        assert p.stderr.strip().splitlines()[-1].startswith("error: "), (name, p.stderr)

@@ -11,7 +11,7 @@ from scaletrain.model import flops_per_token, get_model_config
 
 from .conftest import ROOT, clean_env, launch, read_metrics
 
-RUN = ["--data", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps",
+RUN = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps",
         "4", "--warmup-steps", "1", "--log-interval", "2", "--save-interval", "0", "--eval-interval", "2",
         "--eval-steps", "2"]
 
@@ -65,6 +65,36 @@ def test_tensorboard_events_hold_the_tags(tmp_path):
     m = jsonl[-1]
     cfg = get_model_config("tiny")
     assert m["mfu"] == pytest.approx(flops_per_token(cfg, 32) * m["tokens_per_s_per_device"] / 1e12)
+
+
+def test_padded_runs_count_real_tokens(tmp_path):
+    """--no-packing: tokens_seen, tokens/s and MFU count target tokens, not padding."""
+    from scaletrain.cli import parse_config
+    from scaletrain.data.loader import build_loader
+    from scaletrain.data.prepare import prepare_domain
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    raw = create_sample_pretraining_data(tmp_path / "raw", scale=0.02)
+    for d in ("arxiv", "general"):
+        prepare_domain(d, [str(raw[d])], str(tmp_path / "pre"), quiet=True, shard_tokens=8192, chunk_tokens=1024)
+    args = ["--data-dir", str(tmp_path / "pre"), "--no-packing", "--max-seq-length", "2048", "--batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--max-steps", "4", "--warmup-steps", "1", "--log-interval", "1",
+            "--eval-interval", "0", "--no-use-tensorboard", "--peak-tflops", "1.0", "--mixed-precision", "fp32",
+            "--checkpoint-dir",
+            str(tmp_path / "ck")]
+    launch("python", args, tmp_path)
+    loader = build_loader(parse_config(args), 0, 1)
+    real = []
+    for _ in range(4):
+        micro = [next(loader) for _ in range(2)]
+        real.append(sum(int((y != -100).sum()) for _, y, _ in micro))
+    got = read_metrics(tmp_path)
+    assert [m["tokens_seen"] for m in got] == [sum(real[: i + 1]) for i in range(4)]
+    assert sum(real) < 0.9 * 4 * 2 * 2 * 2048  # padding was there to be left out
+    for m, n in zip(got, real):
+        assert m["tokens_per_s"] == pytest.approx(n / m["step_time_s"], rel=1e-6)
+        assert m["mfu"] == pytest.approx(flops_per_token(get_model_config("tiny", vocab_size=320), 2048)
+                                         * m["tokens_per_s_per_device"] / 1e12, rel=1e-9)
 
 
 def test_no_mfu_on_cpu_without_a_peak(tmp_path):
@@ -124,7 +154,6 @@ def test_throughput_sweep_outputs_and_best_config(tmp_path):
         "off",
         "on",
         "--micro-batches",
-        "1",
         "2",
         "--peak-tflops",
         "0.5",
@@ -132,12 +161,12 @@ def test_throughput_sweep_outputs_and_best_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fsdp +AC" in proc.stdout and "best:" in proc.stdout
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["rows"]) == 8 and all(r["status"] == "ok" and r["mfu"] > 0 for r in res["rows"])
+    assert len(res["rows"]) == 4 and all(r["status"] == "ok" and r["mfu"] > 0 for r in res["rows"])
     best = max(res["rows"], key=lambda r: r["tokens_per_s"])
     assert res["best"]["tokens_per_s"] == best["tokens_per_s"]
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     command = (tmp_path / "best_command.sh").read_text()
-    assert f"--batch-size {best['micro_batch']}" in command and "launch/pretrain.py" in command
+    assert f"--micro-batch-size {best['micro_batch']}" in command and "launch/pretrain.py" in command
     ds = json.loads((tmp_path / "best_ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and isinstance(ds["train_micro_batch_size_per_gpu"], int)
 

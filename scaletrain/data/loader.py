@@ -2,16 +2,27 @@
 
 The global row order is defined without ranks or workers: optimizer step ``k`` (counted from
 the loader's start) takes global rows ``[row0 + k*G, row0 + (k+1)*G)`` with
-``G = micro_batch * accumulation * world``; row ``j`` comes from domain ``mixer(j)`` at that
-domain's read position, which advances row by row (by ``seq_len + 1`` tokens when packing, by
-one document when padding). Micro-step ``g`` of rank ``r`` takes the step's rows
-``(g*world + r)*micro_batch + b``. The state is ``(global_row, read position per domain)`` at a
-step boundary: no rank, worker or shard count in it, so a run resumes on 1, 2 or 4 ranks, with
-any ``num_workers``, continuing the same stream, nothing repeated and nothing skipped.
+``G = micro_batch_size * gradient_accumulation_steps * world``. Micro-step ``g`` of rank ``r``
+takes the step's rows ``(g*world + r)*micro_batch_size + b``.
 
-Every rank (and DataLoader worker) walks the whole global row sequence to keep the read
-positions, but reads only its own rows; worker ``w`` of ``W`` yields micro-steps ``w, w+W, ...``
-which is the order in which the DataLoader hands them out.
+Mixing weights are shares of trained target tokens in both modes. Packed: every row holds
+``max_seq_length + 1`` tokens, so row ``j`` comes from domain ``mixer(seed, j)`` (a seeded
+weighted draw) and row shares are token shares. Padded (``--no-packing``, one document per row):
+rows differ in length, so row ``j`` comes from the domain furthest below its share of the target
+tokens trained so far (``argmin tokens_d / weight_d``, ties to the first), which keeps token
+shares at the weights whatever the domains' document lengths.
+
+Each domain's read position advances row by row (``max_seq_length + 1`` tokens when packing, one
+document when padding). The state is ``(global_row, read position and target tokens per domain)``
+at a step boundary: no rank, worker or shard count in it, so a run resumes on 1, 2 or 4 ranks,
+with any ``num_workers``, continuing the same stream, nothing repeated and nothing skipped.
+
+Every micro-batch is ``(input_ids, labels, step_tokens)``: ``step_tokens`` is the number of target
+tokens (labels other than ``IGNORE_INDEX``) of the whole optimizer step over all micro-batches
+and ranks, which every rank knows without communication because every rank (and DataLoader
+worker) walks the whole global row sequence to keep the read positions; it reads only its own
+rows. Worker ``w`` of ``W`` yields micro-steps ``w, w+W, ...``, the order in which the
+DataLoader hands them out.
 """
 
 from __future__ import annotations
@@ -24,10 +35,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scaletrain.errors import ScaletrainError
 from scaletrain.model import IGNORE_INDEX
 
+from .manifest import ShardError, TokenizerInfo, load_manifest
 from .mixer import RowMixer
-from .shards import DomainStream, ShardError
+from .shards import DomainStream
+
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # (input_ids, labels, step_tokens)
+
+
+class LoaderStateError(ScaletrainError):
+    """A data-loader state (from a checkpoint) that does not fit this run."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +54,9 @@ class StreamSpec:
     data_dir: str
     sources: tuple[str, ...]
     weights: tuple[float, ...]
-    seq_len: int
-    micro_batch: int
-    grad_accum: int
+    max_seq_length: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
     rank: int
     world_size: int
     seed: int
@@ -46,41 +65,51 @@ class StreamSpec:
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
 
 def open_streams(spec: StreamSpec) -> list[DomainStream]:
     streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, i) for i, name in
                enumerate(spec.sources)]
-    identities = {s.manifest["tokenizer"]["identity"] for s in streams}
+    identities = {s.manifest.tokenizer.identity for s in streams}
     if len(identities) > 1:
-        detail = ", ".join(f"{n}: {s.manifest['tokenizer']['identity']}" for n, s in zip(spec.sources, streams))
+        detail = ", ".join(f"{n}: {s.manifest.tokenizer.identity}" for n, s in zip(spec.sources, streams))
         raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
                          f"with the same --tokenizer")
+    flags = {s.manifest.tokenizer.add_bos for s in streams}
+    if len(flags) > 1:
+        detail = ", ".join(f"{n}: {s.manifest.tokenizer.add_bos}" for n, s in zip(spec.sources, streams))
+        raise ShardError(f"--data-sources were prepared with and without --add-bos ({detail}); prepare them all "
+                         f"the same way")
     return streams
 
 
 class _Walker:
     """Walks global rows step by step from a state; returns this rank's rows per micro-step."""
 
-    def __init__(self, spec: StreamSpec, streams: list[DomainStream], global_row: int, pos: list[int]) -> None:
+    def __init__(self, spec: StreamSpec, streams: list[DomainStream], global_row: int, pos: list[int],
+                 tokens: list[int]) -> None:
         self.spec, self.streams = spec, streams
         self.mixer = RowMixer(list(spec.weights), spec.seed)
-        self.row, self.pos = global_row, list(pos)
+        self.row, self.pos, self.tokens = global_row, list(pos), list(tokens)
+        w = np.asarray(spec.weights, dtype=np.float64)
+        self._inv_w = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)  # padded mode: tokens_d / w_d
 
-    def step(self, materialise: set[int] | None) -> dict[int, list[np.ndarray] | np.ndarray] | None:
+    def step(self, materialise: set[int] | None) -> tuple[dict[int, list[np.ndarray] | np.ndarray] | None, int]:
         """Advance one optimizer step. Returns this rank's rows for each micro-step ``g`` in
-        ``materialise`` (packed: one (micro_batch, seq_len + 1) array per micro-step; padded: a list
-        of documents); read positions advance for every row of the step either way."""
+        ``materialise`` (packed: one (micro_batch_size, max_seq_length + 1) array per micro-step;
+        padded: a list of documents) and the step's target tokens over all ranks; read positions
+        advance for every row of the step either way."""
         spec = self.spec
-        G, L, W, B = spec.global_batch, spec.seq_len + 1, spec.world_size, spec.micro_batch
-        dom = self.mixer.domains(self.row, G)
+        G, L, W, B = spec.global_batch, spec.max_seq_length + 1, spec.world_size, spec.micro_batch_size
+        row0 = self.row
         self.row += G
         # index within the step of micro-step g, rank r, row b: (g * W + r) * B + b
         owner = np.full(G, -1, dtype=np.int64)  # -> micro-step g for this rank's wanted rows
         for g in materialise or ():
             owner[(g * W + spec.rank) * B: (g * W + spec.rank + 1) * B] = g
         if spec.packing:
+            dom = self.mixer.domains(row0, G)
             out = {g: np.empty((B, L), dtype=self.streams[0].dtype) for g in materialise or ()}
             for d, stream in enumerate(self.streams):
                 idx = np.flatnonzero(dom == d)
@@ -105,14 +134,21 @@ class _Walker:
                                 m = g_of == g
                                 out[g][b_of[m]] = rows[m]
                 self.pos[d] += len(idx) * L
-            return out if materialise else None
+                self.tokens[d] += len(idx) * (L - 1)
+            return (out if materialise else None), G * (L - 1)
         docs: dict[int, list[np.ndarray]] = {g: [None] * B for g in materialise or ()}
-        for i, d in enumerate(dom.tolist()):  # document by document: positions depend on lengths
+        step_tokens = 0
+        tokens = np.asarray(self.tokens, dtype=np.float64)
+        for i in range(G):  # document by document: the next domain and positions depend on lengths
+            d = int(np.argmin(tokens * self._inv_w))
             doc, nxt = self.streams[d].next_document(self.pos[d], L)
             if owner[i] >= 0:
                 docs[int(owner[i])][i % B] = doc
             self.pos[d] = nxt
-        return docs if materialise else None
+            self.tokens[d] += len(doc) - 1
+            tokens[d] += len(doc) - 1
+            step_tokens += len(doc) - 1
+        return (docs if materialise else None), step_tokens
 
 
 def collate(rows: np.ndarray | list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,37 +168,42 @@ def collate(rows: np.ndarray | list[np.ndarray], pad_id: int) -> tuple[torch.Ten
 
 
 class _Dataset(IterableDataset):
-    def __init__(self, spec: StreamSpec, global_row: int, pos: list[int], pad_id: int) -> None:
-        self.spec, self.global_row, self.pos, self.pad_id = spec, global_row, pos, pad_id
+    def __init__(self, spec: StreamSpec, start: tuple[int, list[int], list[int]], pad_id: int) -> None:
+        self.spec, self.start, self.pad_id = spec, start, pad_id
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
-        walker = _Walker(self.spec, open_streams(self.spec), self.global_row, self.pos)
-        gas = self.spec.grad_accum
+        walker = _Walker(self.spec, open_streams(self.spec), *self.start)
+        gas = self.spec.gradient_accumulation_steps
         m = 0  # micro-step counter since the start
         while True:
             mine = {g for g in range(gas) if (m + g) % W == w}
-            rows = walker.step(mine)
+            rows, step_tokens = walker.step(mine)
             for g in sorted(mine):
-                yield collate(rows[g], self.pad_id)
+                yield (*collate(rows[g], self.pad_id), step_tokens)
             m += gas
 
 
 class ShardLoader:
-    """Iterator of micro-batches ``(input_ids, labels)`` with ``state_dict``/``load_state_dict``."""
+    """Iterator of micro-batches ``(input_ids, labels, step_tokens)`` with ``state_dict``/``load_state_dict``."""
 
     def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.spec = spec
         self.streams = open_streams(spec)  # validates every shard up front, in the main process
-        self.pad_id = self.streams[0].manifest["tokenizer"]["pad_id"]
+        self.pad_id = self.tokenizer.pad_id
         self.num_workers, self.pin_memory = num_workers, pin_memory and torch.cuda.is_available()
-        self._start_row, self._start_pos = 0, [0] * len(spec.sources)
+        self._origin = (0, [0] * len(spec.sources), [0] * len(spec.sources))
+        self._start = self._origin
         self._reset()
 
     @property
+    def tokenizer(self) -> TokenizerInfo:
+        return self.streams[0].manifest.tokenizer
+
+    @property
     def vocab_size(self) -> int:
-        return self.streams[0].manifest["tokenizer"]["vocab_size"]
+        return self.tokenizer.vocab_size
 
     @property
     def global_batch(self) -> int:
@@ -171,14 +212,19 @@ class ShardLoader:
     def _reset(self) -> None:
         self.consumed = 0
         self._it = None
-        self._snapshot = _Walker(self.spec, self.streams, self._start_row, self._start_pos)
+        self._snapshot = _Walker(self.spec, self.streams, *self._start)
+
+    def rewind(self) -> None:
+        """Back to where this loader started (the validation set: the same rows at every evaluation)."""
+        self._start = self._origin
+        self._reset()
 
     def __iter__(self) -> ShardLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self._it is None:
-            ds = _Dataset(self.spec, self._start_row, self._start_pos, self.pad_id)
+            ds = _Dataset(self.spec, self._start, self.pad_id)
             self._it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                        pin_memory=self.pin_memory,
                                        persistent_workers=False) if self.num_workers else ds)
@@ -188,26 +234,35 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Position at the current optimizer-step boundary (call between steps)."""
-        gas = self.spec.grad_accum
+        gas = self.spec.gradient_accumulation_steps
         if self.consumed % gas:
             raise RuntimeError(f"data state asked mid-step ({self.consumed} micro-batches, accumulation {gas})")
         steps_done = self.consumed // gas
-        walked = (self._snapshot.row - self._start_row) // self.spec.global_batch
+        walked = (self._snapshot.row - self._start[0]) // self.spec.global_batch
         for _ in range(steps_done - walked):  # advance the bookkeeping walker without reading rows
             self._snapshot.step(None)
         return {"global_row": self._snapshot.row, "packing": self.spec.packing,
-                "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos))}
+                "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos)),
+                "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("packing", True) != self.spec.packing:
-            raise ValueError(f"checkpoint data state was written with packing={state.get('packing')}; this run has "
-                             f"packing={self.spec.packing} (--no-packing must match the run being resumed)")
-        missing = [s for s in self.spec.sources if s not in state["domain_pos"]]
+        try:
+            packing, positions = state.get("packing", True), state["domain_pos"]
+            row = int(state["global_row"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise LoaderStateError(f"the checkpoint's data-loader state is malformed ({type(e).__name__}: {e})") from e
+        if packing != self.spec.packing:
+            raise LoaderStateError(f"the checkpoint's data state was written with packing={packing}; this run has "
+                                   f"packing={self.spec.packing} (--no-packing must match the run being resumed)")
+        missing = [s for s in self.spec.sources if s not in positions]
         if missing:
-            raise ValueError(f"checkpoint data state has no position for --data-sources {missing} "
-                             f"(it has {list(state['domain_pos'])})")
-        self._start_row = int(state["global_row"])
-        self._start_pos = [int(state["domain_pos"][s]) for s in self.spec.sources]
+            raise LoaderStateError(f"the checkpoint's data state has no position for --data-sources {missing} (it "
+                                   f"has {list(positions)}); resume with the same --data-sources")
+        L = self.spec.max_seq_length + 1
+        # checkpoints written before domain_tokens existed: packed rows give it exactly
+        tokens = state.get("domain_tokens") or {s: int(p) // L * (L - 1) for s, p in positions.items()}
+        self._start = (row, [int(positions[s]) for s in self.spec.sources],
+                       [int(tokens.get(s, 0)) for s in self.spec.sources])
         self._reset()
 
 
@@ -222,11 +277,18 @@ def check_tokenizer(path: str, streams: list[DomainStream]) -> None:
 
     tok = HFTokenizer(path)
     for s in streams:
-        t = s.manifest["tokenizer"]
-        if t["identity"] != tok.identity or t["vocab_size"] != tok.vocab_size:
+        t = s.manifest.tokenizer
+        if t.identity != tok.identity or t.vocab_size != tok.vocab_size:
             raise ShardError(f"--tokenizer {path} (vocab {tok.vocab_size}, {tok.identity[:19]}...) is not the one "
-                             f"{s.dir} was prepared with ({t['name']}, vocab {t['vocab_size']}, "
-                             f"{t['identity'][:19]}...); prepare again or pass the matching tokenizer")
+                             f"{s.dir} was prepared with ({t.name}, vocab {t.vocab_size}, {t.identity[:19]}...); "
+                             f"prepare again or pass the matching tokenizer")
+
+
+def has_val_split(cfg) -> bool:
+    """Whether every data source holds validation shards (prepared with --val-fraction)."""
+    if cfg.data_kind == "synthetic":
+        return True
+    return all(load_manifest(Path(cfg.data_dir) / s).val.shards for s in cfg.data_sources)
 
 
 def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_size: int | None = None):
@@ -235,20 +297,14 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
     ``split='val'`` gives the held-out loader (None when a domain has no validation shards)."""
     from .synthetic import SyntheticLoader
 
-    if cfg.data == "synthetic":
+    gas = cfg.gradient_accumulation_steps if split == "train" else 1
+    if cfg.data_kind == "synthetic":
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out rows: another stream
-        gas = cfg.gradient_accumulation_steps if split == "train" else 1
         return SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, rank, world_size, seed)
     spec = StreamSpec(cfg.data_dir, tuple(cfg.data_sources), tuple(cfg.data_mix_weights), cfg.max_seq_length,
-                      cfg.micro_batch_size, cfg.gradient_accumulation_steps if split == "train" else 1, rank,
-                      world_size, cfg.seed, cfg.packing, split)
+                      cfg.micro_batch_size, gas, rank, world_size, cfg.seed, cfg.packing, split)
     if split == "val":
-        try:
-            return ShardLoader(spec)
-        except ShardError as e:
-            if "has no shards" in str(e):
-                return None
-            raise
+        return ShardLoader(spec) if has_val_split(cfg) else None
     loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory)
     if cfg.tokenizer:
         check_tokenizer(cfg.tokenizer, loader.streams)

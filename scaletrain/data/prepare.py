@@ -8,8 +8,10 @@ Documents are tokenized in parallel (order kept), joined with EOS and cut into t
 ``u16``/``u32``); a shard holds up to ``--shard-tokens`` tokens. Tars are written with webdataset's
 TarWriter in USTAR format with mtime 0: one 512-byte header per member and the same bytes for the
 same input. ``manifest.json`` lists the shards, their members' data offsets and token counts, and
-the tokenizer's identity. The domain folder appears only when complete (written under a temporary
-name, then renamed); an existing one is refused unless ``--overwrite``.
+the tokenizer with its special tokens (``manifest.py`` is the contract). ``--add-bos`` puts the
+tokenizer's BOS before every document (recorded, so an export adds it exactly as training saw it).
+The domain folder appears only when complete (written under a temporary name, then renamed); an
+existing one is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -30,19 +31,17 @@ from typing import Iterator, Sequence
 import numpy as np
 import webdataset as wds
 
+from .manifest import MANIFEST, TOKENIZER_FILE, Manifest, Shard, Split
 from .text import Document, InputError, ReadStats, iter_documents
 from .tokenizer import load_tokenizer, token_dtype
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 _worker_tok = None
 
 
-def _init_worker(path: str | None, eos: str | None) -> None:
+def _init_worker(path: str | None, eos: str | None, bos: str | None) -> None:
     global _worker_tok
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the process pool
-    _worker_tok = load_tokenizer(path, eos)
+    _worker_tok = load_tokenizer(path, eos, bos)
 
 
 def _encode(texts: list[str], val_fraction: float) -> list[tuple[bool, np.ndarray]]:
@@ -67,7 +66,7 @@ class ShardWriter:
         self.chunks_per_shard = max(1, shard_tokens // chunk_tokens)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
-        self.shards: list[dict] = []
+        self.shards: list[Shard] = []
         self._tar: wds.TarWriter | None = None
         self._chunks_in_shard = 0
         self.tokens = 0
@@ -87,7 +86,7 @@ class ShardWriter:
             name = f"shard-{len(self.shards):05d}.tar"
             self._tar = wds.TarWriter(str(self.folder / name), mtime=0, user="scaletrain", group="scaletrain",
                                       encoder=False)
-            self.shards.append({"file": name})
+            self.shards.append(Shard(file=name, tokens=0, bytes=0, members=[]))
         key = f"{len(self.shards) - 1:05d}_{self._chunks_in_shard:06d}"
         self._tar.write({"__key__": key, self.ext: chunk.astype(self.dtype.newbyteorder("<")).tobytes()})
         self._chunks_in_shard += 1
@@ -100,16 +99,16 @@ class ShardWriter:
         self._tar = None
         self._chunks_in_shard = 0
         info = self.shards[-1]
-        path = self.folder / info["file"]
+        path = self.folder / info.file
         # index the tar with the stdlib reader: data offsets for random access and a check of what we wrote
         with tarfile.open(path) as tf:
             members = [m for m in tf.getmembers() if m.isfile()]
         itemsize = self.dtype.itemsize
-        info["members"] = [[m.name, m.offset_data, m.size // itemsize] for m in members]
-        info["tokens"] = sum(m.size for m in members) // itemsize
-        info["bytes"] = path.stat().st_size
+        info.members = [[m.name, m.offset_data, m.size // itemsize] for m in members]
+        info.tokens = sum(m.size for m in members) // itemsize
+        info.bytes = path.stat().st_size
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> list[Shard]:
         if self.buffered:
             self._write_chunk(np.concatenate(self.buffer))
             self.buffer, self.buffered = [], 0
@@ -132,7 +131,8 @@ def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
 def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None = None,
                    eos_token: str | None = None, workers: int = 1, val_fraction: float = 0.0,
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
-                   overwrite: bool = False, quiet: bool = False) -> dict:
+                   overwrite: bool = False, quiet: bool = False, add_bos: bool = False,
+                   bos_token: str | None = None) -> Manifest:
     """Prepare one domain; returns its manifest."""
     if not domain or "/" in domain or domain.startswith("."):
         raise InputError(f"--domain {domain!r}: use a plain folder name such as 'arxiv'")
@@ -145,7 +145,8 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
         state = "a complete preparation" if (out / MANIFEST).exists() else "files but no manifest (incomplete)"
         raise InputError(f"--output: {out} already holds {state}; pass --overwrite to replace it "
                          f"(it is kept until the new one is complete)")
-    tok = load_tokenizer(tokenizer, eos_token)
+    tok = load_tokenizer(tokenizer, eos_token, bos_token)
+    tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -155,14 +156,16 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     val = ShardWriter(tmp / "val", dtype, chunk_tokens, shard_tokens)
     stats = ReadStats()
     eos = np.array([tok.eos_id], dtype=np.uint32)
+    bos = np.array([tok.bos_id] if add_bos else [], dtype=np.uint32)
     n_docs = n_val = 0
     t0 = last = time.time()
     # byte-level encoding is a memcpy: shipping its arrays between processes costs more than it saves
     # (measured 30M tokens/s in one process vs 10M with 2 workers), so it stays in-process
     workers = 1 if tokenizer is None else max(1, workers)
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer, eos_token)) if workers > 1 else None
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer, eos_token, bos_token)) if workers > 1 \
+        else None
     if pool is None:
-        _init_worker(tokenizer, eos_token)
+        _init_worker(tokenizer, eos_token, bos_token)
     try:
         texts = ([d.text for d in b] for b in _batches(iter_documents(inputs, skip_bad_lines, stats), 64))
         encode = functools.partial(_encode, val_fraction=val_fraction)
@@ -170,7 +173,7 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
         for batch in encoded:  # in input order, whatever the number of workers
             for is_val, ids in batch:
                 target = val if is_val else train
-                target.add(np.concatenate([ids, eos]))
+                target.add(np.concatenate([bos, ids, eos]))
                 n_docs += 1
                 n_val += is_val
             if not quiet and time.time() - last > 2:
@@ -184,18 +187,13 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
         if not shards:
             raise InputError(f"--domain {domain}: every document went to validation; lower --val-fraction")
         elapsed = time.time() - t0
-        manifest = {
-            "format": FORMAT_VERSION, "domain": domain, "dtype": dtype.name, "chunk_tokens": chunk_tokens,
-            "tokenizer": {"name": tok.name, "identity": tok.identity, "vocab_size": tok.vocab_size,
-                          "eos_id": tok.eos_id, "pad_id": tok.pad_id},
-            "documents": n_docs - n_val, "tokens": train.tokens, "shards": shards,
-            "val": {"documents": n_val, "tokens": val.tokens, "shards": val_shards},
-            "inputs": [str(i) for i in inputs], "skipped_bad_lines": stats.bad_lines,
-            "empty_documents": stats.empty, "val_fraction": val_fraction,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest = Manifest(domain=domain, dtype=dtype.name, chunk_tokens=chunk_tokens, tokenizer=tok_info,
+                            train=Split(n_docs - n_val, train.tokens, shards), val=Split(n_val, val.tokens, val_shards),
+                            inputs=[str(i) for i in inputs], skipped_bad_lines=stats.bad_lines,
+                            empty_documents=stats.empty, val_fraction=val_fraction)
+        manifest.write(tmp)
         if tok.path:
-            shutil.copyfile(tok.path, tmp / "tokenizer.json")
+            shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
         # commit: the old folder (if any) goes only once the new one is complete
         old = None
         if out.exists():
@@ -210,7 +208,6 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                   f"validation tokens in {len(shards)} + {len(val_shards)} shards, {elapsed:.1f}s "
                   f"({total / max(elapsed, 1e-9) / workers:,.0f} tokens/s per worker)"
                   + (f", {stats.bad_lines} bad lines skipped" if stats.bad_lines else ""), file=sys.stderr)
-        manifest["seconds"] = elapsed
         return manifest
     finally:
         if pool is not None:
@@ -225,6 +222,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="data folder, e.g. data/pretraining")
     p.add_argument("--tokenizer", help="a local Hugging Face tokenizer.json (default: byte-level)")
     p.add_argument("--eos-token", help="end-of-text token of --tokenizer (default: found by name)")
+    p.add_argument("--add-bos", action="store_true", help="put the tokenizer's begin-of-text token before every "
+                                                           "document (recorded in the manifest and the export)")
+    p.add_argument("--bos-token", help="begin-of-text token of --tokenizer (default: found by name)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard")
@@ -236,18 +236,17 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace) -> dict:
     return prepare_domain(args.domain, args.input, args.output, args.tokenizer, args.eos_token, args.workers,
                           args.val_fraction, args.shard_tokens, args.chunk_tokens, args.skip_bad_lines,
-                          args.overwrite)
+                          args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from scaletrain.errors import run_entry
+
     p = argparse.ArgumentParser(prog="scaletrain prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prepare_args(p)
     args = p.parse_args(argv)
-    try:
-        run_prepare(args)
-    except (InputError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_entry(lambda: run_prepare(args))
 
 
 if __name__ == "__main__":

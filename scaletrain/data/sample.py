@@ -128,3 +128,27 @@ def create_sample_pretraining_data(data_dir: str | Path, seed: int = 0, scale: f
     for i in range(max(1, n_txt)):
         (general / f"story_{i:04d}.txt").write_text(_general_doc(rng) + "\n")
     return {"arxiv": arxiv, "general": general}
+
+
+SAMPLE_SOURCES, SAMPLE_WEIGHTS = ("arxiv", "general"), (0.3, 0.7)
+
+
+def prepare_sample(data_dir: str | Path, quiet: bool = False) -> Path:
+    """The sample corpus as shards under ``data_dir/pretraining`` (what `make pretrain` trains on); kept when
+    already prepared by this version. Returns the shards folder."""
+    import os
+
+    from .manifest import FORMAT_VERSION, MANIFEST
+    from .prepare import prepare_domain
+
+    shards = Path(data_dir) / "pretraining"
+    manifests = [shards / d / MANIFEST for d in SAMPLE_SOURCES]
+    if all(m.is_file() and json.loads(m.read_text()).get("format") == FORMAT_VERSION for m in manifests):
+        if not quiet:
+            print(f"sample shards already in {shards}")
+        return shards
+    raw = create_sample_pretraining_data(data_dir)
+    for d in SAMPLE_SOURCES:
+        prepare_domain(d, [str(raw[d])], str(shards), workers=os.cpu_count() or 1, val_fraction=0.02,
+                       shard_tokens=2**18, chunk_tokens=2**16, overwrite=True, quiet=quiet)
+    return shards

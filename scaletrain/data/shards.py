@@ -10,31 +10,14 @@ first time it is read, so a corrupt or truncated shard is reported by shard and 
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .prepare import MANIFEST
+from .manifest import MANIFEST, ShardError, load_manifest
 
-
-class ShardError(ValueError):
-    """A missing, truncated or corrupt shard or manifest; the message names the file and member."""
-
-
-def load_manifest(domain_dir: str | Path) -> dict:
-    d = Path(domain_dir)
-    if not d.is_dir():
-        raise ShardError(f"data domain folder {d} does not exist; prepare it with "
-                         f"`scaletrain prepare --domain {d.name} --input ... --output {d.parent}`")
-    path = d / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{d} has no {MANIFEST}: not a prepared domain, or its preparation did not finish")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: corrupt manifest ({e})") from e
+__all__ = ["DomainStream", "ShardError", "load_manifest"]
 
 
 class DomainStream:
@@ -43,33 +26,32 @@ class DomainStream:
     def __init__(self, domain_dir: str | Path, split: str = "train", seed: int = 0, domain_index: int = 0) -> None:
         self.dir = Path(domain_dir)
         self.manifest = load_manifest(self.dir)
-        info = self.manifest if split == "train" else self.manifest["val"]
         self.folder = self.dir if split == "train" else self.dir / "val"
-        self.shards = info["shards"]
+        self.shards = self.manifest.split(split).shards
         self.split = split
         if not self.shards:
             raise ShardError(f"{self.folder}: the {split} split has no shards"
                              + (" (prepared with --val-fraction 0)" if split == "val" else ""))
-        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self.dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
         self.seed, self.domain_index = seed, domain_index
-        self.shard_tokens = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
+        self.shard_tokens = np.array([s.tokens for s in self.shards], dtype=np.int64)
         self.total = int(self.shard_tokens.sum())
         # per shard: member token offsets (cumulative) for a binary search
-        self.member_starts = [np.concatenate([[0], np.cumsum([m[2] for m in s["members"]])]) for s in self.shards]
+        self.member_starts = [np.concatenate([[0], np.cumsum([m[2] for m in s.members])]) for s in self.shards]
         self._maps: dict[int, np.memmap] = {}
         self._checked: set[tuple[int, int]] = set()
         for s in self.shards:
-            p = self.folder / s["file"]
+            p = self.folder / s.file
             if not p.is_file():
                 raise ShardError(f"shard {p} listed in {self.dir / MANIFEST} is missing")
             size = p.stat().st_size
-            if size != s["bytes"]:
-                raise ShardError(f"shard {p} is {size} bytes but its manifest says {s['bytes']}: truncated or "
+            if size != s.bytes:
+                raise ShardError(f"shard {p} is {size} bytes but its manifest says {s.bytes}: truncated or "
                                  f"replaced; prepare the domain again")
 
     @property
     def eos_id(self) -> int:
-        return self.manifest["tokenizer"]["eos_id"]
+        return self.manifest.tokenizer.eos_id
 
     @lru_cache(maxsize=64)  # noqa: B019 - one stream object per domain and process
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,12 +66,12 @@ class DomainStream:
         subclass costs several microseconds a call). Member data sits at 512-byte offsets."""
         m = self._maps.get(shard)
         if m is None:
-            raw = np.memmap(self.folder / self.shards[shard]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
+            raw = np.memmap(self.folder / self.shards[shard].file, dtype=np.uint8, mode="r").view(np.ndarray)
             m = self._maps[shard] = raw[: len(raw) // self.dtype.itemsize * self.dtype.itemsize].view(self.dtype)
         return m
 
     def _check_member(self, shard: int, member: int) -> None:
-        name, offset, n = self.shards[shard]["members"][member]
+        name, offset, n = self.shards[shard].members[member]
         m = self._map(shard).view(np.uint8)
         header = bytes(m[offset - 512: offset])
         stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -98,7 +80,7 @@ class DomainStream:
         except ValueError:
             size = -1
         if stored != name or size != n * self.dtype.itemsize:
-            raise ShardError(f"shard {self.folder / self.shards[shard]['file']}: member {name} is corrupt (tar header "
+            raise ShardError(f"shard {self.folder / self.shards[shard].file}: member {name} is corrupt (tar header "
                              f"says {stored!r} of {size} bytes, manifest {n * self.dtype.itemsize}); "
                              f"prepare the domain again")
         self._checked.add((shard, member))
@@ -107,7 +89,7 @@ class DomainStream:
         """``length`` tokens from token ``start`` of one shard (may span members)."""
         out = []
         starts = self.member_starts[shard]
-        members = self.shards[shard]["members"]
+        members = self.shards[shard].members
         i = int(np.searchsorted(starts, start, side="right") - 1)
         while length > 0:
             if (shard, i) not in self._checked:

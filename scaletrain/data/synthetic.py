@@ -5,8 +5,9 @@ can learn it, so the loss falls, and any row can be regenerated from ``(seed, i)
 shards exist and by the benchmarks.
 
 Global order (independent of world size): optimizer step ``s`` consumes rows
-``[s*G, (s+1)*G)`` with ``G = micro_batch * accumulation * world``; micro-step ``g`` of
-rank ``r`` takes rows ``s*G + (g*world + r)*micro_batch + b`` for ``b < micro_batch``.
+``[s*G, (s+1)*G)`` with ``G = micro_batch_size * gradient_accumulation_steps * world``; micro-step
+``g`` of rank ``r`` takes rows ``s*G + (g*world + r)*micro_batch_size + b``. Micro-batches are
+``(input_ids, labels, step_tokens)`` like the shard loader's (every row is full: ``G * T``).
 """
 
 from __future__ import annotations
@@ -45,40 +46,54 @@ class SyntheticTokens:
 
 
 class SyntheticLoader:
-    """Micro-batches ``(input_ids, labels)`` of shape (micro_batch, seq_len) for one rank, resumable."""
+    """Micro-batches ``(input_ids, labels, step_tokens)`` of shape (micro_batch_size, max_seq_length) for
+    one rank, resumable."""
 
-    def __init__(self, vocab_size: int, seq_len: int, micro_batch: int, grad_accum: int, rank: int,
-                 world_size: int, seed: int) -> None:
-        self.tokens = SyntheticTokens(vocab_size, seq_len, seed)
-        self.vocab_size = vocab_size
-        self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
+    def __init__(self, vocab_size: int, max_seq_length: int, micro_batch_size: int, gradient_accumulation_steps: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        self.tokens = SyntheticTokens(vocab_size, max_seq_length, seed)
+        self.vocab_size, self.max_seq_length = vocab_size, max_seq_length
+        self.micro_batch_size, self.gradient_accumulation_steps = micro_batch_size, gradient_accumulation_steps
+        self.rank, self.world_size = rank, world_size
         self.micro_steps = 0  # micro-batches this rank has yielded
+        self._origin = 0
+
+    tokenizer = None  # no tokenizer: the ids are the data
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
     def row_indices(self, micro_step: int) -> list[int]:
-        s, g = divmod(micro_step, self.grad_accum)
-        base = s * self.global_batch + (g * self.world_size + self.rank) * self.micro_batch
-        return list(range(base, base + self.micro_batch))
+        s, g = divmod(micro_step, self.gradient_accumulation_steps)
+        base = s * self.global_batch + (g * self.world_size + self.rank) * self.micro_batch_size
+        return list(range(base, base + self.micro_batch_size))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         rows = np.stack([self.tokens.row(i) for i in self.row_indices(self.micro_steps)])
         self.micro_steps += 1
         t = torch.from_numpy(rows)  # (B, T+1)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous(), self.global_batch * self.max_seq_length
+
+    def rewind(self) -> None:
+        self.micro_steps = self._origin
 
     def state_dict(self) -> dict[str, Any]:
         # position as global rows consumed, so a resume with another world size continues the stream
         # (checkpoints are taken at optimizer-step boundaries)
-        return {"rows_consumed": (self.micro_steps // self.grad_accum) * self.global_batch}
+        return {"rows_consumed": (self.micro_steps // self.gradient_accumulation_steps) * self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["rows_consumed"] % self.global_batch:
-            raise ValueError(f"checkpoint consumed {state['rows_consumed']} rows, not a multiple of this run's "
-                             f"global batch {self.global_batch}; keep the global batch size when resuming")
-        self.micro_steps = state["rows_consumed"] // self.global_batch * self.grad_accum
+        from .loader import LoaderStateError
+
+        rows = state.get("rows_consumed") if isinstance(state, dict) else None
+        if not isinstance(rows, int):
+            raise LoaderStateError(f"the checkpoint's data state {state!r} is not a synthetic-data state "
+                                   f"(resume with the --data-kind it was written with)")
+        if rows % self.global_batch:
+            raise LoaderStateError(f"the checkpoint consumed {rows} rows, not a multiple of this run's global batch "
+                                   f"{self.global_batch}; keep the global batch size when resuming")
+        self.micro_steps = rows // self.global_batch * self.gradient_accumulation_steps

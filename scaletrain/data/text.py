@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from scaletrain.errors import ScaletrainError
+
 SUFFIXES = (".jsonl", ".txt", ".tex")
 
 
-class InputError(ValueError):
+class InputError(ScaletrainError):
     """Bad input text: the message names the file (and line) and what would be right."""
 
 

@@ -1,30 +1,51 @@
 """Tokenizers: a byte-level default that needs no files, any local HF ``tokenizer.json``,
 and training a byte-level BPE with the ``tokenizers`` library.
 
-Each tokenizer has an identity (name + content hash) and a vocab size that go into the
-shard manifest; training checks that every domain was prepared with the same one.
+Each tokenizer has an identity (name + content hash), a vocab size and its special tokens (by
+string and id) that go into the shard manifest (``TokenizerInfo``); training checks that every
+domain was prepared with the same one, every checkpoint carries it, and ``export_hf_tokenizer``
+turns it into Hugging Face tokenizer files whose ids equal the training ids.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from scaletrain.errors import ScaletrainError
+
+from .manifest import TokenizerInfo
+
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+
+
+class TokenizerError(ScaletrainError):
+    """A tokenizer file or special token that cannot be used; the message names the flag and file."""
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then ``<|endoftext|>`` (256) and ``<pad>`` (257)."""
+    """UTF-8 bytes as ids 0..255, then ``<|endoftext|>`` (256) and ``<pad>`` (257); no BOS."""
 
+    kind = "byte"
     name = "byte-v1"
     identity = "byte-v1"
     vocab_size = 258
-    eos_id = 256
-    pad_id = 257
+    eos_token, eos_id = "<|endoftext|>", 256
+    pad_token, pad_id = "<pad>", 257
+    bos_token, bos_id = None, None
     path = None
+
+    def info(self, add_bos: bool = False) -> TokenizerInfo:
+        if add_bos:
+            raise TokenizerError("--add-bos: the byte-level tokenizer has no BOS token; prepare with a --tokenizer "
+                                 "that has one (e.g. <s>)")
+        return TokenizerInfo(self.kind, self.name, self.identity, self.vocab_size, self.eos_token, self.eos_id,
+                             self.pad_token, self.pad_id)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
@@ -39,29 +60,47 @@ class ByteTokenizer:
 class HFTokenizer:
     """A local Hugging Face ``tokenizer.json`` (nothing is fetched from a hub)."""
 
-    def __init__(self, path: str, eos_token: str | None = None) -> None:
+    kind = "hf"
+
+    def __init__(self, path: str, eos_token: str | None = None, bos_token: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"--tokenizer: {path} does not exist (expected a tokenizer.json file)")
+            raise TokenizerError(f"--tokenizer: {path} does not exist (expected a tokenizer.json file)")
         try:
             self._tok = Tokenizer.from_file(str(p))
         except Exception as e:
-            raise ValueError(f"--tokenizer: {path} is not a Hugging Face tokenizer.json: {e}") from e
+            raise TokenizerError(f"--tokenizer: {path} is not a Hugging Face tokenizer.json: {e}") from e
         self.path = str(p.resolve())
         self.name = p.name
         self.identity = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        candidates = (eos_token,) if eos_token else EOS_CANDIDATES
-        ids = [self._tok.token_to_id(t) for t in candidates]
-        found = [i for i in ids if i is not None]
-        if not found:
-            raise ValueError(f"--tokenizer: {path} has none of the end-of-text tokens {list(candidates)}; "
-                             f"name the one it uses with --eos-token")
-        self.eos_id = found[0]
-        pad = self._tok.token_to_id("<pad>")
-        self.pad_id = pad if pad is not None else self.eos_id
+        eos = self._find(eos_token, EOS_CANDIDATES, "--eos-token", "end-of-text")
+        assert eos is not None
+        self.eos_token, self.eos_id = eos
+        self.pad_token, self.pad_id = self._find(None, ("<pad>",), "", "") or eos
+        self.bos_token, self.bos_id = self._find(bos_token, BOS_CANDIDATES, "--bos-token", "begin-of-text",
+                                                 required=bos_token is not None) or (None, None)
+
+    def _find(self, given: str | None, candidates: Sequence[str], flag: str, what: str,
+              required: bool = True) -> tuple[str, int] | None:
+        for t in (given,) if given else candidates:
+            i = self._tok.token_to_id(t)
+            if i is not None:
+                return t, i
+        if required and flag:
+            tried = list((given,) if given else candidates)
+            raise TokenizerError(f"--tokenizer: {self.path} has none of the {what} tokens {tried}; "
+                                 f"name the one it uses with {flag}")
+        return None
+
+    def info(self, add_bos: bool = False) -> TokenizerInfo:
+        if add_bos and self.bos_id is None:
+            raise TokenizerError(f"--add-bos: {self.path} has none of the begin-of-text tokens "
+                                 f"{list(BOS_CANDIDATES)}; name the one it uses with --bos-token")
+        return TokenizerInfo(self.kind, self.name, self.identity, self.vocab_size, self.eos_token, self.eos_id,
+                             self.pad_token, self.pad_id, self.bos_token, self.bos_id, add_bos)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
@@ -74,8 +113,9 @@ class HFTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_tokenizer(path: str | None, eos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    return ByteTokenizer() if path is None else HFTokenizer(path, eos_token)
+def load_tokenizer(path: str | None, eos_token: str | None = None,
+                   bos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
+    return ByteTokenizer() if path is None else HFTokenizer(path, eos_token, bos_token)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -83,14 +123,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2) -> str:
-    """Train a byte-level BPE on text/JSONL/LaTeX ``files`` and save ``output`` (a tokenizer.json)."""
+def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2) -> tuple[str, int]:
+    """Train a byte-level BPE on text/JSONL/LaTeX ``files`` and save ``output`` (a tokenizer.json);
+    returns (path, the vocab size reached, which a small corpus keeps below ``vocab_size``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from .text import iter_documents
 
     if vocab_size < 300:
-        raise ValueError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 300 (256 bytes + merges)")
+        raise TokenizerError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 300 (256 bytes + merges)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -100,4 +141,94 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
     tok.train_from_iterator((doc.text for doc in iter_documents(files)), trainer=trainer)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     tok.save(output)
-    return output
+    return output, tok.get_vocab_size(with_added_tokens=True)
+
+
+# ---- Hugging Face export -------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which the ByteLevel pre-tokenizer uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_level_hf_tokenizer():
+    """The byte tokenizer as a ``tokenizers.Tokenizer``: id b for byte b (a BPE with no merges over
+    the ByteLevel alphabet), then ``<|endoftext|>`` = 256 and ``<pad>`` = 257."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    table = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    b = ByteTokenizer
+    tok.add_special_tokens([AddedToken(b.eos_token, special=True, normalized=False),
+                            AddedToken(b.pad_token, special=True, normalized=False)])
+    assert tok.token_to_id(b.eos_token) == b.eos_id and tok.token_to_id(b.pad_token) == b.pad_id
+    return tok
+
+
+def _adds_tokens(pp: dict | None) -> bool:
+    if not pp:
+        return False
+    if pp.get("type") == "Sequence":
+        return any(_adds_tokens(p) for p in pp.get("processors", []))
+    return pp.get("type") in ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def _bos_template(token: str, token_id: int) -> dict:
+    special = {"SpecialToken": {"id": token, "type_id": 0}}
+    return {"type": "TemplateProcessing",
+            "single": [special, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [special, {"Sequence": {"id": "A", "type_id": 0}},
+                     special, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {token: {"id": token, "ids": [token_id], "tokens": [token]}}}
+
+
+def export_hf_tokenizer(info: TokenizerInfo, tokenizer_json: Path | None, out: Path,
+                        model_max_length: int) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out`` so that
+    ``AutoTokenizer`` encodes text to the ids training saw: the special tokens are the ones prepare
+    used, and a BOS is added exactly when prepare added one (a post-processor that adds tokens
+    prepare never wrote is replaced). Returns the file names written."""
+    from tokenizers import Tokenizer
+
+    if info.kind == "byte":
+        data = json.loads(byte_level_hf_tokenizer().to_str())
+    else:
+        if tokenizer_json is None or not Path(tokenizer_json).is_file():
+            raise TokenizerError(f"tokenizer {info.name} ({info.identity[:19]}...) has no tokenizer.json to export")
+        data = json.loads(Path(tokenizer_json).read_text())
+    pp = data.get("post_processor")
+    keep = [] if pp is None or _adds_tokens(pp) else [pp]
+    if info.add_bos:
+        keep.append(_bos_template(info.bos_token, info.bos_id))
+    data["post_processor"] = None if not keep else keep[0] if len(keep) == 1 else {"type": "Sequence",
+                                                                                    "processors": keep}
+    text = json.dumps(data, ensure_ascii=False)
+    tok = Tokenizer.from_str(text)
+    probe = "Check: 1 + 1 = 2."
+    bare = tok.encode(probe, add_special_tokens=False).ids
+    assert tok.encode(probe).ids == ([info.bos_id] if info.add_bos else []) + bare, "post-processor mismatch"
+    for t, i in ((info.eos_token, info.eos_id), (info.pad_token, info.pad_id), (info.bos_token, info.bos_id)):
+        if t is not None and tok.token_to_id(t) != i:
+            raise TokenizerError(f"tokenizer {info.name}: {t!r} has id {tok.token_to_id(t)}, training used {i}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    special = {"eos_token": info.eos_token, "pad_token": info.pad_token}
+    if info.bos_token is not None:
+        special["bos_token"] = info.bos_token
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model_max_length,
+              "add_bos_token": info.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if info.kind == "byte":
+        # training wrote the bytes of a literal "<pad>" in a text, never the special id: keep it so
+        config["split_special_tokens"] = True
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from .base import DistEnv, Engine, StepOutput, TrainingDiverged
+from scaletrain.config import ConfigError
+
+from .base import DistEnv, Engine, StepOutput
 
 _REGISTRY = {
     "deepspeed": "scaletrain.engine.deepspeed:DeepSpeedEngine",
@@ -14,9 +16,9 @@ _REGISTRY = {
 
 def get_engine_class(name: str) -> type[Engine]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown engine {name!r}; valid engines: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown engine {name!r}; valid engines: {', '.join(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["DistEnv", "Engine", "StepOutput", "TrainingDiverged", "get_engine_class"]
+__all__ = ["DistEnv", "Engine", "StepOutput", "get_engine_class"]

@@ -1,12 +1,14 @@
 """The Engine interface both back ends honour.
 
 The public methods (``train_step``, ``save``, ``load``) do the guarding and bookkeeping;
-a back end fills in ``_setup``, ``_forward_backward``, ``_optimizer_step``, ``current_lr``
-and ``_save``/``_load``. Nothing outside ``scaletrain/engine`` branches on the back end.
+a back end fills in ``_setup``, ``_forward_backward``, ``_optimizer_step``, ``current_lr``,
+``_save``/``_load`` and says where its model is built and how its checkpoints are read
+(``init_device``, ``tensor_reader``). Nothing outside ``scaletrain/engine`` branches on the back end.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from abc import ABC, abstractmethod
@@ -18,10 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scaletrain.config import PreTrainingConfig
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+from scaletrain.model import IGNORE_INDEX
 
 
 @dataclass
@@ -38,10 +37,14 @@ class DistEnv:
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # this rank's mean loss over the micro-batches, on device, not synced
+    loss_sum: torch.Tensor  # this rank's sum of token losses over the step's micro-batches (on device, not synced)
+    num_tokens: int  # target tokens of the whole step, all micro-batches and ranks (the loss divisor)
     grad_norm: torch.Tensor  # global norm before clipping (nan/inf when the step was skipped)
     lr: float  # learning rate the step used
     skipped: bool  # optimizer step skipped (non-finite gradients)
+
+
+MicroBatch = Sequence  # (input_ids, labels) or (input_ids, labels, step_tokens)
 
 
 def _free_port() -> int:
@@ -75,11 +78,14 @@ def dist_env(device: torch.device) -> DistEnv:
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
 
 
-def reapply_schedule(optimizer, scheduler) -> None:
-    """After loading: the learning rate of the restored step from this run's schedule (a restored
-    optimizer carries the lr of the run that saved it, which differs when --max-steps changed)."""
+def set_schedule(optimizer, scheduler, optimizer_steps: int) -> None:
+    """After loading: the schedule at ``optimizer_steps`` applied steps (skipped ones do not advance it),
+    computed from this run's flags (a restored optimizer carries the lr of the run that saved it, which
+    differs when --max-steps changed)."""
+    scheduler.last_epoch = optimizer_steps
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(scheduler.last_epoch)
+        group["lr"] = base * fn(optimizer_steps)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,9 +98,51 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def group_policy(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters as this run built them (taken before any load)."""
+    return [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def restore_optimizer_invariants(optimizer: torch.optim.Optimizer, policy: list[dict[str, Any]],
+                                 optimizer_steps: int) -> None:
+    """After loading a checkpoint: every group's hyperparameters (all but lr, which the schedule sets)
+    are this run's, and every parameter's state has its own ``step`` equal to the optimizer steps applied.
+
+    Why: DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load (runtime/zero/stage3.py,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) assigns ONE ``step`` tensor object to every
+    sub-group's Adam state, which torch's AdamW then increments in place once per sub-group (measured step
+    counts 4, 6, 8, 10 after steps 3..6 with two sub-groups), and copies ``param_groups[0]``'s
+    hyperparameters into every group (the no-decay group got weight_decay 0.1). Both persist through
+    later saves (torch.save keeps the aliasing), so this runs after every load, which also repairs
+    checkpoints already damaged that way. Cheap and harmless where nothing is wrong (ZeRO-1/2, DCP):
+    drop the DeepSpeed part once a DeepSpeed release loads group by group.
+    """
+    if len(policy) != len(optimizer.param_groups):
+        raise RuntimeError(f"optimizer has {len(optimizer.param_groups)} param groups after loading, "
+                           f"this run built {len(policy)}")
+    for group, own in zip(optimizer.param_groups, policy):
+        for key, value in own.items():
+            if key not in ("lr", "initial_lr"):
+                group[key] = copy.deepcopy(value)
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = torch.full_like(step, float(optimizer_steps))  # a tensor of its own
+        elif step is not None:
+            state["step"] = optimizer_steps
+
+
 class Engine(ABC):
     """Wraps a model for distributed training: micro-steps with accumulation, a clipped
-    optimizer step on the warmup+cosine schedule, and sharded save/load."""
+    optimizer step on the warmup+cosine schedule, and sharded save/load of the model and
+    optimizer (the run's own state, data position and RNG belong to the checkpoint manager).
+
+    The loss of an optimizer step is the sum of its token losses over the number of target tokens
+    of the whole step, across micro-batches and ranks (torchtitan and transformers >= 4.46 do the
+    same): each micro-batch's summed loss is scaled by ``world / num_tokens`` before backward, and
+    the engines' data-parallel gradient averaging divides by ``world``. With packed rows this is the
+    mean over micro-batches; with padded rows every token weighs the same whatever its batch holds.
+    """
 
     name: str = ""
 
@@ -103,18 +151,37 @@ class Engine(ABC):
     def init_distributed(cls) -> DistEnv:
         """Start the process group (with this back end's preferred call) and pick the device."""
 
+    @classmethod
+    def resolve_config(cls, cfg: PreTrainingConfig, world_size: int, device_type: str) -> PreTrainingConfig:
+        """The run's config with whatever this back end's own configuration decides (a pure function:
+        it returns a new config and mutates nothing). Called once, before anything is built."""
+        return cfg
+
+    @classmethod
+    def init_device(cls, cfg: PreTrainingConfig, env: DistEnv) -> torch.device:
+        """Where to build the model before it is handed to this engine."""
+        return env.device
+
+    @classmethod
+    @abstractmethod
+    def tensor_reader(cls, path: str):
+        """A reader of this engine's checkpoint at ``path`` in one process (``.shapes`` and ``.load(names)``)."""
+
     def __init__(self, model: nn.Module, cfg: PreTrainingConfig, env: DistEnv,
                  resume_meta: dict[str, Any] | None = None) -> None:
+        resolved = type(self).resolve_config(cfg, env.world_size, env.device.type)
+        if resolved != cfg:
+            changed = [f for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(resolved, f)]
+            raise RuntimeError(f"resolve the config with {type(self).__name__}.resolve_config before building the "
+                               f"engine (it changes {changed})")
         self.cfg, self.env = cfg, env
         self.resume_meta = resume_meta  # COMPLETE.json of the checkpoint this run will load, if any
-        self.steps_taken = 0  # optimizer steps attempted, skipped ones included
-        self.skipped_steps = 0
-        self.nonfinite_in_a_row = 0
         model.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.compile:
             for block in model.layers:
                 block.compile()
         self._setup(model)
+        self._policy = group_policy(self.base_optimizer)
 
     # ---- back-end hooks --------------------------------------------------------------------
     @abstractmethod
@@ -122,8 +189,10 @@ class Engine(ABC):
         """Shard the model, build the optimizer and LR scheduler."""
 
     @abstractmethod
-    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
-        """Loss of one micro-batch (detached); gradients accumulate, synced only when ``last``."""
+    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
+                          last: bool) -> torch.Tensor:
+        """Summed token loss of one micro-batch (detached); backward of ``loss_sum * scale``, gradients
+        accumulate and are synced only when ``last``."""
 
     @abstractmethod
     def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
@@ -138,81 +207,108 @@ class Engine(ABC):
     def module(self) -> nn.Module:
         """The wrapped model, callable for evaluation."""
 
+    @property
     @abstractmethod
-    def _save(self, path: str, client_state: dict[str, Any]) -> None: ...
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that holds the state (inside DeepSpeed's ZeRO wrapper, for DeepSpeed)."""
 
     @abstractmethod
-    def _load(self, path: str) -> dict[str, Any]: ...
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every parameter's full (unsharded) fp32 gradient by name, between ``accumulate`` and
+        ``optimizer_step`` (a collective: all ranks call it). For tests and debugging."""
+
+    @abstractmethod
+    def _save(self, path: str) -> None: ...
+
+    @abstractmethod
+    def _load(self, path: str) -> None: ...
+
+    @abstractmethod
+    def _set_schedule(self, optimizer_steps: int) -> None: ...
 
     # ---- public API ------------------------------------------------------------------------
-    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepOutput:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches of (input_ids, labels)."""
+    def accumulate(self, micro_batches: Sequence[MicroBatch],
+                   num_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """Forward and backward over the step's micro-batches; returns (this rank's summed loss, the step's
+        target tokens over all ranks). ``num_tokens`` comes with the loader's micro-batches (their third
+        element); without it the target tokens are counted here (one all-reduce)."""
         if len(micro_batches) != self.cfg.gradient_accumulation_steps:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, expected "
                              f"--gradient-accumulation-steps={self.cfg.gradient_accumulation_steps}")
+        if num_tokens is None:
+            num_tokens = micro_batches[0][2] if len(micro_batches[0]) > 2 else self._count_targets(micro_batches)
+        if num_tokens <= 0:
+            raise ValueError(f"an optimizer step with {num_tokens} target tokens")
         self.module.train()
+        scale = self.env.world_size / num_tokens
+        total = None
+        for i, mb in enumerate(micro_batches):
+            loss_sum = self._forward_backward(mb[0], mb[1], scale, last=i == len(micro_batches) - 1)
+            total = loss_sum if total is None else total + loss_sum
+        return total, int(num_tokens)
+
+    def optimizer_step(self) -> tuple[torch.Tensor, bool]:
+        """Clip, step (unless the gradients are non-finite) and zero; returns (grad norm, skipped)."""
+        return self._optimizer_step()
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], num_tokens: int | None = None) -> StepOutput:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         lr = self.current_lr()
-        losses = []
-        for i, (input_ids, labels) in enumerate(micro_batches):
-            losses.append(self._forward_backward(input_ids, labels, last=i == len(micro_batches) - 1))
-        grad_norm, skipped = self._optimizer_step()
-        self.steps_taken += 1
-        if skipped:
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-                raise TrainingDiverged(
-                    f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"norm (last at step {self.steps_taken}, lr {lr:.3g}); stopping. Lower --learning-rate, "
-                    f"use bf16 instead of fp16, or resume from an earlier checkpoint "
-                    f"(limit: --max-nonfinite-steps={self.cfg.max_nonfinite_steps})")
-        else:
-            self.nonfinite_in_a_row = 0
-        return StepOutput(loss=torch.stack(losses).mean(), grad_norm=grad_norm, lr=lr, skipped=skipped)
+        loss_sum, n = self.accumulate(micro_batches, num_tokens)
+        grad_norm, skipped = self.optimizer_step()
+        return StepOutput(loss_sum=loss_sum, num_tokens=n, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _count_targets(self, micro_batches: Sequence[MicroBatch]) -> int:
+        n = torch.tensor([sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)], dtype=torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(n)
+        return int(n.item())
+
+    def step_loss(self, out: StepOutput) -> float:
+        """The step's loss over all ranks: sum of token losses / target tokens (a collective; a host sync)."""
+        return (self.all_reduce_sum(out.loss_sum) / out.num_tokens).item()
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, target tokens) of one held-out micro-batch on this rank, on device."""
         self.module.eval()
-        return self.module(input_ids, labels=labels).detach().float()
+        loss_sum = self.module(input_ids, labels=labels, reduction="sum").detach().float()
+        return loss_sum, (labels != IGNORE_INDEX).sum().float()
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean over data-parallel ranks (a collective: call on every rank)."""
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (a collective: call on every rank)."""
         t = t.detach().float().clone()
         if self.env.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.env.world_size
         return t
 
-    def _with_engine_state(self, client_state: dict[str, Any]) -> dict[str, Any]:
-        return dict(client_state, engine=self.name, steps_taken=self.steps_taken, skipped_steps=self.skipped_steps)
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over data-parallel ranks (a collective: call on every rank)."""
+        return self.all_reduce_sum(t) / self.env.world_size
 
-    def _save_async(self, path: str, client_state: dict[str, Any], group=None):
+    def _save_async(self, path: str, group=None):
         """Back-end hook for a background write; without one the write is synchronous (a done future)."""
         from concurrent.futures import Future
 
-        self._save(path, client_state)
+        self._save(path)
         done: Future = Future()
         done.set_result(None)
         return done
 
-    def save(self, path: str, client_state: dict[str, Any]) -> None:
-        """Write sharded model/optimizer/scheduler state plus ``client_state`` under ``path`` (all ranks)."""
-        self._save(path, self._with_engine_state(client_state))
+    def save(self, path: str) -> None:
+        """Write the sharded model, optimizer and scheduler state under ``path`` (all ranks)."""
+        self._save(path)
 
-    def save_async(self, path: str, client_state: dict[str, Any], group=None):
-        """Like ``save`` but the sharded state is written in the background; returns a future whose
-        ``result()`` waits for it."""
-        return self._save_async(path, self._with_engine_state(client_state), group)
+    def save_async(self, path: str, group=None):
+        """Like ``save`` but written in the background; returns a future whose ``result()`` waits for it."""
+        return self._save_async(path, group)
 
-    def load(self, path: str) -> dict[str, Any]:
-        """Restore what ``save`` wrote; returns the client state (all ranks)."""
-        client_state = self._load(path)
-        if client_state.get("engine") not in (None, self.name):
-            raise ValueError(f"checkpoint {path} was written by the {client_state['engine']} engine; "
-                             f"this run uses {self.name}")
-        self.steps_taken = client_state.get("steps_taken", 0)
-        self.skipped_steps = client_state.get("skipped_steps", 0)
-        return client_state
+    def load(self, path: str, optimizer_steps: int) -> None:
+        """Restore what ``save`` wrote (all ranks). ``optimizer_steps`` (steps applied, skipped ones not
+        counted, from the run's own state) sets the schedule and every parameter's Adam step count."""
+        self._load(path)
+        restore_optimizer_invariants(self.base_optimizer, self._policy, optimizer_steps)
+        self._set_schedule(optimizer_steps)
 
     def close(self) -> None:
         if dist.is_initialized():

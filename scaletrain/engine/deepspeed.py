@@ -3,7 +3,8 @@
 The only file that imports deepspeed. ``"auto"`` values in the JSON config are filled
 from the run's settings; an explicit value that contradicts a flag the user set is an
 error naming both (Hugging Face's DeepSpeed integration behaves the same way); an
-explicit value where the user set no flag is adopted into the run's config.
+explicit value where the user set no flag is adopted into the run's config, once,
+when the run is resolved (``resolve_config``), before anything is built.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.lr import lr_factor_fn
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, reapply_schedule
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_batch_size": "auto",
@@ -38,6 +39,10 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "gradient_clipping": "auto",
     "bf16": {"enabled": "auto"},
     "fp16": {"enabled": "auto"},
+    # reduce and accumulate gradients in fp32 as FSDP2's MixedPrecisionPolicy(reduce_dtype=fp32) does;
+    # without these DeepSpeed uses the model dtype (bf16) for both
+    "communication_data_type": "fp32",
+    "data_types": {"grad_accum_dtype": "fp32"},
     "zero_optimization": {"stage": 2},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
 }
@@ -56,37 +61,45 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--ds_config: file {path!r} does not exist (see ds_configs/ for examples)")
     try:
-        return json.loads(p.read_text())
+        ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--ds_config: {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds_config: {path} must hold a JSON object of DeepSpeed settings")
+    return ds
 
 
-def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: int,
-                      fp16_supported: bool = True, device_type: str = "cpu") -> dict[str, Any]:
-    """Fill ``"auto"`` fields from ``cfg``; check explicit ones; may update ``cfg`` in place."""
+def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: int, fp16_supported: bool = True,
+                      device_type: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill ``"auto"`` fields from ``cfg`` and check explicit ones. A pure function: returns (the
+    resolved DeepSpeed config, the settings adopted from the file where the user gave no flag)."""
     ds = copy.deepcopy(ds)
     src = cfg.ds_config or "the default DeepSpeed config"
-    explicit: set[str] = getattr(cfg, "explicit", set())
+    explicit = cfg.explicit
+    adopted: dict[str, Any] = {}
+
+    def value(field: str) -> Any:
+        return adopted.get(field, getattr(cfg, field))
 
     def reconcile(container: dict, key: str, field: str, to_ds=lambda v: v, from_ds=lambda v: v) -> None:
-        want = to_ds(getattr(cfg, field))
+        want = to_ds(value(field))
         if key not in container or container[key] == "auto":
             container[key] = want
         elif container[key] != want:
             if field in explicit:
                 raise ConfigError(f"{src}: {key}={container[key]!r} contradicts {cfg.flag(field)}="
                                   f"{getattr(cfg, field)!r}; set it to \"auto\" or drop the flag")
-            setattr(cfg, field, from_ds(container[key]))
+            adopted[field] = from_ds(container[key])
 
     reconcile(ds, "train_micro_batch_size_per_gpu", "micro_batch_size")
     reconcile(ds, "gradient_accumulation_steps", "gradient_accumulation_steps")
     reconcile(ds, "gradient_clipping", "max_grad_norm", float, float)
-    global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size
+    global_batch = value("micro_batch_size") * value("gradient_accumulation_steps") * world_size
     if ds.get("train_batch_size", "auto") == "auto":
         ds["train_batch_size"] = global_batch
     elif ds["train_batch_size"] != global_batch:
         raise ConfigError(f"{src}: train_batch_size={ds['train_batch_size']} but micro batch "
-                          f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+                          f"{value('micro_batch_size')} x accumulation {value('gradient_accumulation_steps')} x "
                           f"{world_size} ranks = {global_batch}; set it to \"auto\"")
 
     # precision: the file's explicit choice vs --mixed-precision
@@ -102,28 +115,30 @@ def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: in
         if "mixed_precision" in explicit:
             raise ConfigError(f"{src}: enables {file_prec} but --mixed-precision={cfg.mixed_precision}; "
                               f"set bf16.enabled/fp16.enabled to \"auto\" or drop the flag")
-        cfg.mixed_precision = file_prec
-    bf16["enabled"] = cfg.mixed_precision == "bf16"
-    fp16["enabled"] = cfg.mixed_precision == "fp16"
-    if cfg.mixed_precision == "fp16" and not fp16_supported:
-        raise ConfigError(f"--mixed-precision fp16 ({src}): DeepSpeed's {get_accelerator().device_name()} "
-                          f"accelerator does not support fp16; use bf16 or fp32")
+        adopted["mixed_precision"] = file_prec
+    precision = value("mixed_precision")
+    bf16["enabled"] = precision == "bf16"
+    fp16["enabled"] = precision == "fp16"
+    if precision == "fp16" and not fp16_supported:
+        raise ConfigError(f"--mixed-precision fp16 ({src}): DeepSpeed's {device_type} accelerator does not "
+                          f"support fp16; use bf16 or fp32")
 
     opt = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
-    if opt.get("type", "").lower() not in ("adamw", "adam"):
-        raise ConfigError(f"{src}: optimizer type {opt.get('type')!r} is not supported; use AdamW")
+    if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{src}: optimizer type {opt.get('type') if isinstance(opt, dict) else opt!r} is not "
+                          f"supported; use AdamW")
     params = opt.setdefault("params", {})
     reconcile(params, "lr", "learning_rate", float, float)
     reconcile(params, "eps", "adam_eps", float, float)
     reconcile(params, "weight_decay", "weight_decay", float, float)
     betas = params.get("betas", "auto")
     if betas == "auto":
-        params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+        params["betas"] = [value("adam_beta1"), value("adam_beta2")]
     elif list(betas) != [cfg.adam_beta1, cfg.adam_beta2]:
         if {"adam_beta1", "adam_beta2"} & explicit:
             raise ConfigError(f"{src}: optimizer betas={betas} contradict --adam-beta1/--adam-beta2="
                               f"{cfg.adam_beta1}/{cfg.adam_beta2}")
-        cfg.adam_beta1, cfg.adam_beta2 = float(betas[0]), float(betas[1])
+        adopted["adam_beta1"], adopted["adam_beta2"] = float(betas[0]), float(betas[1])
     zero = ds.setdefault("zero_optimization", {"stage": 2})
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if not offload:
@@ -138,7 +153,7 @@ def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: in
         raise ConfigError(f"{src}: zero_optimization.stage={zero.get('stage')!r}; use 2 or 3 (or 1)")
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports
     ds.setdefault("wall_clock_breakdown", False)
-    return ds
+    return ds, adopted
 
 
 class DeepSpeedEngine(Engine):
@@ -151,11 +166,24 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=backend_for(device))
         return dist_env(device)
 
+    @classmethod
+    def _resolve(cls, cfg: PreTrainingConfig, world_size: int, device_type: str):
+        return resolve_ds_config(load_ds_config(cfg.ds_config), cfg, world_size,
+                                 fp16_supported=get_accelerator().is_fp16_supported(), device_type=device_type)
+
+    @classmethod
+    def resolve_config(cls, cfg: PreTrainingConfig, world_size: int, device_type: str) -> PreTrainingConfig:
+        _, adopted = cls._resolve(cfg, world_size, device_type)
+        return cfg.replace(**adopted) if adopted else cfg
+
+    @classmethod
+    def tensor_reader(cls, path: str) -> ZeroTensorReader:
+        return ZeroTensorReader(path)
+
     def _setup(self, model: nn.Module) -> None:
         cfg = self.cfg
-        self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, self.env.world_size,
-                                           fp16_supported=get_accelerator().is_fp16_supported(),
-                                           device_type=self.env.device.type)
+        self.ds_config, adopted = self._resolve(cfg, self.env.world_size, self.env.device.type)
+        assert not adopted, adopted  # the config was resolved before the engine was built
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         # another world size than the checkpoint's: load DeepSpeed's universal format (converted in _load)
         self.universal = bool(self.resume_meta) and self.resume_meta["world_size"] != self.env.world_size
@@ -170,15 +198,27 @@ class DeepSpeedEngine(Engine):
     def module(self) -> nn.Module:
         return self.ds
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self.ds.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimizer
+
     def current_lr(self) -> float:
         return self.ds.get_lr()[0]
 
-    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
-        loss = self.ds(input_ids, labels=labels)
-        self.ds.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
+                          last: bool) -> torch.Tensor:
+        loss_sum = self.ds(input_ids, labels=labels, reduction="sum")
+        # scale = world / step tokens; DeepSpeed averages gradients over ranks, and must not divide by
+        # the accumulation steps as well (the scale already covers the whole step)
+        self.ds.backward(loss_sum * scale, scale_wrt_gas=False)
         if not last:
             self.ds.step()  # only counts the micro-step; DeepSpeed steps at the accumulation boundary
-        return loss.detach().float()
+        return loss_sum.detach().float()
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        return {name: safe_get_full_grad(p).detach().float().cpu() for name, p in self.ds.module.named_parameters()}
 
     def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         before = self.ds.skipped_steps
@@ -189,27 +229,22 @@ class DeepSpeedEngine(Engine):
             norm = float("nan")
         return torch.as_tensor(norm, dtype=torch.float32).detach(), skipped
 
-    def _save(self, path: str, client_state: dict[str, Any]) -> None:
-        self.ds.save_checkpoint(path, tag=_TAG, client_state=client_state, save_latest=False)
-        # per-rank state (data-loader cursors, RNG) next to DeepSpeed's shards
-        torch.save(client_state, os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt"))
+    def _save(self, path: str) -> None:
+        self.ds.save_checkpoint(path, tag=_TAG, save_latest=False)
 
-    def _load(self, path: str) -> dict[str, Any]:
+    def _load(self, path: str) -> None:
         tag = _TAG
         if self.universal:
             tag = _UNIVERSAL
             if self.env.rank == 0 and not os.path.isdir(os.path.join(path, _UNIVERSAL)):
                 to_universal(path, self.zero_stage)
             dist.barrier()
-        load_path, client_state = self.ds.load_checkpoint(path, tag=tag)
+        load_path, _ = self.ds.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{tag}")
-        rank_file = os.path.join(path, _TAG, f"client_state_rank{self.env.rank}.pt")
-        if not os.path.exists(rank_file):  # more ranks than the checkpoint had: rank 0's copy
-            rank_file = os.path.join(path, _TAG, "client_state_rank0.pt")
-        client_state = torch.load(rank_file, weights_only=False)
-        reapply_schedule(self.optimizer, self.scheduler)
-        return client_state
+
+    def _set_schedule(self, optimizer_steps: int) -> None:
+        set_schedule(self.optimizer, self.scheduler, optimizer_steps)
 
 
 def to_universal(path: str, zero_stage: int) -> str:
@@ -244,6 +279,3 @@ class ZeroTensorReader:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self._lazy[n].contiguous() for n in names}
 
-
-def tensor_reader(path: str) -> ZeroTensorReader:
-    return ZeroTensorReader(path)

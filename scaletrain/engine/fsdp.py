@@ -6,7 +6,7 @@ Launched by torchrun (or as a world of one by plain ``python``).
 from __future__ import annotations
 
 import math
-import os
+import warnings
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.lr import lr_factor_fn
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, reapply_schedule
+from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
 
 
 class FSDPEngine(Engine):
@@ -34,6 +34,15 @@ class FSDPEngine(Engine):
         if not dist.is_initialized():
             dist.init_process_group(backend_for(device), device_id=device if device.type == "cuda" else None)
         return dist_env(device)
+
+    @classmethod
+    def init_device(cls, cfg, env: DistEnv) -> torch.device:
+        # offloaded parameters live on the CPU; building them on the GPU first would need the memory we lack
+        return torch.device("cpu") if cfg.fsdp_cpu_offload else env.device
+
+    @classmethod
+    def tensor_reader(cls, path: str) -> DCPTensorReader:
+        return DCPTensorReader(path)
 
     def _setup(self, model: nn.Module) -> None:
         cfg, env = self.cfg, self.env
@@ -65,21 +74,34 @@ class FSDPEngine(Engine):
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             **({"fused": True} if use_fused else {"foreach": True}))
         self.scheduler = LambdaLR(self.optimizer, lr_factor_fn(cfg))
-        self._accum = cfg.gradient_accumulation_steps
 
     @property
     def module(self) -> nn.Module:
         return self._model
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
-        # reduce-scatter gradients only on the last micro-step; earlier ones accumulate unsharded
+    def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,
+                          last: bool) -> torch.Tensor:
+        # reduce-scatter gradients only on the last micro-step; earlier ones accumulate unsharded.
+        # The reduce-scatter averages over ranks: scale = world / step tokens makes the result
+        # sum(token grads) / step tokens.
         self._model.set_requires_gradient_sync(last)
-        loss = self._model(input_ids, labels=labels)
-        (loss / self._accum).backward()
-        return loss.detach()
+        loss_sum = self._model(input_ids, labels=labels, reduction="sum")
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self._model.named_parameters():
+            g = p.grad
+            out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().float().cpu()
+        return out
 
     def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
@@ -94,35 +116,31 @@ class FSDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach(), not finite
 
-    # ---- checkpoints: DCP for the sharded model/optimizer, one small file per rank for the rest --
-    def _save(self, path: str, client_state: dict[str, Any]) -> None:
+    # ---- checkpoints: DCP for the sharded model and optimizer (the schedule follows the step count) --
+    def _save(self, path: str) -> None:
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        client_state = dict(client_state, scheduler=self.scheduler.state_dict())
-        torch.save(client_state, os.path.join(path, f"client_state_rank{self.env.rank}.pt"))
-        dist.barrier()
 
-    def _save_async(self, path: str, client_state: dict[str, Any], group=None):
+    def _save_async(self, path: str, group=None):
         """dcp.async_save: the state is staged to CPU memory, then written by a background thread
         while training goes on (``group`` must be a gloo group when the default one is NCCL)."""
-        client_state = dict(client_state, scheduler=self.scheduler.state_dict())
-        torch.save(client_state, os.path.join(path, f"client_state_rank{self.env.rank}.pt"))
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, process_group=group)
 
-    def _load(self, path: str) -> dict[str, Any]:
+    def _load(self, path: str) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        # read the metadata first: a damaged file then fails here with its own error, not inside DCP's
+        # collective load (which logs tracebacks and reports only "CheckpointException ranks: [0]")
+        FileSystemReader(path).read_metadata()
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        rank_file = os.path.join(path, f"client_state_rank{self.env.rank}.pt")
-        if not os.path.exists(rank_file):  # resharding onto more ranks: start from rank 0's copy
-            rank_file = os.path.join(path, "client_state_rank0.pt")
-        client_state = torch.load(rank_file, weights_only=False)
-        self.scheduler.load_state_dict(client_state.pop("scheduler"))
-        reapply_schedule(self.optimizer, self.scheduler)
-        return client_state
+
+    def _set_schedule(self, optimizer_steps: int) -> None:
+        set_schedule(self.optimizer, self.scheduler, optimizer_steps)
 
 
 class DCPTensorReader:
@@ -142,9 +160,8 @@ class DCPTensorReader:
         from torch.distributed.checkpoint import FileSystemReader
 
         sd = {f"model.{n}": torch.empty(self.shapes[n][0], dtype=self.shapes[n][1]) for n in names}
-        dcp.load(sd, storage_reader=FileSystemReader(self.path), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+            dcp.load(sd, storage_reader=FileSystemReader(self.path), no_dist=True)
         return {n: sd[f"model.{n}"] for n in names}
 
-
-def tensor_reader(path: str) -> DCPTensorReader:
-    return DCPTensorReader(path)

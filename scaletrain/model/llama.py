@@ -104,7 +104,9 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LM. ``forward(input_ids)`` -> logits (B, T, V); with ``labels`` -> mean loss."""
+    """Decoder-only LM. ``forward(input_ids)`` -> logits (B, T, V); with ``labels`` -> the loss over the
+    target tokens (labels other than ``IGNORE_INDEX``): their mean, or with ``reduction="sum"`` their sum
+    (the engines divide a whole optimizer step's sum by its target-token count)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -144,7 +146,8 @@ class Llama(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.config.max_seq_len}")
@@ -158,7 +161,8 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
 
 
 def hf_state_dict_key(name: str) -> str:

@@ -2,15 +2,18 @@
 
 Layout: ``checkpoint_dir/step_000500/``, ``final/``, ``best/`` (lowest validation loss), each
 holding the engine's sharded state (DeepSpeed's own files or a DCP checkpoint), every rank's
-client state (data-loader position, RNG) and ``COMPLETE.json``. A save goes to
-``checkpoint_dir/.tmp-<name>/``; only when every rank has written does rank 0 add
-``COMPLETE.json``, rename the folder into place and then move ``latest``. A crash at any moment
-leaves the previous complete checkpoint loadable; leftovers of a partial save are removed at the
-next start. Old ``step_*`` folders go only after a newer one is complete; ``best``, ``final`` and
-the newest complete checkpoint are never deleted.
+run state (``train_state_rank<r>.pt``), the tokenizer the run used (``tokenizer/``) and
+``COMPLETE.json``. A save goes to ``checkpoint_dir/.tmp-<name>/``; only when every rank has
+written does rank 0 add ``COMPLETE.json``, rename the folder into place and then move ``latest``.
+Re-saving ``best`` or ``final`` moves the old one to ``.old-<name>`` first. A crash at any moment
+leaves one complete copy under each name, or a complete copy the next start puts back: a
+``.tmp-<name>`` with ``COMPLETE.json`` takes the place of a missing ``<name>``, else a ``.old-<name>``
+is restored; what is incomplete is removed. Old ``step_*`` folders go only after a newer one is
+complete; ``best``, ``final`` and the newest complete checkpoint are never deleted.
 
-Test hooks (environment): ``SCALETRAIN_FAULT=save_pause:SECONDS`` sleeps between writing the
-shards and committing; ``SCALETRAIN_FAULT=save_enospc`` fails the save as a full disk would.
+Fault injection for tests (environment, off unless set): ``SCALETRAIN_FAULT=save_pause:SECONDS``
+sleeps between writing the shards and committing; ``save_enospc`` fails the save as a full disk
+would; ``swap_kill`` kills the process between the two renames that replace ``best``/``final``.
 """
 
 from __future__ import annotations
@@ -19,20 +22,22 @@ import errno
 import json
 import os
 import shutil
+import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from scaletrain.errors import ScaletrainError
+
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
 _KEEP = ("best", "final")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ScaletrainError):
     """A checkpoint that cannot be written or resumed from; the message names the path."""
 
 
@@ -44,7 +49,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     marker = Path(path) / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}: its save did not finish)")
-    return json.loads(marker.read_text())
+    try:
+        meta = json.loads(marker.read_text())
+        int(meta["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {e}); resume from another checkpoint") from e
+    return meta
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
@@ -122,19 +132,52 @@ def _fault() -> tuple[str, str]:
     return kind, arg
 
 
-class CheckpointManager:
-    """Saves through an Engine with atomic commit; all ranks call ``save``."""
+def _complete(p: Path) -> bool:
+    return (p / COMPLETE).is_file()
+
+
+def recover(ckpt_dir: Path) -> list[str]:
+    """Finish or undo what a crash interrupted (rank 0, at start); returns what it did, for the log."""
+    done = []
+    for old in sorted(ckpt_dir.glob(".old-*")):  # a re-save of best/final, between its renames
+        name = old.name[len(".old-"):]
+        final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+        if not _complete(final):
+            if _complete(tmp):
+                tmp.rename(final)
+                done.append(f"{name}: committed the new copy (the crash fell between its renames)")
+            elif _complete(old):
+                if final.exists():
+                    shutil.rmtree(final)
+                old.rename(final)
+                done.append(f"{name}: restored the previous copy (its replacement was incomplete)")
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+    latest = newest_checkpoint(ckpt_dir)
+    for tmp in sorted(ckpt_dir.glob(".tmp-*")):
+        name = tmp.name[len(".tmp-"):]
+        final = ckpt_dir / name
+        if _complete(tmp) and not final.exists():  # every rank had written: only the rename was missing
+            tmp.rename(final)
+            done.append(f"{name}: committed (the crash fell between COMPLETE.json and the rename)")
+            if name != "best" and (latest is None or read_meta(final)["step"] > read_meta(latest)["step"]):
+                _atomic_write(ckpt_dir / LATEST, name + "\n")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that never finished
+    return done
+
+
+class CheckpointStore:
+    """Checkpoint folders with atomic commit; all ranks call ``save``."""
 
     def __init__(self, ckpt_dir: str, keep_last_n: int, rank: int, group=None) -> None:
         self._pending = None
         self.dir = Path(ckpt_dir)
         self.keep_last_n, self.rank, self.group = keep_last_n, rank, group
+        self.recovered: list[str] = []
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-*"):  # a save that never finished
-                shutil.rmtree(stale, ignore_errors=True)
-            for stale in self.dir.glob(".old-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            self.recovered = recover(self.dir)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -148,10 +191,10 @@ class CheckpointManager:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def save(self, engine, name: str, client_state: dict[str, Any], meta: dict[str, Any],
-             background: bool = False) -> Path:
-        """Write and commit checkpoint ``name``; with ``background`` the write runs on (engine.save_async)
-        and the commit happens at the next ``save`` or ``finish``."""
+    def save(self, write, name: str, meta: dict[str, Any], background: bool = False) -> Path:
+        """Write and commit checkpoint ``name``: ``write(folder, background)`` writes this rank's part (and
+        returns a future when ``background``); the commit happens at once, or for a background write at the
+        next ``save`` or ``finish``."""
         self.finish()
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
@@ -161,16 +204,17 @@ class CheckpointManager:
         self._barrier()
         error, future = None, None
         try:
-            if background:
-                future = engine.save_async(str(tmp), client_state, self.group)
-            else:
-                engine.save(str(tmp), client_state)
+            future = write(tmp, background)
             kind, arg = _fault()
             if kind == "save_enospc" and self.rank == 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
             if kind == "save_pause":
                 time.sleep(float(arg))
         except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = e
+        except BaseException as e:  # torch DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             error = e
         self._pending = (name, tmp, final, meta, future, error)
         if not background:
@@ -188,6 +232,10 @@ class CheckpointManager:
                 future.result()
             except Exception as e:  # noqa: BLE001
                 error = e
+            except BaseException as e:  # DCP's CheckpointException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                error = e
         if self._any(error is not None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -197,10 +245,12 @@ class CheckpointManager:
         if self.rank == 0:
             _atomic_write(tmp / COMPLETE, json.dumps(dict(meta, name=name, saved_at=time.time()), indent=1))
             old = None
-            if final.exists():  # re-saving best/final: swap, then drop the old one
+            if final.exists():  # re-saving best/final: swap, then drop the old one (see recover)
                 old = self.dir / f".old-{name}"
                 shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
+                if _fault()[0] == "swap_kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
             tmp.rename(final)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
@@ -219,7 +269,3 @@ class CheckpointManager:
             if p != newest and p.name not in _KEEP:
                 shutil.rmtree(p, ignore_errors=True)
 
-
-def checkpoint_meta(step: int, tokens_seen: int, world_size: int, engine_name: str, model_cfg, cfg) -> dict[str, Any]:
-    return {"step": step, "tokens_seen": tokens_seen, "world_size": world_size, "engine": engine_name,
-            "model_config": asdict(model_cfg), "config": cfg.to_dict()}

@@ -1,0 +1,21 @@
+"""Checkpoints: ``store`` keeps the folders (atomic commit, ``latest``, keep-last-N, crash recovery,
+resume resolution); ``manager`` decides what goes in them and when."""
+
+from .manager import STATE_FILE, TOKENIZER_DIR, CheckpointManager
+from .store import (
+    COMPLETE,
+    LATEST,
+    CheckpointError,
+    CheckpointStore,
+    check_model_matches,
+    complete_checkpoints,
+    newest_checkpoint,
+    read_meta,
+    recover,
+    resolve_resume,
+    step_name,
+)
+
+__all__ = ["COMPLETE", "LATEST", "STATE_FILE", "TOKENIZER_DIR", "CheckpointError", "CheckpointManager",
+           "CheckpointStore", "check_model_matches", "complete_checkpoints", "newest_checkpoint", "read_meta",
+           "recover", "resolve_resume", "step_name"]

@@ -1,0 +1,168 @@
+"""The checkpoint manager: what a checkpoint holds, and when one is written.
+
+A checkpoint is ``{engine's sharded model and optimizer, train state, data position}`` plus the
+tokenizer the run used and ``COMPLETE.json`` (step, world size, engine, model shape, the resolved
+config, the tokenizer's special tokens). The per-rank run state is written and read here, in one
+place, as plain values and tensors (``torch.load(weights_only=True)``).
+
+Policy, decided here and nowhere else, in one call per step (``after_step``):
+  * ``best``: whenever validation runs and the loss is the lowest so far (``--no-save-best`` keeps
+    tracking it without writing the checkpoint);
+  * preemption (SIGTERM/SIGUSR1 on any rank) and ``--stop-at-step``: a ``step_N`` checkpoint, then stop;
+  * ``--save-interval N``: ``step_N`` every N steps (in the background with ``--async-checkpoint``);
+  * the last step: ``final``, always.
+Two checkpoints of the same step (``best`` and ``final`` at the end, say) share their files through
+hard links instead of writing the state twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .store import CheckpointError, CheckpointStore, read_meta, step_name
+
+STATE_FILE = "train_state_rank{rank}.pt"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = 2
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` made of hard links (a plain copy where links are not possible)."""
+    for p in sorted(src.rglob("*")):
+        target = dst / p.relative_to(src)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif p.name != "COMPLETE.json":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
+
+
+def _describe(e: BaseException) -> str:
+    """One line about a failure; for DCP's CheckpointException, the first rank's underlying error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = getattr(inner, "exception", inner)
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:500] if text else ''}"
+
+
+class CheckpointManager:
+    """Saves and loads a run's checkpoints; all ranks call every method."""
+
+    def __init__(self, cfg, env, engine, loader, state, model_cfg, tokenizer=None, tokenizer_file: Path | None = None,
+                 group=None) -> None:
+        self.cfg, self.env, self.engine, self.loader, self.state = cfg, env, engine, loader, state
+        self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, group)
+        self.group = group
+        self.model_cfg, self.tokenizer, self.tokenizer_file = model_cfg, tokenizer, tokenizer_file
+        self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
+        self.last_saved: Path | None = None
+
+    # ---- policy ----------------------------------------------------------------------------------
+    def after_step(self, val_loss: float | None = None, preempted: bool = False) -> str | None:
+        """Write what the policy asks for after optimizer step ``state.step``; returns why the run must stop
+        now ("preempted", "stop_at_step") or None."""
+        cfg, step = self.cfg, self.state.step
+        if val_loss is not None and self.state.record_val_loss(val_loss) and cfg.save_best:
+            self.save("best")
+        if step == cfg.max_steps:
+            self.save("final")
+            return None
+        if preempted:
+            self.save(step_name(step))
+            return "preempted"
+        if step == cfg.stop_at_step:
+            self.save(step_name(step))
+            return "stop_at_step"
+        if cfg.save_interval and step % cfg.save_interval == 0:
+            self.save(step_name(step), background=cfg.async_checkpoint)
+        return None
+
+    def finish(self) -> None:
+        """Commit a background save still in flight (all ranks)."""
+        self.store.finish()
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        st = self.state
+        return {"format": FORMAT, "step": st.step, "tokens_seen": st.tokens_seen,
+                "best_val_loss": None if math.isinf(st.best_val_loss) else st.best_val_loss,
+                "world_size": self.env.world_size, "engine": self.engine.name,
+                "model_config": asdict(self.model_cfg), "config": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
+
+    def save(self, name: str, background: bool = False) -> Path:
+        step = self.state.step
+        if self._written and self._written[0] == step and not background:
+            return self._save_links(self._written[1], name)
+        run_state = {"train": self.state.state_dict(), "data": self.loader.state_dict()}
+
+        def write(folder: Path, in_background: bool):
+            torch.save(run_state, folder / STATE_FILE.format(rank=self.env.rank))
+            if self.env.is_main and self.tokenizer_file is not None:
+                (folder / TOKENIZER_DIR).mkdir()
+                shutil.copyfile(self.tokenizer_file, folder / TOKENIZER_DIR / "tokenizer.json")
+            if in_background:
+                return self.engine.save_async(str(folder), self.group)
+            self.engine.save(str(folder))
+            return None
+
+        path = self.store.save(write, name, self.meta(), background=background)
+        self._written = (step, name)
+        self.last_saved = path
+        if self.env.is_main:
+            print(f"scaletrain: {'writing' if background else 'saved'} {path}", flush=True)
+        return path
+
+    def _save_links(self, source: str, name: str) -> Path:
+        src = self.store.dir / source
+
+        def write(folder: Path, in_background: bool):
+            if self.env.is_main:
+                _link_tree(src, folder)
+
+        path = self.store.save(write, name, self.meta())
+        self._written = (self.state.step, name)
+        self.last_saved = path
+        if self.env.is_main:
+            print(f"scaletrain: saved {path} (the files of {source}, same step)", flush=True)
+        return path
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def load(self, path: Path) -> None:
+        """Restore the train state, the engine and the data position from checkpoint ``path``."""
+        read_meta(path)
+        rank_file = path / STATE_FILE.format(rank=self.env.rank)
+        if not rank_file.is_file():  # resharding onto more ranks: start from rank 0's copy
+            rank_file = path / STATE_FILE.format(rank=0)
+        if not rank_file.is_file():
+            older = any(path.rglob("client_state_rank0.pt"))
+            old = " (written by an older scaletrain, which this version cannot resume)" if older else ""
+            raise CheckpointError(f"checkpoint {path} has no {rank_file.name}{old}")
+        try:
+            run_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+            self.state.load_state_dict(run_state["train"])
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which
+            raise CheckpointError(f"checkpoint {path}: cannot read {rank_file.name} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        try:
+            self.engine.load(str(path), self.state.optimizer_steps)
+        except CheckpointError:
+            raise
+        except BaseException as e:  # DCP raises CheckpointException, a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointError(f"checkpoint {path}: the {self.engine.name} engine cannot load its state "
+                                  f"({_describe(e)})") from e
+        self.loader.load_state_dict(run_state["data"])
