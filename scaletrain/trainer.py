@@ -174,7 +174,7 @@ def train(cfg: PreTrainingConfig) -> TrainResult:
     finally:
         logger.close()
     if env.is_main:
-        where = ckpt.last_saved
+        where = ckpt.last_saved or plan.resume  # resumed at --max-steps already: nothing new was written
         if stop == "preempted":
             print(f"scaletrain: preempted at step {state.step}: checkpoint {where} saved, exiting", flush=True)
         elif stop == "stop_at_step":
