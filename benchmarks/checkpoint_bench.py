@@ -1,7 +1,8 @@
 """Checkpoint benchmark, in one run:
 
 1. save and load time of each engine's sharded checkpoint (DeepSpeed ZeRO-2 shards, FSDP2 DCP)
-   against torch.save / torch.load of the same state (model + AdamW moments) to the same disk;
+   against torch.save / torch.load of the same state (model + AdamW moments) to the same disk, and
+   the load with every file read weights-only (the default) against plain unpickling (--trust-checkpoint);
 2. how long an FSDP async save (dcp.async_save) stalls training, against a synchronous save;
 3. peak RSS of launch/convert.py for two model sizes (default small and base, 10x apart), each in
    a fresh process, against torch's own dcp_to_torch_save.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,16 +102,21 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
         os.sync()
         row["torch_save_s"] = time.perf_counter() - t0
         del state
-        _drop_cache(ours)
-        t0 = time.perf_counter()
-        engine.load(str(ours), optimizer_steps=1)
-        row["load_s"] = time.perf_counter() - t0
+        # every file read without running code (the default) vs plain unpickling (--trust-checkpoint, what
+        # loading was before the safe loaders), alternated three times from a cold cache: medians
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for trust in (False, True) * 3:
+            _drop_cache(ours)
+            t0 = time.perf_counter()
+            engine.load(str(ours), optimizer_steps=1, trust=trust)
+            times[trust].append(time.perf_counter() - t0)
+        row["load_s"], row["load_trusted_s"] = statistics.median(times[False]), statistics.median(times[True])
         _drop_cache(ref)
         t0 = time.perf_counter()
         torch.load(ref, weights_only=False)
         row["torch_load_s"] = time.perf_counter() - t0
     row.update(bytes=_du(ours), torch_bytes=_du(ref), save_ratio=row["save_s"] / row["torch_save_s"],
-               load_ratio=row["load_s"] / row["torch_load_s"])
+               load_ratio=row["load_s"] / row["torch_load_s"], safe_load_ratio=row["load_s"] / row["load_trusted_s"])
     if kind == "fsdp":  # async: how long the call blocks training, then wait for the write
         shutil.rmtree(work / "async", ignore_errors=True)
         (work / "async").mkdir()
@@ -202,6 +209,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['engine']:<8}{r['bytes'] / 2**30:>7.2f}{r['save_s']:>9.2f}{r['torch_save_s']:>12.2f}"
               f"{r['save_ratio']:>7.2f}x{r['load_s']:>9.2f}{r['torch_load_s']:>12.2f}{r['load_ratio']:>7.2f}x")
+    for r in rows:
+        print(f"safe load ({r['engine']}): {r['load_s']:.2f}s with every file read weights-only vs "
+              f"{r['load_trusted_s']:.2f}s with --trust-checkpoint (plain unpickling) = {r['safe_load_ratio']:.2f}x")
     for r in rows:
         if "async_stall_s" in r:
             print(f"async save (fsdp): training blocked {r['async_stall_s']:.2f}s of a {r['save_s']:.2f}s synchronous "

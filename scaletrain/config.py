@@ -87,6 +87,8 @@ class PreTrainingConfig:
                                         "--max-steps (fits a run into job time limits)")
     resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir, 'latest' (required) or 'auto' "
                                   "(the newest complete one if any, else start fresh)")
+    trust_checkpoint: bool = _f(False, "load checkpoint files that name code to run while unpickling (refused by "
+                                       "default); only for checkpoints from a source you trust")
     # evaluation and logging
     eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
     eval_steps: int = _f(10, "micro-batches per rank in each validation pass")

@@ -90,7 +90,7 @@ def write_safetensors(path: Path, items: list[tuple[str, tuple, str]], fetch, dt
 
 
 def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int = "5GB",
-            overwrite: bool = False, quiet: bool = False) -> Path:
+            overwrite: bool = False, quiet: bool = False, trust_checkpoint: bool = False) -> Path:
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
@@ -104,7 +104,7 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     mc = ModelConfig(**meta["model_config"])
     from scaletrain.engine import get_engine_class
 
-    reader = get_engine_class(meta["engine"]).tensor_reader(str(path))
+    reader = get_engine_class(meta["engine"]).tensor_reader(str(path), trust=trust_checkpoint)
     # expected names and shapes, in the model's own order
     with torch.device("meta"):
         expected = [(n, tuple(p.shape)) for n, p in Llama(mc).named_parameters()]
@@ -171,6 +171,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read checkpoint files that name code to run while unpickling (refused by default); only "
+                        "for checkpoints from a source you trust")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,4 +183,5 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from scaletrain.errors import run_entry
 
-    run_entry(lambda: convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite))
+    run_entry(lambda: convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite,
+                              trust_checkpoint=a.trust_checkpoint))

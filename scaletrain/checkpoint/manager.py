@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .safe import UnsafeCheckpointError, load_run_state
 from .store import CheckpointError, CheckpointStore, read_meta, step_name
 
 STATE_FILE = "train_state_rank{rank}.pt"
@@ -151,8 +152,10 @@ class CheckpointManager:
             old = " (written by an older scaletrain, which this version cannot resume)" if older else ""
             raise CheckpointError(f"checkpoint {path} has no {rank_file.name}{old}")
         try:
-            run_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+            run_state = load_run_state(rank_file)  # plain values and tensors: never code
             self.state.load_state_dict(run_state["train"])
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which
             raise CheckpointError(f"checkpoint {path}: cannot read {rank_file.name} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from e

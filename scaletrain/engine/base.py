@@ -53,12 +53,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_dist_env() -> None:
-    """Let a plain ``python launch/pretrain.py`` run as a world of one, without a launcher."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+def default_dist_env(device: torch.device | None = None) -> bool:
+    """Let a plain ``python launch/pretrain.py`` run as a world of one, without a launcher. Its process group
+    keeps its rendezvous in memory (a HashStore): a launcher's TCPStore listens on every interface, with no
+    authentication, which a one-process run does not need. Returns whether this is such a run."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return False
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by some libraries; nothing listens on it
+    if device is not None and not dist.is_initialized():
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+    return True
 
 
 def local_device() -> torch.device:
@@ -164,8 +171,9 @@ class Engine(ABC):
 
     @classmethod
     @abstractmethod
-    def tensor_reader(cls, path: str):
-        """A reader of this engine's checkpoint at ``path`` in one process (``.shapes`` and ``.load(names)``)."""
+    def tensor_reader(cls, path: str, trust: bool = False):
+        """A reader of this engine's checkpoint at ``path`` in one process (``.shapes`` and ``.load(names)``);
+        unless ``trust``, no file may name code to run while it loads."""
 
     def __init__(self, model: nn.Module, cfg: PreTrainingConfig, env: DistEnv,
                  resume_meta: dict[str, Any] | None = None) -> None:
@@ -221,7 +229,8 @@ class Engine(ABC):
     def _save(self, path: str) -> None: ...
 
     @abstractmethod
-    def _load(self, path: str) -> None: ...
+    def _load(self, path: str, trust: bool) -> None:
+        """Restore the engine's state; unless ``trust``, no file may name code to run while it loads."""
 
     @abstractmethod
     def _set_schedule(self, optimizer_steps: int) -> None: ...
@@ -303,10 +312,11 @@ class Engine(ABC):
         """Like ``save`` but written in the background; returns a future whose ``result()`` waits for it."""
         return self._save_async(path, group)
 
-    def load(self, path: str, optimizer_steps: int) -> None:
+    def load(self, path: str, optimizer_steps: int, trust: bool | None = None) -> None:
         """Restore what ``save`` wrote (all ranks). ``optimizer_steps`` (steps applied, skipped ones not
-        counted, from the run's own state) sets the schedule and every parameter's Adam step count."""
-        self._load(path)
+        counted, from the run's own state) sets the schedule and every parameter's Adam step count.
+        Files that would run code while loading are refused unless ``trust`` (default: --trust-checkpoint)."""
+        self._load(path, self.cfg.trust_checkpoint if trust is None else trust)
         restore_optimizer_invariants(self.base_optimizer, self._policy, optimizer_steps)
         self._set_schedule(optimizer_steps)
 

@@ -27,6 +27,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from scaletrain.checkpoint.safe import UnsafeCheckpointError, weights_only_loads
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.lr import lr_factor_fn
 
@@ -161,8 +162,8 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
-        default_dist_env()
         device = local_device()
+        default_dist_env(device)  # a world of one: its group is made here, and deepspeed joins it
         deepspeed.init_distributed(dist_backend=backend_for(device))
         return dist_env(device)
 
@@ -177,8 +178,8 @@ class DeepSpeedEngine(Engine):
         return cfg.replace(**adopted) if adopted else cfg
 
     @classmethod
-    def tensor_reader(cls, path: str) -> ZeroTensorReader:
-        return ZeroTensorReader(path)
+    def tensor_reader(cls, path: str, trust: bool = False) -> ZeroTensorReader:
+        return ZeroTensorReader(path, trust)
 
     def _setup(self, model: nn.Module) -> None:
         cfg = self.cfg
@@ -232,14 +233,15 @@ class DeepSpeedEngine(Engine):
     def _save(self, path: str) -> None:
         self.ds.save_checkpoint(path, tag=_TAG, save_latest=False)
 
-    def _load(self, path: str) -> None:
+    def _load(self, path: str, trust: bool) -> None:
         tag = _TAG
         if self.universal:
             tag = _UNIVERSAL
             if self.env.rank == 0 and not os.path.isdir(os.path.join(path, _UNIVERSAL)):
-                to_universal(path, self.zero_stage)
+                to_universal(path, self.zero_stage, trust)
             dist.barrier()
-        load_path, _ = self.ds.load_checkpoint(path, tag=tag)
+        with weights_only_loads(SAFE_GLOBALS(), trust):
+            load_path, _ = self.ds.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{tag}")
 
@@ -247,20 +249,45 @@ class DeepSpeedEngine(Engine):
         set_schedule(self.optimizer, self.scheduler, optimizer_steps)
 
 
-def to_universal(path: str, zero_stage: int) -> str:
+def SAFE_GLOBALS() -> list:  # noqa: N802 - a constant, built on first use
+    """The DeepSpeed types its checkpoint files hold besides tensors and plain containers (DeepSpeed 0.19.8:
+    ZeRO-1/2/3, offload, universal; found with torch.serialization.get_unsafe_globals_in_checkpoint).
+    Each rebuilds from plain values without running anything else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def run_universal_converter(argv: list[str], trust: bool) -> None:
+    """DeepSpeed's ds_to_universal main with every torch.load weights-only (in the converter's process)."""
+    import runpy
+
+    sys.argv = ["ds_to_universal", *argv]
+    with weights_only_loads(SAFE_GLOBALS(), trust):
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+
+
+def to_universal(path: str, zero_stage: int, trust: bool = False) -> str:
     """Convert ``path``'s DeepSpeed shards to the universal format next to them (atomically), with
     DeepSpeed's own converter. The same as: python -m deepspeed.checkpoint.ds_to_universal
-    --input_folder PATH/deepspeed --output_folder PATH/deepspeed_universal [--inject_missing_state]."""
+    --input_folder PATH/deepspeed --output_folder PATH/deepspeed_universal [--inject_missing_state]
+    (with its file reads weights-only unless ``trust``)."""
     out = os.path.join(path, _UNIVERSAL)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           os.path.join(path, _TAG), "--output_folder", tmp, "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+    argv = ["--input_folder", os.path.join(path, _TAG), "--output_folder", tmp, "--num_extract_workers", "1",
+            "--num_merge_workers", "1"]
     if zero_stage < 3:
-        cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack what the converter needs
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        argv.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack what the converter needs
+    code = ("import sys; from scaletrain.engine.deepspeed import run_universal_converter; "
+            f"run_universal_converter(sys.argv[1:], {trust!r})")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
+        refusal = [x for x in proc.stderr.splitlines() if "UnsafeCheckpointError" in x]
+        if refusal:
+            raise UnsafeCheckpointError(refusal[-1].split("UnsafeCheckpointError: ", 1)[-1])
         raise RuntimeError(f"converting {path} to DeepSpeed's universal checkpoint failed:\n{proc.stderr[-3000:]}")
     os.rename(tmp, out)
     return out
@@ -270,12 +297,15 @@ class ZeroTensorReader:
     """fp32 model tensors of a ZeRO-2/3 checkpoint via DeepSpeed's zero_to_fp32 in lazy mode: each
     tensor is assembled from the shards when asked for, so memory stays near the tensors in hand."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, trust: bool = False) -> None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        self._lazy = get_fp32_state_dict_from_zero_checkpoint(path, tag=_TAG, lazy_mode=True)
+        self.trust = trust
+        with weights_only_loads(SAFE_GLOBALS(), trust):
+            self._lazy = get_fp32_state_dict_from_zero_checkpoint(path, tag=_TAG, lazy_mode=True)
         self.shapes = {k: (tuple(v.shape), torch.float32) for k, v in self._lazy.items()}
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {n: self._lazy[n].contiguous() for n in names}
+        with weights_only_loads(SAFE_GLOBALS(), self.trust):
+            return {n: self._lazy[n].contiguous() for n in names}
 

@@ -6,6 +6,7 @@ Launched by torchrun (or as a world of one by plain ``python``).
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from typing import Any
 
@@ -13,12 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from scaletrain.checkpoint.safe import refused
 from scaletrain.lr import lr_factor_fn
 
 from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
@@ -29,8 +34,8 @@ class FSDPEngine(Engine):
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
-        default_dist_env()
         device = local_device()
+        default_dist_env(device)
         if not dist.is_initialized():
             dist.init_process_group(backend_for(device), device_id=device if device.type == "cuda" else None)
         return dist_env(device)
@@ -41,8 +46,8 @@ class FSDPEngine(Engine):
         return torch.device("cpu") if cfg.fsdp_cpu_offload else env.device
 
     @classmethod
-    def tensor_reader(cls, path: str) -> DCPTensorReader:
-        return DCPTensorReader(path)
+    def tensor_reader(cls, path: str, trust: bool = False) -> DCPTensorReader:
+        return DCPTensorReader(path, trust)
 
     def _setup(self, model: nn.Module) -> None:
         cfg, env = self.cfg, self.env
@@ -127,15 +132,14 @@ class FSDPEngine(Engine):
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, process_group=group)
 
-    def _load(self, path: str) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
+    def _load(self, path: str, trust: bool) -> None:
+        reader, planner = dcp_reader(path, trust)
         # read the metadata first: a damaged file then fails here with its own error, not inside DCP's
         # collective load (which logs tracebacks and reports only "CheckpointException ranks: [0]")
-        FileSystemReader(path).read_metadata()
+        reader.read_metadata()
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=reader, planner=planner)
         set_state_dict(self._model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
@@ -143,25 +147,82 @@ class FSDPEngine(Engine):
         set_schedule(self.optimizer, self.scheduler, optimizer_steps)
 
 
+# ---- loading a DCP checkpoint without running code from it --------------------------------------------------
+# torch 2.13's FileSystemReader unpickles ``.metadata`` with plain pickle.load, and DefaultLoadPlanner reads
+# non-tensor items with torch.load(weights_only=False): either runs whatever a crafted file names. Tensors are
+# read with weights_only=True already. These two subclasses read the rest through an allowlist.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader with ``.metadata`` unpickled through an allowlist of DCP's own metadata types."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        if hasattr(self, "_get_metadata_path"):  # torch >= 2.8: also per-rank metadata files
+            path = self._get_metadata_path(kwargs.get("rank"))
+        else:
+            path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise refused(path, e) from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor items (optimizer hyperparameters, ...) read with weights_only=True."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused(f"item {read_item.dest_index.fqn}", e) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def dcp_reader(path: str, trust: bool):
+    """(storage reader, load planner) for a DCP checkpoint: the allowlisted pair unless ``trust``."""
+    return (FileSystemReader(path), DefaultLoadPlanner()) if trust else (SafeFileSystemReader(path), SafeLoadPlanner())
+
+
 class DCPTensorReader:
     """Model tensors of a DCP checkpoint, a few at a time, in one process without a process group."""
 
-    def __init__(self, path: str) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
+    def __init__(self, path: str, trust: bool = False) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.path = path
-        md = FileSystemReader(path).read_metadata()
+        self.path, self.trust = path, trust
+        md = dcp_reader(path, trust)[0].read_metadata()
         self.shapes = {k[len("model."):]: (tuple(v.size), v.properties.dtype)
                        for k, v in md.state_dict_metadata.items()
                        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint import FileSystemReader
-
         sd = {f"model.{n}": torch.empty(self.shapes[n][0], dtype=self.shapes[n][1]) for n in names}
+        reader, planner = dcp_reader(self.path, self.trust)
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-            dcp.load(sd, storage_reader=FileSystemReader(self.path), no_dist=True)
+            dcp.load(sd, storage_reader=reader, planner=planner, no_dist=True)
         return {n: sd[f"model.{n}"] for n in names}
 
