@@ -88,16 +88,41 @@ def load_config_file(path: str) -> dict[str, Any]:
         name = _ALIASES.get(key.replace("-", "_").lstrip("_"), key.replace("-", "_"))
         if name not in _FIELDS:
             raise ConfigError(f"--config: {path!r} has unknown setting {key!r}")
-        typ, is_list = _base_type(_HINTS[name])
         if value is not None:
-            try:
-                value = [typ(v) for v in value] if is_list else (value if typ is bool else typ(value))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"--config: {path!r} setting {key!r}={value!r}: {e}") from e
-            if typ is bool and not isinstance(value, bool):
-                raise ConfigError(f"--config: {path!r} setting {key!r} must be true or false, got {value!r}")
+            value = _typed(value, name, key, path)
         out[name] = value
     return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_LIST_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+
+
+def _typed(value: Any, name: str, key: str, path: str) -> Any:
+    """``value`` from a settings file, checked against field ``name``'s type; no silent coercion
+    (``max_steps: 6.9`` is not 6, ``max_steps: true`` is not 1, ``data_sources: arxiv`` is not five letters)."""
+    typ, is_list = _base_type(_HINTS[name])
+
+    def one(v: Any, what: str) -> Any:
+        if typ is float and isinstance(v, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        ok = (isinstance(v, bool) if typ is bool else
+              isinstance(v, int) and not isinstance(v, bool) if typ is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else isinstance(v, typ))
+        if not ok:
+            raise ConfigError(f"--config: {path}: setting {key!r} {what}must be {_TYPE_NAMES[typ]}, "
+                              f"got {v!r} ({type(v).__name__})")
+        return float(v) if typ is float else v
+
+    if not is_list:
+        return one(value, "")
+    if not isinstance(value, list):
+        raise ConfigError(f"--config: {path}: setting {key!r} must be a list of {_LIST_NAMES[typ]}, got {value!r} "
+                          f"({type(value).__name__}); write [{value!r}] for one item")
+    return [one(v, f"item {i} ") for i, v in enumerate(value)]
 
 
 def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:

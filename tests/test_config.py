@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -63,6 +64,35 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
         parse_config(["--config", str(f)])
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("max_steps: 6.9\n", "max_steps", "an integer, got 6.9"),
+    ("max_steps: true\n", "max_steps", "an integer, got True"),
+    ("max_steps: '7'\n", "max_steps", "an integer, got '7'"),
+    ("data_sources: arxiv\n", "data_sources", "a list of strings, got 'arxiv'"),
+    ("data_sources: [arxiv, 3]\n", "data_sources", "item 1 must be a string, got 3"),
+    ("packing: 'no'\n", "packing", "true or false, got 'no'"),
+    ("learning_rate: fast\n", "learning_rate", "a number, got 'fast'"),
+    ("run_name: 12\n", "run_name", "a string, got 12"),
+])
+def test_config_file_types_are_strict(tmp_path, text, key, expected):
+    """A wrong type in a settings file is an error naming the file, the key and the type (no coercion: 6.9 is not 6,
+    true is not 1, a string is not a list of its letters)."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"c.yaml: setting '{key}' .*{re.escape(expected)}"):
+        parse_config(["--config", str(f)])
+
+
+def test_config_file_numbers_as_written():
+    """YAML reads 3e-4 as a string; a number field takes it, and ints are fine where floats are expected."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("learning_rate: 3e-4\nmin_learning_rate: 0\ndata_mix_weights: [1, 2.5]\n")
+    cfg = parse_config(["--config", f.name])
+    assert (cfg.learning_rate, cfg.min_learning_rate, cfg.data_mix_weights) == (3e-4, 0.0, [1.0, 2.5])
 
 
 def test_lr_schedule_warmup_midpoint_end():
