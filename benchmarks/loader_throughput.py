@@ -110,6 +110,13 @@ def main() -> None:
         for k, it in readers.items():
             timed(it, 5)  # warm
             results[k].append(timed(it, a.batches))
+    # member verification (checksum + id range) happens on a member's first read: measure fresh loaders, whose
+    # every member is new, with and without it, alternating
+    first: dict[bool, list[float]] = {True: [], False: []}
+    for verify in (True, False) * a.rounds:
+        DomainStream.verify_members = verify
+        first[verify].append(timed(iter(ShardLoader(spec)), a.batches))
+    DomainStream.verify_members = True
     base = statistics.median(results["numpy memmap, random batches"])
     print(f"\nloader throughput, one process, batches of {a.batch} x {a.seq}, {len(flat):,} tokens, "
           f"median of {a.rounds} rounds x {a.batches} batches, {os.cpu_count()} cores")
@@ -119,6 +126,12 @@ def main() -> None:
         med = statistics.median(v)
         rows.append({"reader": k, "tokens_per_s": med, "ratio_vs_memmap": med / base})
         print(f"{k:<32}{med:>16,.0f}{med / base:>10.2f}x")
+    fv, fu = statistics.median(first[True]), statistics.median(first[False])
+    rows.append({"reader": "scaletrain first pass, verified", "tokens_per_s": fv, "ratio_vs_memmap": fv / base})
+    rows.append({"reader": "scaletrain first pass, unverified", "tokens_per_s": fu, "ratio_vs_memmap": fu / base})
+    print(f"first pass over fresh loaders (every member checked on first read): verified {fv:,.0f} tokens/s "
+          f"({fv / base:.2f}x memmap), unverified {fu:,.0f} ({fu / base:.2f}x): verification costs "
+          f"{1 - fv / fu:.1%} of the first pass")
     print(f"\nprepare throughput ({prep_rows[0]['tokens']:,} tokens, sample corpus at scale {a.scale})")
     print(f"{'tokenizer':<10}{'workers':>8}{'tokens/s':>14}{'per worker':>14}")
     for r in prep_rows:

@@ -322,6 +322,37 @@ def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
         stream.read(int(starts[k]), 2048)
 
 
+@pytest.mark.parametrize("fill", [0xFF, 0x00])
+def test_overwritten_member_data_is_found_on_first_read(data, tmp_path, fill):
+    """0xFF over a member's data used to give a bare IndexError (a device assert on a GPU); zeros trained silently.
+    The member's checksum names shard and member; without checksums (older manifests) the id range still does."""
+    import shutil
+
+    copy = tmp_path / "general"
+    shutil.copytree(data / "pre" / "general", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    name, offset, n, digest = manifest["shards"][1]["members"][0]
+    assert len(digest) == 16  # xxh3-64, hex
+    shard = copy / "shard-00001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[offset: offset + 2 * n] = bytes([fill]) * (2 * n)
+    shard.write_bytes(bytes(raw))
+
+    def first_read(stream):
+        perm, starts = stream._epoch_order(0)
+        k = int(np.flatnonzero(perm == 1)[0])
+        return stream.read(int(starts[k]), 16)
+
+    with pytest.raises(ShardError, match=rf"shard-00001.tar: member {name} does not match its checksum"):
+        first_read(DomainStream(copy))
+    for shard_info in manifest["shards"]:  # a manifest from before checksums
+        shard_info["members"] = [m[:3] for m in shard_info["members"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    if fill == 0xFF:
+        with pytest.raises(ShardError, match=rf"member {name} holds token id 65535, past the vocabulary of 258"):
+            first_read(DomainStream(copy))
+
+
 def test_val_split_and_missing_val(data, tmp_path):
     val = ShardLoader(spec(data, split="val", gas=1))
     x, _, _ = next(val)

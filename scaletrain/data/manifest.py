@@ -7,7 +7,7 @@ module and ``shards.py``: no webdataset, no writer.
 
 Format 2 added the special-token strings, ``bos`` and ``add_bos``; format 1 manifests are
 upgraded on read (their strings come from the tokenizer.json next to them, or the byte-level
-table).
+table). Format 3 adds each member's XXH3-64 checksum (a fourth entry), checked on first read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from scaletrain.errors import ScaletrainError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".tex", ".gz", ".zst", ".bz2", ".parquet")
 
 
@@ -59,7 +59,7 @@ class Shard:
     file: str
     tokens: int
     bytes: int
-    members: list[list]  # [name, data offset in bytes, tokens]
+    members: list[list]  # [name, data offset in bytes, tokens, xxh3-64 of the data (format 3)]
 
 
 @dataclass

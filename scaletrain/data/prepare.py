@@ -30,6 +30,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
+import xxhash
+
+from scaletrain.faults import kill_between_renames
 
 from .manifest import MANIFEST, TOKENIZER_FILE, Manifest, Shard, Split
 from .text import Document, InputError, ReadStats, iter_documents
@@ -104,7 +107,12 @@ class ShardWriter:
         with tarfile.open(path) as tf:
             members = [m for m in tf.getmembers() if m.isfile()]
         itemsize = self.dtype.itemsize
-        info.members = [[m.name, m.offset_data, m.size // itemsize] for m in members]
+        with open(path, "rb") as f:  # each member's checksum, verified by the reader on first use
+            digests = []
+            for m in members:
+                f.seek(m.offset_data)
+                digests.append(xxhash.xxh3_64_hexdigest(f.read(m.size)))
+        info.members = [[m.name, m.offset_data, m.size // itemsize, d] for m, d in zip(members, digests)]
         info.tokens = sum(m.size for m in members) // itemsize
         info.bytes = path.stat().st_size
 
@@ -128,6 +136,26 @@ def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
+def _recover_domain(root: Path, domain: str) -> list[str]:
+    """Finish or undo an ``--overwrite`` that a crash interrupted between its two renames: a complete new
+    preparation (it has a manifest) takes the missing domain folder's place, else the previous one is put back;
+    leftover old copies are removed. Returns what it did."""
+    out, done = root / domain, []
+    for old in sorted(root.glob(f".{domain}.old-*")) if root.is_dir() else []:
+        if not out.exists():
+            new = next((t for t in sorted(root.glob(f".{domain}.tmp-*")) if (t / MANIFEST).is_file()), None)
+            if new is not None:
+                new.rename(out)
+                done.append(f"{out}: committed the new preparation (a crash fell between its renames)")
+            else:
+                old.rename(out)
+                done.append(f"{out}: restored the previous preparation (its replacement was incomplete)")
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+        done.append(f"removed {old.name}, the copy an interrupted --overwrite replaced")
+    return done
+
+
 def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None = None,
                    eos_token: str | None = None, workers: int = 1, val_fraction: float = 0.0,
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
@@ -141,6 +169,8 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
         raise InputError(f"--chunk-tokens {chunk_tokens} / --shard-tokens {shard_tokens}: need 0 < chunk <= shard")
     out = Path(output) / domain
+    for line in _recover_domain(Path(output), domain):
+        print(f"scaletrain prepare: {line}", file=sys.stderr)
     if out.exists() and any(out.iterdir()) and not overwrite:
         state = "a complete preparation" if (out / MANIFEST).exists() else "files but no manifest (incomplete)"
         raise InputError(f"--output: {out} already holds {state}; pass --overwrite to replace it "
@@ -191,14 +221,15 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                             train=Split(n_docs - n_val, train.tokens, shards), val=Split(n_val, val.tokens, val_shards),
                             inputs=[str(i) for i in inputs], skipped_bad_lines=stats.bad_lines,
                             empty_documents=stats.empty, val_fraction=val_fraction)
-        manifest.write(tmp)
         if tok.path:
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
+        manifest.write(tmp)  # last: a folder with a manifest is complete (see _recover_domain)
         # commit: the old folder (if any) goes only once the new one is complete
         old = None
         if out.exists():
             old = Path(output) / f".{domain}.old-{os.getpid()}"
             out.rename(old)
+            kill_between_renames()
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old)
@@ -208,6 +239,8 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                   f"validation tokens in {len(shards)} + {len(val_shards)} shards, {elapsed:.1f}s "
                   f"({total / max(elapsed, 1e-9) / workers:,.0f} tokens/s per worker)"
                   + (f", {stats.bad_lines} bad lines skipped" if stats.bad_lines else ""), file=sys.stderr)
+        for name, why in stats.skipped_files if not quiet else ():
+            print(f"  skipped {name}: {why}", file=sys.stderr)
         return manifest
     finally:
         if pool is not None:

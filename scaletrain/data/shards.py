@@ -4,8 +4,10 @@ The manifest records each tar member's data offset, so a range of the stream is 
 ``np.memmap`` slices of the tar files, no parsing: resuming at any position costs nothing and
 every rank can read any row (webdataset's sequential reader keeps no position to resume from;
 ``benchmarks/loader_throughput.py`` measures both). Each epoch walks the shards in a seeded
-permutation; members keep their order inside a shard. A member's tar header is checked the
-first time it is read, so a corrupt or truncated shard is reported by shard and member.
+permutation; members keep their order inside a shard. The first time a member is read, its tar
+header, its checksum (manifest format 3) and its token ids (below the tokenizer's vocab) are checked,
+so a corrupt, zeroed or overwritten member is reported by shard and member, never trained on (or, with
+ids past the vocab, turned into an index error far away).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from .manifest import MANIFEST, ShardError, load_manifest
 
@@ -22,6 +25,8 @@ __all__ = ["DomainStream", "ShardError", "load_manifest"]
 
 class DomainStream:
     """The token stream of one domain split (``train`` or ``val``), endless over epochs."""
+
+    verify_members = True  # checksum and id-range check on first read (benchmarks turn it off to measure it)
 
     def __init__(self, domain_dir: str | Path, split: str = "train", seed: int = 0, domain_index: int = 0) -> None:
         self.dir = Path(domain_dir)
@@ -33,6 +38,7 @@ class DomainStream:
             raise ShardError(f"{self.folder}: the {split} split has no shards"
                              + (" (prepared with --val-fraction 0)" if split == "val" else ""))
         self.dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
+        self.vocab_size = self.manifest.tokenizer.vocab_size
         self.seed, self.domain_index = seed, domain_index
         self.shard_tokens = np.array([s.tokens for s in self.shards], dtype=np.int64)
         self.total = int(self.shard_tokens.sum())
@@ -71,7 +77,7 @@ class DomainStream:
         return m
 
     def _check_member(self, shard: int, member: int) -> None:
-        name, offset, n = self.shards[shard].members[member]
+        name, offset, n = self.shards[shard].members[member][:3]
         m = self._map(shard).view(np.uint8)
         header = bytes(m[offset - 512: offset])
         stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -79,10 +85,22 @@ class DomainStream:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             size = -1
+        where = f"shard {self.folder / self.shards[shard].file}: member {name}"
         if stored != name or size != n * self.dtype.itemsize:
-            raise ShardError(f"shard {self.folder / self.shards[shard].file}: member {name} is corrupt (tar header "
-                             f"says {stored!r} of {size} bytes, manifest {n * self.dtype.itemsize}); "
-                             f"prepare the domain again")
+            raise ShardError(f"{where} is corrupt (tar header says {stored!r} of {size} bytes, manifest "
+                             f"{n * self.dtype.itemsize}); prepare the domain again")
+        if not self.verify_members:
+            self._checked.add((shard, member))
+            return
+        data = m[offset: offset + n * self.dtype.itemsize]
+        digest = self.shards[shard].members[member][3:4]
+        if digest and xxhash.xxh3_64_hexdigest(data) != digest[0]:
+            raise ShardError(f"{where} does not match its checksum in {self.dir / MANIFEST} (its bytes changed after "
+                             f"prepare); prepare the domain again")
+        top = int(data.view(self.dtype).max()) if n else 0
+        if top >= self.vocab_size:
+            raise ShardError(f"{where} holds token id {top}, past the vocabulary of {self.vocab_size} "
+                             f"({self.manifest.tokenizer.name}); the shard is corrupt: prepare the domain again")
         self._checked.add((shard, member))
 
     def _read_shard(self, shard: int, start: int, length: int) -> np.ndarray:
@@ -94,7 +112,7 @@ class DomainStream:
         while length > 0:
             if (shard, i) not in self._checked:
                 self._check_member(shard, i)
-            _, offset, n = members[i]
+            offset, n = members[i][1], members[i][2]
             lo = int(start - starts[i])
             take = min(n - lo, length)
             t0 = offset // self.dtype.itemsize + lo

@@ -1,0 +1,39 @@
+"""Named fault-injection points for the crash and hostile-world tests; all off unless set.
+
+``SCALETRAIN_FAULT=<kind>[:<arg>]`` in the environment turns one on:
+
+* ``save_pause:SECONDS``: a checkpoint save sleeps between writing its files and committing;
+* ``save_enospc[:RANK]``: writing a checkpoint fails on rank RANK (default 0) the way a full disk fails,
+  inside the engine's own collective save;
+* ``swap_kill``: the process kills itself between the two renames that replace a folder (a checkpoint's
+  ``best``/``final``, a prepared domain with ``--overwrite``).
+
+Nothing else reads the variable; a real run never sets it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+ENV = "SCALETRAIN_FAULT"
+
+
+def fault(kind: str) -> str | None:
+    """The argument of fault ``kind`` when it is on (``""`` without one), else None."""
+    spec = os.environ.get(ENV, "")
+    name, _, arg = spec.partition(":")
+    return arg if spec and name == kind else None
+
+
+def kill_between_renames() -> None:
+    if fault("swap_kill") is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full(path: str, rank: int) -> None:
+    """Raise ENOSPC as a write to ``path`` would on a full disk, when ``save_enospc`` names this rank."""
+    arg = fault("save_enospc")
+    if arg is not None and rank == int(arg or 0):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
