@@ -4,12 +4,14 @@
    against torch.save / torch.load of the same state (model + AdamW moments) to the same disk, and
    the load with every file read weights-only (the default) against plain unpickling (--trust-checkpoint);
 2. how long an FSDP async save (dcp.async_save) stalls training, against a synchronous save;
-3. peak RSS of launch/convert.py for two model sizes (default small and base, 10x apart), each in
+3. what checksums cost: hashing the files at save against the save, verifying them (cold) against the load;
+4. peak RSS of launch/convert.py for two model sizes (default small and base, 10x apart), each in
    a fresh process, against torch's own dcp_to_torch_save.
 
     python benchmarks/checkpoint_bench.py [--model-size small] [--big base] [--shard 512MB]
 
-Goals: save <= 1.2x torch.save; async stall <= 0.2x a synchronous save; conversion peak <= 2x the
+Goals: save <= 1.2x torch.save; async stall <= 0.2x a synchronous save; checksums <= 10% of a save;
+conversion peak <= 2x the
 max shard size and flat in model size. Writes benchmarks/results/checkpoint_bench_<time>.json.
 """
 
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, build_runner  # noqa: E402
 
+from scaletrain.checkpoint.integrity import hash_share, verify_folder  # noqa: E402
 from scaletrain.convert import parse_size  # noqa: E402
 from scaletrain.data.synthetic import SyntheticLoader  # noqa: E402
 from scaletrain.engine import get_engine_class  # noqa: E402
@@ -111,12 +114,23 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
             engine.load(str(ours), optimizer_steps=1, trust=trust)
             times[trust].append(time.perf_counter() - t0)
         row["load_s"], row["load_trusted_s"] = statistics.median(times[False]), statistics.median(times[True])
+        # checksums: what a save adds (hashing the files just written, as the store does) and what the
+        # check before a resume adds (a cold read of every file); the integrity.py figures
+        t0 = time.perf_counter()
+        hash_share(ours, 0, 1)
+        row["hash_s"] = time.perf_counter() - t0
+        meta = {"files": hash_share(ours, 0, 1)}
+        _drop_cache(ours)
+        t0 = time.perf_counter()
+        assert verify_folder(ours, meta, 0, 1) == []
+        row["verify_s"] = time.perf_counter() - t0
         _drop_cache(ref)
         t0 = time.perf_counter()
         torch.load(ref, weights_only=False)
         row["torch_load_s"] = time.perf_counter() - t0
     row.update(bytes=_du(ours), torch_bytes=_du(ref), save_ratio=row["save_s"] / row["torch_save_s"],
-               load_ratio=row["load_s"] / row["torch_load_s"], safe_load_ratio=row["load_s"] / row["load_trusted_s"])
+               load_ratio=row["load_s"] / row["torch_load_s"], safe_load_ratio=row["load_s"] / row["load_trusted_s"],
+               hash_ratio=row["hash_s"] / row["save_s"], verify_ratio=row["verify_s"] / row["load_s"])
     if kind == "fsdp":  # async: how long the call blocks training, then wait for the write
         shutil.rmtree(work / "async", ignore_errors=True)
         (work / "async").mkdir()
@@ -193,13 +207,14 @@ def main() -> None:
     p.add_argument("--big", default="base", help="larger model for the conversion RSS (>= 4x the smaller)")
     p.add_argument("--shard", default="512MB", help="--max-shard-size of the conversions")
     p.add_argument("--engines", nargs="+", default=["fsdp", "zero2"])
+    p.add_argument("--no-conversion", action="store_true", help="skip the conversion peak-RSS part")
     p.add_argument("--workdir", help="scratch folder on the disk to measure (default: a temporary one)")
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="ckpt_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     # conversions first, in fresh processes, while this one holds no model (the big save needs the RAM)
-    conv = [conversion_rss(m, a.shard, work) for m in (a.small, a.big)]
+    conv = [] if a.no_conversion else [conversion_rss(m, a.shard, work) for m in (a.small, a.big)]
     env = get_engine_class("deepspeed").init_distributed()
     rows = [save_load(k, a.model_size, work, env) for k in a.engines]
     print(f"\nsave / load, {a.model_size} ({num_params(get_model_config(a.model_size)) / 1e6:,.0f}M params, fp32 "
@@ -213,11 +228,16 @@ def main() -> None:
         print(f"safe load ({r['engine']}): {r['load_s']:.2f}s with every file read weights-only vs "
               f"{r['load_trusted_s']:.2f}s with --trust-checkpoint (plain unpickling) = {r['safe_load_ratio']:.2f}x")
     for r in rows:
+        print(f"checksums ({r['engine']}, xxh3-128): {r['hash_s']:.2f}s at save = {r['hash_ratio']:.1%} of the save; "
+              f"{r['verify_s']:.2f}s to verify from a cold cache = {r['verify_ratio']:.1%} of the load")
+    for r in rows:
         if "async_stall_s" in r:
             print(f"async save (fsdp): training blocked {r['async_stall_s']:.2f}s of a {r['save_s']:.2f}s synchronous "
                   f"save = {r['async_stall_ratio']:.2f}x (write finished after {r['async_total_s']:.2f}s)")
-    print(f"\nconversion peak RSS, --max-shard-size {a.shard}, fp32 output, fresh process each")
-    print(f"{'model':<8}{'params':>10}{'fp32 GiB':>10}{'convert GiB':>13}{'x shard':>9}{'dcp_to_torch_save GiB':>23}")
+    if conv:
+        print(f"\nconversion peak RSS, --max-shard-size {a.shard}, fp32 output, fresh process each")
+        print(f"{'model':<8}{'params':>10}{'fp32 GiB':>10}{'convert GiB':>13}{'x shard':>9}"
+              f"{'dcp_to_torch_save GiB':>23}")
     for c in conv:
         print(f"{c['model']:<8}{c['params'] / 1e6:>9,.0f}M{c['fp32_gib']:>10.2f}{c['convert_peak_rss_gib']:>13.2f}"
               f"{c['convert_peak_rss_gib'] / c['shard_gib']:>8.2f}x{c['dcp_to_torch_save_peak_rss_gib']:>23.2f}")

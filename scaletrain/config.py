@@ -89,12 +89,16 @@ class PreTrainingConfig:
                                   "(the newest complete one if any, else start fresh)")
     trust_checkpoint: bool = _f(False, "load checkpoint files that name code to run while unpickling (refused by "
                                        "default); only for checkpoints from a source you trust")
+    verify_checkpoint: bool = _f(True, "check every file of the checkpoint resumed from against the sizes and "
+                                       "checksums recorded at save (--no-verify-checkpoint skips it)")
+    force_lock: bool = _f(False, "take the checkpoint folder's lock even when another run seems to hold it (only "
+                                 "when you know that run is dead)")
     # evaluation and logging
     eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
     eval_steps: int = _f(10, "micro-batches per rank in each validation pass")
     log_interval: int = _f(10, "log metrics every N steps")
     run_dir: str = _f("runs/pretraining", "TensorBoard and metrics.jsonl go to run_dir/run_name")
-    run_name: str | None = _f(None, "name of this run (default: a timestamp)")
+    run_name: str | None = _f(None, "name of this run (default: the resumed checkpoint's run, else a timestamp)")
     use_tensorboard: bool = _f(True, "write TensorBoard events")
     use_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project: str = _f("scaletrain", "Weights & Biases project")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta, resolve_resume
+from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.data.manifest import TokenizerInfo
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
 
@@ -90,12 +91,16 @@ def write_safetensors(path: Path, items: list[tuple[str, tuple, str]], fetch, dt
 
 
 def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int = "5GB",
-            overwrite: bool = False, quiet: bool = False, trust_checkpoint: bool = False) -> Path:
+            overwrite: bool = False, quiet: bool = False, trust_checkpoint: bool = False, verify: bool = True) -> Path:
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    path = resolve_resume(ckpt, ckpt)
+    path = resolve_resume(ckpt, ckpt)[0]
     meta = read_meta(path)
+    bad = verify_folder(path, meta, 0, 1) if verify else []
+    if bad:  # an export of damaged weights would look fine and be wrong
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad[0]}" + (f" (and {len(bad) - 1} more)" if
+                              len(bad) > 1 else "") + "; convert another checkpoint (or pass --no-verify-checkpoint)")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -174,6 +179,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read checkpoint files that name code to run while unpickling (refused by default); only "
                         "for checkpoints from a source you trust")
+    p.add_argument("--no-verify-checkpoint", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's files against the checksums recorded at save")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,4 +191,4 @@ def main(argv: list[str] | None = None) -> None:
     from scaletrain.errors import run_entry
 
     run_entry(lambda: convert(a.ckpt, a.out, a.dtype, a.max_shard_size, a.overwrite,
-                              trust_checkpoint=a.trust_checkpoint))
+                              trust_checkpoint=a.trust_checkpoint, verify=a.verify))

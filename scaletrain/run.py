@@ -16,9 +16,14 @@ from typing import Any
 import torch.distributed as dist
 
 from scaletrain.checkpoint import check_model_matches, read_meta, recover, resolve_resume
+from scaletrain.checkpoint.integrity import verify_folder
+from scaletrain.checkpoint.lock import FolderLock
+from scaletrain.checkpoint.manager import checkpoint_bytes
+from scaletrain.checkpoint.store import COMPLETE, CheckpointError, check_writable, warn
 from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import model_vocab_size
 from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, load_manifest
+from scaletrain.errors import ScaletrainError
 from scaletrain.model import ModelConfig, get_model_config
 
 
@@ -31,6 +36,11 @@ class RunPlan:
     resume: Path | None
     resume_meta: dict[str, Any] | None
     recovered: tuple[str, ...] = ()  # what crash recovery of the checkpoint folder did (rank 0)
+    lock: FolderLock | None = None  # rank 0 holds the checkpoint folder's lock until the run ends
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def model_config_for(cfg: PreTrainingConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -58,6 +68,94 @@ def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path |
     return first, (file if first.kind == "hf" else None)
 
 
+def _broadcast(obj, world_size: int):
+    box = [obj]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[FolderLock | None, list[str]]:
+    """Rank 0 checks the checkpoint folder is writable, locks it, then finishes or undoes what a crash left;
+    every rank gets the outcome (an error stops them all with the same line)."""
+    lock, notes, error = None, [], None
+    if env.is_main:
+        folder = Path(cfg.checkpoint_dir)
+        try:
+            low = check_writable(folder, checkpoint_bytes(model_cfg))
+            lock = FolderLock(folder, cfg.run_name or "(unnamed)", cfg.force_lock)
+            if lock.warning:
+                warn(lock.warning)
+            if low:
+                warn(low)
+            notes = recover(folder)
+        except ScaletrainError as e:
+            error = str(e)
+    error = _broadcast(error, env.world_size)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise CheckpointError(error)
+    return lock, notes
+
+
+_NOT_COMPARED = {"resume", "stop_at_step", "run_name", "force_lock", "trust_checkpoint", "verify_checkpoint",
+                 "run_dir", "wandb_run_name"}
+
+
+def _choose_resume(cfg: PreTrainingConfig, env, group) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume: the first candidate whose files match their checksums. With --resume latest/auto
+    or a folder of checkpoints, a damaged one is reported and the previous complete one taken; an explicit
+    checkpoint that is damaged stops the run naming the file."""
+    candidates = resolve_resume(cfg.resume, cfg.checkpoint_dir)
+    explicit = bool(cfg.resume) and cfg.resume not in ("auto", "latest") and (Path(cfg.resume) / COMPLETE).is_file()
+    problems = []
+    for path in candidates:
+        meta = read_meta(path)
+        bad = verify_folder(path, meta, env.rank, env.world_size, group) if cfg.verify_checkpoint else []
+        if not bad:
+            return path, meta
+        what = f"checkpoint {path} is damaged: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        if explicit:
+            raise CheckpointError(f"--resume {cfg.resume}: {what}; resume from another checkpoint (or pass "
+                                  f"--no-verify-checkpoint to load it anyway)")
+        problems.append(what)
+        if env.is_main:
+            warn(f"{what}; trying the previous complete checkpoint")
+    if problems:
+        raise CheckpointError(f"--resume {cfg.resume}: every checkpoint is damaged ({'; '.join(problems)})")
+    return None, None
+
+
+def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: str, env) -> None:
+    """Refuse what cannot continue; warn about every setting that changed since the checkpoint."""
+    step = int(meta["step"])
+    if meta.get("engine") and meta["engine"] != engine_name:
+        from scaletrain.engine import get_engine_class
+
+        how = get_engine_class(meta["engine"]).selected_by
+        raise CheckpointError(
+            f"checkpoint {path} was written by the {meta['engine']} engine and this run uses {engine_name}; resume it "
+            f"with the engine that wrote it ({how}). "
+            f"Its weights can go to Hugging Face format with: python launch/convert.py {path} <out>; starting "
+            f"another engine from them is not supported yet")
+    if step > cfg.max_steps:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, past --max-steps {cfg.max_steps}: nothing to "
+                              f"train. Give --max-steps above {step} to go on (the schedule follows --max-steps)")
+    if cfg.stop_at_step is not None and cfg.stop_at_step <= step:
+        raise CheckpointError(f"--stop-at-step {cfg.stop_at_step} is not after the resumed step {step} ({path}); "
+                              f"give a later step, or drop --stop-at-step")
+    if not env.is_main:
+        return
+    saved = meta.get("config") or {}
+    if cfg.run_name and saved.get("run_name") and saved["run_name"] != cfg.run_name:
+        warn(f"checkpoint {path} was written by run {saved['run_name']!r}; this run is {cfg.run_name!r}")
+    for key, now in cfg.to_dict().items():
+        if key in saved and key not in _NOT_COMPARED and saved[key] != now:
+            warn(f"resuming {path.name} with {PreTrainingConfig.flag(key)} {now!r}; the checkpoint was saved with "
+                 f"{saved[key]!r}")
+
+
 def _run_name(cfg: PreTrainingConfig, world_size: int) -> str:
     """--run-name, or rank 0's timestamp shared with every rank."""
     if cfg.run_name:
@@ -68,22 +166,28 @@ def _run_name(cfg: PreTrainingConfig, world_size: int) -> str:
     return name[0]
 
 
-def plan_run(cfg: PreTrainingConfig, engine_cls, env) -> RunPlan:
-    """Resolve everything, then freeze the config (all ranks call this)."""
+def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
+    """Resolve everything, then freeze the config (all ranks call this; ``group``: a CPU group for the
+    checkpoint checks). Rank 0 holds the checkpoint folder's lock from here: call ``RunPlan.release`` at the end."""
     cfg = engine_cls.resolve_config(cfg, env.world_size, env.device.type)
     tokenizer, tokenizer_file = data_tokenizer(cfg)
     vocab = model_vocab_size(tokenizer.vocab_size) if tokenizer else None
     model_cfg = model_config_for(cfg, vocab)
-    recovered: list[str] = []
-    if env.is_main and Path(cfg.checkpoint_dir).is_dir():  # finish or undo what a crash interrupted, first
-        recovered = recover(Path(cfg.checkpoint_dir))
-    if env.world_size > 1:
-        dist.barrier()
-    resume = resolve_resume(cfg.resume, cfg.checkpoint_dir)
-    resume_meta = read_meta(resume) if resume else None
-    if resume_meta:
-        check_model_matches(resume_meta, model_cfg, resume)
-    name = _run_name(cfg, env.world_size)
-    if name != cfg.run_name:
-        cfg = cfg.replace(run_name=name)
-    return RunPlan(cfg.freeze(), model_cfg, tokenizer, tokenizer_file, resume, resume_meta, tuple(recovered))
+    lock, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
+    try:
+        resume, resume_meta = _choose_resume(cfg, env, group)
+        if resume_meta:
+            check_model_matches(resume_meta, model_cfg, resume)
+            _check_resume(cfg, resume, resume_meta, engine_cls.name, env)
+            if not cfg.run_name and (resume_meta.get("config") or {}).get("run_name"):
+                cfg = cfg.replace(run_name=resume_meta["config"]["run_name"])  # the run goes on under its name
+        name = _run_name(cfg, env.world_size)
+        if name != cfg.run_name:
+            cfg = cfg.replace(run_name=name)
+        if lock is not None:
+            lock.set_run_name(name)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return RunPlan(cfg.freeze(), model_cfg, tokenizer, tokenizer_file, resume, resume_meta, tuple(recovered), lock)

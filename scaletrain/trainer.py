@@ -23,6 +23,7 @@ from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.train_state import TrainState
+from scaletrain.watchdog import exit_with_launcher
 
 
 @dataclass
@@ -106,10 +107,18 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
 
 
 def train(cfg: PreTrainingConfig) -> TrainResult:
+    exit_with_launcher()  # a worker of torchrun/deepspeed must not outlive its launcher
     engine_cls = get_engine_class(cfg.resolved_engine)
     env = engine_cls.init_distributed()
     control = dist.new_group(backend="gloo")  # small CPU collectives: preemption, checkpoint errors
-    plan = plan_run(cfg, engine_cls, env)
+    plan = plan_run(cfg, engine_cls, env, control)
+    try:
+        return _train(plan, engine_cls, env, control)
+    finally:
+        plan.release()  # the checkpoint folder's lock
+
+
+def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     cfg, model_cfg = plan.cfg, plan.model_config
     for line in plan.recovered:
         print(f"scaletrain: checkpoint recovery in {cfg.checkpoint_dir}: {line}", flush=True)

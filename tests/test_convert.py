@@ -74,6 +74,20 @@ def test_bf16_single_file_and_output_rules(checkpoints, tmp_path):
         convert(str(tmp_path), str(tmp_path / "x"), quiet=True)
 
 
+def test_a_damaged_checkpoint_is_not_exported(checkpoints, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints / "fsdp" / "final", bad)
+    shard = max((p for p in bad.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights: the export would load and be wrong
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {bad} is damaged: {shard} does not match its checksum"):
+        convert(str(bad), str(tmp_path / "hf"), quiet=True)
+    convert(str(bad), str(tmp_path / "hf"), quiet=True, verify=False)  # the user's call
+
+
 def test_shape_mismatch_names_the_tensor(checkpoints, tmp_path):
     import shutil
 

@@ -9,10 +9,12 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from scaletrain.checkpoint import COMPLETE
 from scaletrain.checkpoint.safe import UnsafeCheckpointError, load_run_state
 from scaletrain.convert import convert
 
@@ -58,6 +60,15 @@ def copy(checkpoints, kind, tmp_path):
     return tmp_path / kind
 
 
+def forge_checksums(folder: Path) -> None:
+    """What an attacker does next: record the poisoned files' checksums, so only the loaders stand in the way."""
+    from scaletrain.checkpoint.integrity import hash_share
+
+    meta = json.loads((folder / COMPLETE).read_text())
+    meta["files"] = hash_share(folder, 0, 1)
+    (folder / COMPLETE).write_text(json.dumps(meta))
+
+
 def test_run_state_file_is_never_unpickled_with_code(checkpoints, tmp_path):
     ck = copy(checkpoints, "fsdp", tmp_path)
     state = ck / "final" / "train_state_rank0.pt"
@@ -71,6 +82,7 @@ def test_poisoned_dcp_metadata_is_refused_by_resume_and_convert(checkpoints, tmp
     ck = copy(checkpoints, "fsdp", tmp_path)
     marker = tmp_path / "marker"
     poison_dcp_metadata(ck / "final" / ".metadata", marker)
+    forge_checksums(ck / "final")
     p = launch("python", RUN + ["--engine", "fsdp", "--checkpoint-dir", str(ck), "--resume", "latest",
                                 "--max-steps", "4"], tmp_path, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -107,6 +119,7 @@ def test_poisoned_deepspeed_files_are_refused_by_convert(checkpoints, tmp_path, 
     ck = copy(checkpoints, "ds", tmp_path)
     target = next((ck / "final" / "deepspeed").glob(f"*{which}.pt"))
     poison_torch_file(target, tmp_path / "marker")
+    forge_checksums(ck / "final")
     with pytest.raises(UnsafeCheckpointError, match=rf"{target.name} names posix.system"):
         convert(str(ck / "final"), str(tmp_path / "hf"), quiet=True)
     assert not (tmp_path / "marker").exists()
@@ -117,6 +130,7 @@ def test_poisoned_deepspeed_files_are_refused_by_resume_unless_trusted(checkpoin
     marker = tmp_path / "marker"
     optim = next((ck / "final" / "deepspeed").glob("*optim_states.pt"))
     poison_torch_file(optim, marker)
+    forge_checksums(ck / "final")
     args = RUN + ["--engine", "deepspeed", "--checkpoint-dir", str(ck), "--resume", "latest", "--max-steps", "3"]
     p = launch("python", args, tmp_path, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]

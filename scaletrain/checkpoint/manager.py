@@ -27,11 +27,12 @@ from typing import Any
 import torch
 
 from .safe import UnsafeCheckpointError, load_run_state
-from .store import CheckpointError, CheckpointStore, read_meta, step_name
+from .store import CheckpointError, CheckpointStore, describe_failure, read_meta, step_name
 
 STATE_FILE = "train_state_rank{rank}.pt"
 TOKENIZER_DIR = "tokenizer"
-FORMAT = 2
+FORMAT = 3  # 3: COMPLETE.json records every file's size and checksum
+BYTES_PER_PARAM = 16  # fp32 weights and Adam's two moments (12), plus DeepSpeed's 16-bit weights and slack
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -48,14 +49,11 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(p, target)
 
 
-def _describe(e: BaseException) -> str:
-    """One line about a failure; for DCP's CheckpointException, the first rank's underlying error."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        e = getattr(inner, "exception", inner)
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:500] if text else ''}"
+def checkpoint_bytes(model_cfg) -> int:
+    """About how many bytes one checkpoint of this model takes (for the free-space checks)."""
+    from scaletrain.model import num_params
+
+    return num_params(model_cfg) * BYTES_PER_PARAM
 
 
 class CheckpointManager:
@@ -64,7 +62,8 @@ class CheckpointManager:
     def __init__(self, cfg, env, engine, loader, state, model_cfg, tokenizer=None, tokenizer_file: Path | None = None,
                  group=None) -> None:
         self.cfg, self.env, self.engine, self.loader, self.state = cfg, env, engine, loader, state
-        self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, group)
+        self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, env.world_size, group,
+                                     estimate_bytes=checkpoint_bytes(model_cfg))
         self.group = group
         self.model_cfg, self.tokenizer, self.tokenizer_file = model_cfg, tokenizer, tokenizer_file
         self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
@@ -109,17 +108,19 @@ class CheckpointManager:
             return self._save_links(self._written[1], name)
         run_state = {"train": self.state.state_dict(), "data": self.loader.state_dict()}
 
-        def write(folder: Path, in_background: bool):
+        def local(folder: Path) -> None:
             torch.save(run_state, folder / STATE_FILE.format(rank=self.env.rank))
             if self.env.is_main and self.tokenizer_file is not None:
                 (folder / TOKENIZER_DIR).mkdir()
                 shutil.copyfile(self.tokenizer_file, folder / TOKENIZER_DIR / "tokenizer.json")
+
+        def collective(folder: Path, in_background: bool):
             if in_background:
                 return self.engine.save_async(str(folder), self.group)
             self.engine.save(str(folder))
             return None
 
-        path = self.store.save(write, name, self.meta(), background=background)
+        path = self.store.save(local, collective, name, self.meta(), background=background)
         self._written = (step, name)
         self.last_saved = path
         if self.env.is_main:
@@ -129,11 +130,12 @@ class CheckpointManager:
     def _save_links(self, source: str, name: str) -> Path:
         src = self.store.dir / source
 
-        def write(folder: Path, in_background: bool):
+        def local(folder: Path) -> None:
             if self.env.is_main:
                 _link_tree(src, folder)
 
-        path = self.store.save(write, name, self.meta())
+        files = read_meta(src).get("files")  # the same bytes: the same checksums
+        path = self.store.save(local, lambda folder, bg: None, name, self.meta(), files=files)
         self._written = (self.state.step, name)
         self.last_saved = path
         if self.env.is_main:
@@ -167,5 +169,5 @@ class CheckpointManager:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointError(f"checkpoint {path}: the {self.engine.name} engine cannot load its state "
-                                  f"({_describe(e)})") from e
+                                  f"({describe_failure(e)})") from e
         self.loader.load_state_dict(run_state["data"])

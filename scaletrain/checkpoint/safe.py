@@ -26,10 +26,15 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file that names code to run while loading; refused unless trusted."""
 
 
-def refused(path: Any, error: BaseException) -> UnsafeCheckpointError:
+def refused(path: Any, error: BaseException) -> CheckpointError:
+    """The error for a weights-only load that failed: code it would run (refused), or bytes that are no pickle
+    at all (damaged)."""
     m = re.search(r"GLOBAL ([\w.]+)", str(error))
-    what = f"names {m.group(1)}" if m else f"is not a plain tensor file ({str(error).strip().splitlines()[0][:200]})"
-    return UnsafeCheckpointError(f"{path} {what}, which loading it would run; refused ({TRUST_HINT})")
+    if m:
+        return UnsafeCheckpointError(f"{path} names {m.group(1)}, which loading it would run; refused ({TRUST_HINT})")
+    detail = re.search(r"WeightsUnpickler error: (.*)", str(error))
+    return CheckpointError(f"{path} is damaged or not a checkpoint file ("
+                           f"{(detail.group(1) if detail else str(error).strip().splitlines()[0])[:200]})")
 
 
 @contextmanager

@@ -9,11 +9,15 @@ Re-saving ``best`` or ``final`` moves the old one to ``.old-<name>`` first. A cr
 leaves one complete copy under each name, or a complete copy the next start puts back: a
 ``.tmp-<name>`` with ``COMPLETE.json`` takes the place of a missing ``<name>``, else a ``.old-<name>``
 is restored; what is incomplete is removed. Old ``step_*`` folders go only after a newer one is
-complete; ``best``, ``final`` and the newest complete checkpoint are never deleted.
+complete, renamed to ``.trash-<name>`` first and then deleted (a kill mid-delete leaves a trash folder,
+never a partial checkpoint); ``best``, ``final`` and the newest complete checkpoint are never deleted.
+``COMPLETE.json`` records every file's size and checksum (``integrity.py``).
 
-Fault injection for tests (environment, off unless set): ``SCALETRAIN_FAULT=save_pause:SECONDS``
-sleeps between writing the shards and committing; ``save_enospc`` fails the save as a full disk
-would; ``swap_kill`` kills the process between the two renames that replace ``best``/``final``.
+A save that fails on any rank fails on every rank within seconds: each rank catches its own failure, the
+ranks agree on it before the engine's collective part (so none waits in a collective the others left), the
+engines finish their own collectives whatever a write did (``Engine.save`` contract), and the errors are
+gathered so the message names the failing rank and its cause. The previous checkpoint and ``latest`` stay.
+Fault points used here: ``save_pause``, ``swap_kill`` (see ``scaletrain.faults``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import errno
 import json
 import os
 import shutil
-import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,9 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.errors import ScaletrainError
+from scaletrain.faults import fault, kill_between_renames
+
+from .integrity import HASH, hash_share
 
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
@@ -45,56 +52,91 @@ def step_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def warn(msg: str) -> None:
+    print(f"scaletrain: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     marker = Path(path) / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}: its save did not finish)")
     try:
-        meta = json.loads(marker.read_text())
+        meta = json.loads(marker.read_bytes())
         int(meta["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {e}); resume from another checkpoint") from e
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker} is damaged ({type(e).__name__}: {str(e)[:200]}); resume from another "
+                              f"checkpoint") from e
     return meta
 
 
-def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first (``best`` sorts before a same-step one)."""
+def complete_checkpoints(ckpt_dir: str | Path, quiet: bool = False) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first (``best`` sorts before a same-step one). One
+    whose ``COMPLETE.json`` is damaged is left out with a warning (never fatal)."""
     d = Path(ckpt_dir)
     found = []
     for p in d.iterdir() if d.is_dir() else []:
         if p.is_dir() and not p.name.startswith(".") and (p / COMPLETE).is_file():
-            found.append((read_meta(p)["step"], p.name != "best", p))
+            try:
+                found.append((int(read_meta(p)["step"]), p.name != "best", p))
+            except CheckpointError as e:
+                if not quiet:
+                    warn(f"skipping {p}: {e}")
     return [(s, p) for s, _, p in sorted(found)]
 
 
-def newest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The ``latest`` pointer when it names a complete checkpoint, else the newest complete one."""
-    pointer = Path(ckpt_dir) / LATEST
-    if pointer.is_file():
-        target = Path(ckpt_dir) / pointer.read_text().strip()
-        if (target / COMPLETE).is_file():
-            return target
-    found = complete_checkpoints(ckpt_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(resume: str | None, ckpt_dir: str) -> Path | None:
-    """``--resume``: None, ``auto`` (newest if any), ``latest`` (newest, required) or a path (a step folder,
-    or a checkpoint_dir whose newest complete checkpoint is taken)."""
-    if not resume:
+def _pointer(ckpt_dir: Path) -> Path | None:
+    """What ``latest`` names, when it is a readable name of a folder here."""
+    try:
+        name = (ckpt_dir / LATEST).read_text().strip()
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError):
+        warn(f"{ckpt_dir / LATEST} is unreadable; taking the newest complete checkpoint instead")
+        return None
+    if not name or "/" in name or name.startswith("."):
+        warn(f"{ckpt_dir / LATEST} names {name[:80]!r}, not a checkpoint here; taking the newest complete one")
+        return None
+    return ckpt_dir / name
+
+
+def newest_checkpoint(ckpt_dir: str | Path, quiet: bool = False) -> Path | None:
+    """The ``latest`` pointer when it names a complete checkpoint, else the newest complete one."""
+    found = resume_candidates(ckpt_dir, quiet)
+    return found[0] if found else None
+
+
+def resume_candidates(ckpt_dir: str | Path, quiet: bool = False) -> list[Path]:
+    """Complete checkpoints to resume from, best first: what ``latest`` names, then the rest newest first
+    (``best`` last: it is an earlier step than the run reached)."""
+    d = Path(ckpt_dir)
+    ordered = [p for _, p in reversed(complete_checkpoints(d, quiet))]
+    ordered = [p for p in ordered if p.name != "best"] + [p for p in ordered if p.name == "best"]
+    target = _pointer(d) if d.is_dir() else None
+    if target is not None and target in ordered:
+        ordered.remove(target)
+        ordered.insert(0, target)
+    return ordered
+
+
+def resolve_resume(resume: str | None, ckpt_dir: str) -> list[Path]:
+    """``--resume``: None, ``auto`` (newest if any), ``latest`` (newest, required) or a path (a step folder,
+    or a checkpoint_dir whose newest complete checkpoint is taken). Returns the candidates in order: the
+    first that verifies is resumed (an explicit step folder is the only candidate)."""
+    if not resume:
+        return []
     if resume in ("auto", "latest"):
-        found = newest_checkpoint(ckpt_dir)
-        if found is None and resume == "latest":
+        found = resume_candidates(ckpt_dir)
+        if not found and resume == "latest":
             raise CheckpointError(f"--resume latest: no complete checkpoint in --checkpoint-dir {ckpt_dir}")
         return found
     p = Path(resume)
     if not p.exists():
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
     if (p / COMPLETE).is_file():
-        return p
-    found = newest_checkpoint(p)
-    if found is not None:
+        read_meta(p)
+        return [p]
+    found = resume_candidates(p)
+    if found:
         return found
     raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE}: its save did not finish) "
                           f"and no complete checkpoint inside it")
@@ -126,24 +168,30 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fault() -> tuple[str, str]:
-    spec = os.environ.get("SCALETRAIN_FAULT", "")
-    kind, _, arg = spec.partition(":")
-    return kind, arg
-
-
 def _complete(p: Path) -> bool:
     return (p / COMPLETE).is_file()
 
 
+def _delete(folder: Path) -> None:
+    """Remove a checkpoint folder so that a kill midway leaves a ``.trash-*`` folder, never a partial checkpoint."""
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def recover(ckpt_dir: Path) -> list[str]:
-    """Finish or undo what a crash interrupted (rank 0, at start); returns what it did, for the log."""
+    """Finish or undo what a crash interrupted (rank 0, at start, holding the folder's lock); returns what it
+    did, for the log. Leftovers of every kind are cleaned: saves that never finished (``.tmp-*``), swaps
+    (``.old-*``), interrupted deletions (``.trash-*``); checkpoint-named folders without ``COMPLETE.json`` are
+    reported (with their size), not deleted."""
     done = []
     for old in sorted(ckpt_dir.glob(".old-*")):  # a re-save of best/final, between its renames
         name = old.name[len(".old-"):]
         final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
         if not _complete(final):
             if _complete(tmp):
+                if final.exists():
+                    shutil.rmtree(final)
                 tmp.rename(final)
                 done.append(f"{name}: committed the new copy (the crash fell between its renames)")
             elif _complete(old):
@@ -153,7 +201,7 @@ def recover(ckpt_dir: Path) -> list[str]:
                 done.append(f"{name}: restored the previous copy (its replacement was incomplete)")
                 continue
         shutil.rmtree(old, ignore_errors=True)
-    latest = newest_checkpoint(ckpt_dir)
+    latest = newest_checkpoint(ckpt_dir, quiet=True)
     for tmp in sorted(ckpt_dir.glob(".tmp-*")):
         name = tmp.name[len(".tmp-"):]
         final = ckpt_dir / name
@@ -164,93 +212,154 @@ def recover(ckpt_dir: Path) -> list[str]:
                 _atomic_write(ckpt_dir / LATEST, name + "\n")
         else:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that never finished
+            done.append(f"removed {tmp.name}, a save that never finished")
+    for trash in sorted(ckpt_dir.glob(".trash-*")):
+        shutil.rmtree(trash, ignore_errors=True)
+        done.append(f"removed {trash.name}, a deletion that was interrupted")
+    for p in sorted(ckpt_dir.iterdir()):  # not ours to delete: it may be a folder someone put there
+        if p.is_dir() and not p.name.startswith(".") and not _complete(p) and \
+                (p.name.startswith("step_") or p.name in _KEEP):
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            done.append(f"{p} ({size / 2**20:,.0f} MiB) has no {COMPLETE}: not a checkpoint (the remains of a "
+                        f"deletion by an older scaletrain, or a copy that never finished); remove it with rm -r {p}")
     return done
+
+
+def check_writable(ckpt_dir: Path, need_bytes: int) -> str | None:
+    """Fail now, not after --save-interval steps of compute, when the folder cannot be written; returns a
+    warning when its free space is below one checkpoint's estimated size."""
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".probe-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"--checkpoint-dir {ckpt_dir} is not writable ({e.strerror or e}); checkpoints could "
+                              f"not be saved. Give a writable --checkpoint-dir") from e
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need_bytes:
+        return (f"--checkpoint-dir {ckpt_dir} has {free / 2**30:.2f} GiB free; one checkpoint needs about "
+                f"{need_bytes / 2**30:.2f} GiB: saves will fail unless space is freed")
+    return None
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line about a failure; for DCP's CheckpointException (raised on every rank), the failing rank and
+    its underlying error."""
+    failures = getattr(e, "failures", None)
+    prefix = ""
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(sorted(failures.items())))
+        e = inner[0] if isinstance(inner, tuple) else getattr(inner, "exception", inner)
+        prefix = f"on rank {rank}: " if len(failures) < 2 else f"on ranks {', '.join(map(str, sorted(failures)))}: "
+    text = str(e).strip()
+    return f"{prefix}{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _is_enospc(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict) and any(_is_enospc(v[0] if isinstance(v, tuple) else getattr(v, "exception", v))
+                                              for v in failures.values()):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _attempt(fn, *args):
+    """(result, None) or (None, the failure): every failure, DCP's BaseException ones included."""
+    try:
+        return fn(*args), None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        return None, e
 
 
 class CheckpointStore:
     """Checkpoint folders with atomic commit; all ranks call ``save``."""
 
-    def __init__(self, ckpt_dir: str, keep_last_n: int, rank: int, group=None) -> None:
+    def __init__(self, ckpt_dir: str, keep_last_n: int, rank: int, world_size: int = 1, group=None,
+                 estimate_bytes: int = 0) -> None:
         self._pending = None
         self.dir = Path(ckpt_dir)
-        self.keep_last_n, self.rank, self.group = keep_last_n, rank, group
-        self.recovered: list[str] = []
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.recovered = recover(self.dir)
-        self._barrier()
+        self.keep_last_n, self.rank, self.world, self.group = keep_last_n, rank, world_size, group
+        self.estimate_bytes = estimate_bytes
 
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier(group=self.group)
 
-    def _any(self, flag: bool) -> bool:
-        if not dist.is_initialized():
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+    def _gather(self, obj) -> list:
+        if not dist.is_initialized() or self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
-    def save(self, write, name: str, meta: dict[str, Any], background: bool = False) -> Path:
-        """Write and commit checkpoint ``name``: ``write(folder, background)`` writes this rank's part (and
-        returns a future when ``background``); the commit happens at once, or for a background write at the
-        next ``save`` or ``finish``."""
+    def save(self, local, collective, name: str, meta: dict[str, Any], background: bool = False,
+             files: dict[str, list] | None = None) -> Path:
+        """Write and commit checkpoint ``name``. ``local(folder)`` writes this rank's own files (no collectives);
+        ``collective(folder, background)`` is the engine's save (returns a future when ``background``). The
+        commit happens at once, or for a background write at the next ``save`` or ``finish``. ``files``: the
+        checksums when they are known already (a copy of another checkpoint's files)."""
         self.finish()
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            _, error = _attempt(tmp.mkdir, 0o777, True)
+        else:
+            error = None
         self._barrier()
-        error, future = None, None
-        try:
-            future = write(tmp, background)
-            kind, arg = _fault()
-            if kind == "save_enospc" and self.rank == 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-            if kind == "save_pause":
-                time.sleep(float(arg))
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
-            error = e
-        except BaseException as e:  # torch DCP's CheckpointException is a BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            error = e
-        self._pending = (name, tmp, final, meta, future, error)
+        if error is None:
+            _, error = _attempt(local, tmp)
+        future = None
+        failed = self._gather(describe_failure(error) if error is not None else None)
+        if not any(failed):  # every rank enters the engine's collectives, or none does
+            future, error = _attempt(collective, tmp, background)
+            pause = fault("save_pause")
+            if pause:
+                time.sleep(float(pause))
+        self._pending = (name, tmp, final, meta, future, error, failed if any(failed) else None, files)
         if not background:
             self.finish()
         return final
 
     def finish(self) -> Path | None:
         """Wait for a background write, then commit it (all ranks); returns the committed folder."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is None:
             return None
-        name, tmp, final, meta, future, error = pending
+        name, tmp, final, meta, future, error, failed, files = pending
         if future is not None and error is None:
-            try:
-                future.result()
-            except Exception as e:  # noqa: BLE001
-                error = e
-            except BaseException as e:  # DCP's CheckpointException
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
-                error = e
-        if self._any(error is not None):
+            _, error = _attempt(future.result)
+        digests: dict[str, list] = dict(files or {})
+        if failed is None:  # the files' checksums (each rank its share) travel with the outcome
+            mine = None
+            if error is None and files is None:
+                mine, error = _attempt(hash_share, tmp, self.rank, self.world)
+            gathered = self._gather((describe_failure(error) if error is not None else None, mine))
+            failed = [f for f, _ in gathered]
+            for _, part in gathered:
+                digests.update(part or {})
+        if any(failed):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = newest_checkpoint(self.dir)
-            kept = f"the previous checkpoint {previous} is intact" if previous else "nothing was committed"
-            raise CheckpointError(f"saving checkpoint {final} failed: {error or 'on another rank'}; {kept}") from error
+            self._barrier()
+            raise self._failure(final, failed, error)
         if self.rank == 0:
-            _atomic_write(tmp / COMPLETE, json.dumps(dict(meta, name=name, saved_at=time.time()), indent=1))
+            record = dict(meta, name=name, saved_at=time.time(), hash=HASH, files=dict(sorted(digests.items())))
+            _atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
             old = None
             if final.exists():  # re-saving best/final: swap, then drop the old one (see recover)
                 old = self.dir / f".old-{name}"
                 shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
-                if _fault()[0] == "swap_kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
+                kill_between_renames()
             tmp.rename(final)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
@@ -260,12 +369,29 @@ class CheckpointStore:
         self._barrier()
         return final
 
+    def _failure(self, final: Path, failed: list, error: BaseException | None) -> CheckpointError:
+        ranks = [r for r, f in enumerate(failed) if f]
+        if len(set(failed)) == 1:  # a collective failure every rank reports alike (it names the rank itself)
+            what = failed[0]
+        else:
+            what = f"on rank {ranks[0]}: {failed[ranks[0]]}" if self.world > 1 else failed[0]
+            if len(ranks) > 1:
+                what += f" (and on {len(ranks) - 1} more rank{'s' if len(ranks) > 2 else ''})"
+        space = ""
+        if "No space left" in what or _is_enospc(error):
+            free = shutil.disk_usage(self.dir).free
+            space = (f"; {free / 2**30:.2f} GiB free on {self.dir}, this checkpoint needs about "
+                     f"{self.estimate_bytes / 2**30:.2f} GiB")
+        previous = newest_checkpoint(self.dir, quiet=True)
+        kept = f"the previous checkpoint {previous} is intact and latest unchanged" if previous else \
+            "nothing was committed"
+        return CheckpointError(f"saving checkpoint {final} failed {what}{space}; {kept}")
+
     def _prune(self) -> None:
         if self.keep_last_n <= 0:
             return
         steps = [(s, p) for s, p in complete_checkpoints(self.dir) if p.name.startswith("step_")]
-        newest = newest_checkpoint(self.dir)
+        newest = newest_checkpoint(self.dir, quiet=True)
         for _, p in steps[: max(0, len(steps) - self.keep_last_n)]:
             if p != newest and p.name not in _KEEP:
-                shutil.rmtree(p, ignore_errors=True)
-
+                _delete(p)

@@ -152,6 +152,7 @@ class Engine(ABC):
     """
 
     name: str = ""
+    selected_by: str = ""  # the flags that choose this engine (for messages that name it)
 
     @classmethod
     @abstractmethod

@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.checkpoint.safe import UnsafeCheckpointError, weights_only_loads
 from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
 
 from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
@@ -159,6 +160,7 @@ def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: in
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    selected_by = "--ds_config <the JSON it was trained with>"  # the flags that choose this engine, for messages
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
@@ -231,7 +233,31 @@ class DeepSpeedEngine(Engine):
         return torch.as_tensor(norm, dtype=torch.float32).detach(), skipped
 
     def _save(self, path: str) -> None:
-        self.ds.save_checkpoint(path, tag=_TAG, save_latest=False)
+        # DeepSpeed's save has barriers between its file writes: a rank whose write fails must still reach them,
+        # or every other rank waits there until the process-group timeout. So a failing write is recorded,
+        # the rank's remaining writes are skipped, and the failure is raised once save_checkpoint returns.
+        engine, failures = self.ds.checkpoint_engine, []
+        write = engine.save
+
+        def save(*args, **kwargs):  # DeepSpeed calls save(state_dict=..., path=...)
+            if failures:
+                return None
+            try:
+                disk_full(str(kwargs.get("path", args[1] if len(args) > 1 else "")), self.env.rank)  # save_enospc
+                return write(*args, **kwargs)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - raised below, after the collectives
+                failures.append(e)
+                return None
+
+        engine.save = save
+        try:
+            self.ds.save_checkpoint(path, tag=_TAG, save_latest=False)
+        finally:
+            del engine.save  # the instance attribute hid the class's method
+        if failures:
+            raise failures[0]
 
     def _load(self, path: str, trust: bool) -> None:
         tag = _TAG

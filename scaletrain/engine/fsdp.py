@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.checkpoint.safe import refused
+from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
 
 from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
@@ -31,6 +32,7 @@ from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, loca
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    selected_by = "--engine fsdp"  # the flags that choose this engine, for messages
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
@@ -124,13 +126,14 @@ class FSDPEngine(Engine):
     # ---- checkpoints: DCP for the sharded model and optimizer (the schedule follows the step count) --
     def _save(self, path: str) -> None:
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(path))
 
     def _save_async(self, path: str, group=None):
         """dcp.async_save: the state is staged to CPU memory, then written by a background thread
         while training goes on (``group`` must be a gloo group when the default one is NCCL)."""
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
-        return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, process_group=group)
+        return dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(path),
+                              process_group=group)
 
     def _load(self, path: str, trust: bool) -> None:
         reader, planner = dcp_reader(path, trust)
@@ -199,6 +202,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer with the ``save_enospc`` fault point. A write that fails on one rank is gathered by
+    DCP's own collective and raised on every rank (no rank is left waiting)."""
+
+    def write_data(self, plan, planner):
+        disk_full(str(self.path), dist.get_rank() if dist.is_initialized() else 0)
+        return super().write_data(plan, planner)
 
 
 def dcp_reader(path: str, trust: bool):

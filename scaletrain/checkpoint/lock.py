@@ -1,0 +1,124 @@
+"""One run per checkpoint folder: ``checkpoint_dir/.lock``.
+
+The lock file holds the holder's host, pid, run name, Slurm job id and start time; the holder touches it
+every 30 s. A second run on the same folder stops and names the holder, unless the lock is stale: its
+process is gone (same host), it belongs to this same Slurm job (a requeued attempt), or nobody touched it
+for 10 minutes (a holder on another host that died). A stale lock is taken over with a warning;
+``--force-lock`` takes any lock (for a holder you know is dead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .store import CheckpointError
+
+LOCK = ".lock"
+HEARTBEAT_S = 30.0
+STALE_S = 600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _stale(holder: dict, age_s: float) -> str | None:
+    """Why the lock may be taken over, or None when its holder may still be running."""
+    if holder.get("host") == socket.gethostname():
+        pid = int(holder.get("pid", -1))
+        if pid == os.getpid():
+            return "it is this process's own"
+        if not _alive(pid):
+            return f"its process {pid} on this host is gone"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job_id") == job:
+        return f"it is an earlier attempt of this Slurm job {job}"
+    if age_s > STALE_S:
+        return f"it was last refreshed {age_s / 60:.0f} minutes ago"
+    return None
+
+
+class FolderLock:
+    """Held by rank 0 from the start of a run to its end."""
+
+    def __init__(self, folder: Path, run_name: str, force: bool = False) -> None:
+        self.path = folder / LOCK
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "run_name": run_name,
+                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.warning: str | None = None
+        self._stop = threading.Event()
+        folder.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            holder, age = self._read()
+            if holder is None:  # released meanwhile: try again
+                continue
+            why = "--force-lock was given" if force else _stale(holder, age)
+            if why is None:
+                raise CheckpointError(
+                    f"--checkpoint-dir {folder} is in use by run {holder.get('run_name')!r} (pid {holder.get('pid')} "
+                    f"on {holder.get('host')}, started {holder.get('started')}, lock refreshed {age:.0f} s ago); "
+                    f"two runs in one folder overwrite each other's checkpoints. Use another --checkpoint-dir, wait "
+                    f"for it to end, or pass --force-lock if that run is dead")
+            self.warning = (f"took over the lock of {self.path} held by run {holder.get('run_name')!r} (pid "
+                            f"{holder.get('pid')} on {holder.get('host')}): {why}")
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        self._thread = threading.Thread(target=self._beat, name="scaletrain-lock", daemon=True)
+        self._thread.start()
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.record, f)
+        return True
+
+    def _read(self) -> tuple[dict | None, float]:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, 0.0
+        try:
+            holder = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            holder = None
+        return (holder if isinstance(holder, dict) else {"run_name": "(unreadable lock file)"}), age
+
+    def set_run_name(self, name: str) -> None:
+        """Record the run's name once it is known (it may come from the checkpoint resumed)."""
+        self.record["run_name"] = name
+        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.record))
+        os.replace(tmp, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            holder, _ = self._read()
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,290 @@
+"""A hostile world: two runs in one folder, a save failing on one rank, unwritable folders, damaged checkpoints,
+interrupted pruning, impossible resumes. Launch tests are few and small; the rest call the store directly."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from scaletrain.checkpoint import COMPLETE, CheckpointError, newest_checkpoint
+from scaletrain.checkpoint.integrity import hash_share, verify_folder
+from scaletrain.checkpoint.lock import LOCK, STALE_S, FolderLock
+from scaletrain.checkpoint.store import CheckpointStore, check_writable, recover, resolve_resume
+
+from .conftest import ROOT, launch, launch_cmd
+from .test_checkpoint import BASE, _wait_for, fp32
+
+
+def _flip(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _biggest(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE), key=lambda p: p.stat().st_size)
+
+
+# ---- 1. two runs, one folder -----------------------------------------------------------------------------------
+def test_a_second_run_on_a_locked_folder_stops_and_a_dead_holder_is_taken_over(tmp_path):
+    ck = tmp_path / "ck"
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--save-interval", "2"]
+    cmd, env = launch_cmd("python", args, tmp_path, run_name="first")
+    env["SCALETRAIN_FAULT"] = "save_pause:60"  # holds the first run inside its first save
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (ck / ".tmp-step_000002").is_dir() and any((ck / ".tmp-step_000002").iterdir()))
+        second = launch("python", args, tmp_path, run_name="second", check=False)
+        assert second.returncode == 1
+        assert f"--checkpoint-dir {ck} is in use by run 'first' (pid {first.pid} on {socket.gethostname()}" \
+            in second.stderr
+        assert (ck / ".tmp-step_000002").is_dir()  # the first run's save in flight was left alone
+    finally:
+        first.kill()
+        first.wait()
+    after = launch("python", args, tmp_path, run_name="second")
+    assert f"took over the lock of {ck / LOCK} held by run 'first' (pid {first.pid}" in after.stderr
+    assert f"its process {first.pid} on this host is gone" in after.stderr
+    assert not (ck / LOCK).exists()  # released at the end
+    # resuming with other settings says what changed
+    cmd, env = launch_cmd("python", args + ["--resume", "latest", "--max-steps", "8", "--learning-rate", "1e-3"],
+                          tmp_path, run_name="second")
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming final with --learning-rate 0.001; the checkpoint was saved with 0.002" in p.stderr
+    assert "resuming final with --max-steps 8; the checkpoint was saved with 6" in p.stderr
+
+
+def test_lock_rules(tmp_path, monkeypatch):
+    held = FolderLock(tmp_path, "a")
+    record = json.loads((tmp_path / LOCK).read_text())
+    assert record["run_name"] == "a" and record["pid"] == os.getpid()
+    # a live holder on another host, refreshed just now: refused, naming it
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234, run_name="other")))
+    with pytest.raises(CheckpointError, match=r"in use by run 'other' \(pid 1234 on node-7"):
+        FolderLock(tmp_path, "b")
+    # the same Slurm job (a requeued attempt) may take it
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234, slurm_job_id="99")))
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    assert "earlier attempt of this Slurm job 99" in FolderLock(tmp_path, "b").warning
+    monkeypatch.delenv("SLURM_JOB_ID")
+    # not refreshed for longer than STALE_S: a dead holder elsewhere
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234)))
+    old = time.time() - STALE_S - 5
+    os.utime(tmp_path / LOCK, (old, old))
+    assert "last refreshed 10 minutes ago" in FolderLock(tmp_path, "c").warning
+    # --force-lock takes a fresh one
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234)))
+    assert "--force-lock was given" in FolderLock(tmp_path, "d", force=True).warning
+    held.release()
+
+
+# ---- 2. a save failing on one rank -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fsdp", "zero2"])
+def test_a_save_failing_on_one_rank_stops_every_rank_at_once(tmp_path, kind):
+    """Rank 1's disk is full inside the engine's own save: both ranks stop within seconds (not the 30-minute
+    process-group timeout) with one line naming rank 1 and the space; the previous checkpoint and latest stay."""
+    ck = tmp_path / "ck"
+    args = BASE + fp32(kind, tmp_path) + ["--batch-size", "1", "--checkpoint-dir", str(ck)]
+    launch("torchrun", args + ["--stop-at-step", "2"], tmp_path)
+    t0 = time.time()
+    p = launch("torchrun", args + ["--resume", "latest", "--save-interval", "2"], tmp_path, check=False, timeout=240,
+               extra_env={"SCALETRAIN_FAULT": "save_enospc:1"})
+    assert p.returncode != 0 and time.time() - t0 < 200
+    errors = [x for x in p.stderr.splitlines() if "error: saving checkpoint" in x]
+    assert len(errors) == 2, p.stderr[-3000:]  # one line per rank, the same cause
+    for line in errors:
+        assert "step_000004 failed on rank 1: OSError: [Errno 28] No space left on device" in line
+        assert "GiB free on" in line and "this checkpoint needs about" in line
+        assert "the previous checkpoint" in line and "step_000002 is intact and latest unchanged" in line
+    assert f'File "{ROOT / "scaletrain"}' not in p.stderr  # no traceback through our code (torchrun prints its own)
+    assert (ck / "latest").read_text().strip() == "step_000002" and not list(ck.glob(".tmp-*"))
+
+
+# ---- 3. know before the first save ------------------------------------------------------------------------------
+def test_an_unwritable_folder_is_found_at_start_and_low_space_is_warned(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match=r"--checkpoint-dir .*file/ck is not writable"):
+        check_writable(blocker / "ck", 1)
+    assert check_writable(tmp_path / "ok", 1) is None
+    assert "one checkpoint needs about" in check_writable(tmp_path / "ok", 1 << 60)
+    p = launch("python", BASE + ["--engine", "fsdp", "--checkpoint-dir", str(blocker / "ck")], tmp_path, check=False)
+    assert p.returncode == 1 and "is not writable" in p.stderr and "step    1" not in p.stdout  # before any step
+
+
+# ---- 4. damaged checkpoints --------------------------------------------------------------------------------------
+def _store(folder: Path) -> CheckpointStore:
+    return CheckpointStore(str(folder), keep_last_n=2, rank=0)
+
+
+def _save(store: CheckpointStore, name: str, step: int, payload: bytes = b"w" * 5000) -> Path:
+    def local(tmp: Path) -> None:
+        (tmp / "shard.bin").write_bytes(payload + bytes([step]))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "opt.bin").write_bytes(payload[::-1])
+
+    return store.save(local, lambda tmp, bg: None, name, {"step": step})
+
+
+def test_checksums_find_every_kind_of_damage(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, "step_000001", 1)
+    meta = json.loads((path / COMPLETE).read_text())
+    assert set(meta["files"]) == {"shard.bin", "sub/opt.bin"} and meta["hash"] == "xxh3_128"
+    assert meta["files"] == hash_share(path, 0, 1)
+    assert verify_folder(path, meta, 0, 1) == []
+    _flip(path / "shard.bin")
+    assert verify_folder(path, meta, 0, 1) == [f"{path}/shard.bin does not match its checksum (its bytes changed "
+                                               f"after the save)"]
+    (path / "shard.bin").write_bytes(b"short")
+    assert "is 5 bytes, 5,001 when saved (truncated or overwritten)" in verify_folder(path, meta, 0, 1)[0]
+    (path / "sub" / "opt.bin").unlink()
+    assert f"{path}/sub/opt.bin is missing" in verify_folder(path, meta, 0, 1)
+    # the share is dealt out so that every file is checked by exactly one of N ranks
+    sizes = {f"f{i}": i * 10 for i in range(7)}
+    from scaletrain.checkpoint.integrity import _share
+
+    dealt = [set(_share(sizes, r, 3)) for r in range(3)]
+    assert set().union(*dealt) == set(sizes) and sum(map(len, dealt)) == 7
+
+
+def test_damaged_newest_checkpoint_falls_back_with_latest_and_stops_with_a_path(tmp_path):
+    """A flipped byte in final (step 4): --resume latest reports it and falls back to step 2; the explicit path
+    stops naming the file."""
+    ck = tmp_path / "ck"
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--max-steps", "4",
+                   "--save-interval", "2", "--keep-last-n-checkpoints", "0"]
+    launch("python", args, tmp_path, run_name="a")
+    target = _biggest(ck / "final")
+    _flip(target, target.stat().st_size // 2)
+    p = launch("python", args + ["--resume", str(ck / "final"), "--max-steps", "6"], tmp_path, check=False)
+    assert p.returncode == 1
+    assert f"error: --resume {ck / 'final'}: checkpoint {ck / 'final'} is damaged: {target} does not match its " \
+           f"checksum" in p.stderr
+    p = launch("python", args + ["--resume", "latest", "--max-steps", "6"], tmp_path, run_name="a")
+    assert f"checkpoint {ck / 'final'} is damaged: {target} does not match its checksum" in p.stderr
+    assert f"resumed from {ck / 'step_000002'} at step 2" in p.stdout
+
+
+
+def test_damaged_markers_and_pointers_are_reported_not_fatal(tmp_path, capsys):
+    store = _store(tmp_path)
+    for step in (1, 2, 3):
+        _save(store, f"step_{step:06d}", step)
+    (tmp_path / "step_000003" / COMPLETE).write_text("{not json")
+    (tmp_path / "latest").write_bytes(b"\x00\xff\xfe binary")
+    assert resolve_resume("latest", str(tmp_path))[0].name == "step_000002"
+    err = capsys.readouterr().err
+    assert "latest is unreadable; taking the newest complete checkpoint instead" in err
+    assert "skipping " in err and "step_000003" in err and "COMPLETE.json is damaged" in err
+    with pytest.raises(CheckpointError, match=r"step_000003/COMPLETE.json is damaged"):
+        resolve_resume(str(tmp_path / "step_000003"), str(tmp_path))
+
+
+# ---- 5. pruning and leftovers ------------------------------------------------------------------------------------
+def test_a_damaged_old_checkpoint_does_not_break_pruning(tmp_path, capsys):
+    store = _store(tmp_path)
+    _save(store, "step_000001", 1)
+    (tmp_path / "step_000001" / COMPLETE).write_bytes(b"\xff\xfe")
+    _save(store, "step_000002", 2)
+    _save(store, "step_000003", 3)
+    _save(store, "step_000004", 4)  # used to crash here, in pruning
+    assert newest_checkpoint(tmp_path).name == "step_000004"
+    assert not (tmp_path / "step_000002").exists() and (tmp_path / "step_000003").exists()
+    assert "skipping" in capsys.readouterr().err
+
+
+def test_leftovers_of_every_kind_are_cleaned_at_start(tmp_path):
+    store = _store(tmp_path)
+    _save(store, "step_000001", 1)
+    _save(store, "step_000002", 2)
+    partial = tmp_path / "step_000001"  # a kill in the middle of an old-style delete: no marker, files left
+    (partial / COMPLETE).unlink()
+    (tmp_path / ".trash-step_000000-123").mkdir()  # a kill in the middle of a delete
+    (tmp_path / ".tmp-step_000003").mkdir()  # a save that never finished
+    done = recover(tmp_path)
+    assert any(f"{partial} (0 MiB) has no COMPLETE.json: not a checkpoint" in d and f"rm -r {partial}" in d
+               for d in done)  # reported at every start, never deleted: it may not be ours
+    assert any(".trash-step_000000-123" in d for d in done) and any(".tmp-step_000003" in d for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
+
+
+def test_prepare_overwrite_killed_between_renames_leaves_nothing_behind(tmp_path):
+    from scaletrain.data.prepare import prepare_domain
+
+    raw = tmp_path / "in.jsonl"
+    raw.write_text('{"text": "first version"}\n')
+    prepare_domain("d", [str(raw)], str(tmp_path / "out"), quiet=True)
+    raw.write_text('{"text": "second version, longer"}\n')
+    cmd = [str(Path(os.sys.executable)), "-m", "scaletrain", "prepare", "--domain", "d", "--input", str(raw),
+           "--output", str(tmp_path / "out"), "--overwrite"]
+    env = dict(os.environ, SCALETRAIN_FAULT="swap_kill")
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9 and not (tmp_path / "out" / "d").exists()
+    assert list((tmp_path / "out").glob(".d.old-*")) and list((tmp_path / "out").glob(".d.tmp-*"))
+    p = subprocess.run(cmd[:-1], cwd=ROOT, capture_output=True, text=True, timeout=120)  # no --overwrite
+    assert "committed the new preparation" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["d"]
+    m = json.loads((tmp_path / "out" / "d" / "manifest.json").read_text())
+    assert m["tokens"] == len("second version, longer") + 1
+
+
+# ---- 8. resumes that cannot go on --------------------------------------------------------------------------------
+def test_impossible_resumes_are_one_line_errors(tmp_path):
+    ck = tmp_path / "ck"
+    args = BASE + ["--batch-size", "2", "--checkpoint-dir", str(ck)]
+    launch("python", args + ["--engine", "fsdp"], tmp_path)  # final at step 6
+    cases = [
+        (["--engine", "fsdp", "--max-steps", "4"], "is at step 6, past --max-steps 4: nothing to train"),
+        (["--engine", "fsdp", "--max-steps", "9", "--stop-at-step", "5"],
+         "--stop-at-step 5 is not after the resumed step 6"),
+        (fp32("zero2", tmp_path) + ["--max-steps", "9"],
+         "was written by the fsdp engine and this run uses deepspeed; resume it with the engine that wrote it "
+         "(--engine fsdp)"),
+    ]
+    for extra, expected in cases:
+        p = launch("python", args + ["--resume", "latest"] + extra, tmp_path, check=False)
+        assert p.returncode == 1 and expected in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+
+
+# ---- 7. workers outlive their launcher ---------------------------------------------------------------------------
+def test_workers_exit_when_their_launcher_is_killed(tmp_path):
+    import signal
+
+    import psutil
+
+    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck")]
+    args[args.index("--max-steps") + 1] = "100000"
+    cmd, env = launch_cmd("torchrun", args, tmp_path)
+    agent = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+    workers = []
+    try:
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+        workers = psutil.Process(agent.pid).children(recursive=True)
+        assert len(workers) == 2 and all(w.pid != agent.pid for w in workers)
+        os.killpg(agent.pid, signal.SIGKILL)  # the launcher's whole process group, as `kill -9 -PGID` does
+        agent.wait()
+
+        def gone(w):
+            try:
+                return w.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        _wait_for(lambda: all(gone(w) for w in workers), timeout=30)
+    finally:
+        for w in workers:  # no orphan outlives a failing test
+            try:
+                w.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
