@@ -61,7 +61,7 @@ def timed(it, n: int) -> float:
     t0 = time.perf_counter()
     tokens = 0
     for _ in range(n):
-        x, _ = next(it)
+        x = next(it)[0]
         tokens += x.numel()
     return tokens / (time.perf_counter() - t0)
 
@@ -80,7 +80,7 @@ def main() -> None:
 
     # ---- prepare throughput ----
     prep_rows = []
-    tok = train_bpe([str(raw["general"])], 8000, str(work / "bpe.json"))
+    tok, _ = train_bpe([str(raw["general"])], 8000, str(work / "bpe.json"))
     for name, tk in (("byte", None), ("bpe-8k", tok)):
         for workers in (1, 2):
             out = work / f"prep_{name}_{workers}"
@@ -88,7 +88,7 @@ def main() -> None:
             ms = [prepare_domain(d, [str(raw[d])], str(out), tokenizer=tk, workers=workers, quiet=True)
                   for d in SOURCES]
             dt = time.perf_counter() - t0
-            tokens = sum(m["tokens"] + m["val"]["tokens"] for m in ms)
+            tokens = sum(m.train.tokens + m.val.tokens for m in ms)
             prep_rows.append({"tokenizer": name, "workers": workers, "tokens": tokens, "seconds": dt,
                               "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tokens / dt / workers})
     data = work / "prep_byte_1"
@@ -100,7 +100,7 @@ def main() -> None:
         for s in streams:
             f.write(s.read(0, s.total).astype(np.uint16).tobytes())
     flat = np.memmap(flat_path, dtype=np.uint16, mode="r")
-    urls = [str(data / d / sh["file"]) for d, s in zip(SOURCES, streams) for sh in s.shards]
+    urls = [str(data / d / sh.file) for d, s in zip(SOURCES, streams) for sh in s.shards]
     spec = StreamSpec(str(data), SOURCES, (0.3, 0.7), a.seq, a.batch, 1, 0, 1, 0)
     readers = {"scaletrain (mixed, packed)": iter(ShardLoader(spec)),
                "numpy memmap, random batches": memmap_reader(flat, a.batch, a.seq, 0),
