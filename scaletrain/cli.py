@@ -32,26 +32,46 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+_CHOICES = {"model_size": "tiny,small,base,large", "mixed_precision": "fp16,bf16,fp32", "engine": "deepspeed,fsdp",
+            "data_kind": "shards,synthetic"}
+
+
+def _metavar(name: str, typ: type) -> str:
+    """A readable placeholder for --help: N, NUM, PATH, NAME or the choices (not MODEL_SIZE)."""
+    if name in _CHOICES:
+        return "{" + _CHOICES[name] + "}"
+    if typ is int:
+        return "N"
+    if typ is float:
+        return "NUM"
+    if name.endswith("_dir") or name in ("ds_config", "tokenizer", "resume"):
+        return "PATH"
+    return "NAME"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Pre-train a Llama-style model with DeepSpeed ZeRO-2/3 or FSDP2.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
         allow_abbrev=False,  # a prefix such as --data must not silently pick one of --data-dir/--data-kind
     )
-    p.add_argument("--config", help="JSON/YAML/TOML file of settings, applied beneath the flags")
-    p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; ignored")
+    p.add_argument("--config", metavar="FILE", help="JSON/YAML/TOML file of settings, applied beneath the flags")
+    p.add_argument("--local_rank", "--local-rank", type=int, metavar="N", help="set by the deepspeed launcher; ignored")
     for name, f in _FIELDS.items():
         typ, is_list = _base_type(_HINTS[name])
         flag = PreTrainingConfig.flag(name)
         flags = [flag, *f.metadata.get("aliases", ())]
+        help_ = f.metadata["doc"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['doc']} (default: {default})"
+        if default is not None and "default" not in help_:  # shown once: a doc that explains it is enough
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_ += f" (default: {shown})"
+        help_ = help_.replace("%", "%%")  # argparse formats help with %
         if typ is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_)
-        elif is_list:
-            p.add_argument(*flags, dest=name, type=typ, nargs="+", help=help_)
         else:
-            p.add_argument(*flags, dest=name, type=typ, help=help_)
+            p.add_argument(*flags, dest=name, type=typ, nargs="+" if is_list else None, help=help_,
+                           metavar=_metavar(name, typ))
     return p
 
 

@@ -54,7 +54,8 @@ class PreTrainingConfig:
     micro_batch_size: int = _f(8, "rows per device per micro-step", aliases=("--batch-size",))
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
     max_steps: int = _f(100, "optimizer steps to train")
-    warmup_steps: int = _f(10, "linear warmup steps before cosine decay")
+    warmup_steps: int | None = _f(None, "linear warmup steps before cosine decay (default: 1% of --max-steps, at "
+                                        "least 1, at most 2000)")
     learning_rate: float = _f(3e-4, "peak learning rate")
     min_learning_rate: float = _f(3e-5, "learning rate at the end of the cosine decay")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; norms and embeddings get none)")
@@ -143,6 +144,13 @@ class PreTrainingConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @property
+    def warmup(self) -> int:
+        """--warmup-steps, or 1% of --max-steps (at least 1, at most 2000) when not given."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, min(2000, round(0.01 * self.max_steps)))
+
+    @property
     def resolved_engine(self) -> str:
         return self.engine or ("deepspeed" if self.ds_config else "fsdp")
 
@@ -162,7 +170,9 @@ class PreTrainingConfig:
                      "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
@@ -174,7 +184,7 @@ class PreTrainingConfig:
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise bad("min_learning_rate", f"must be between 0 and --learning-rate={self.learning_rate}, "
                                            f"got {self.min_learning_rate}")
-        if self.warmup_steps > self.max_steps:
+        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
             raise bad("warmup_steps", f"{self.warmup_steps} exceeds --max-steps={self.max_steps}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")

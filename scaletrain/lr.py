@@ -22,5 +22,5 @@ def lr_factor_fn(cfg) -> callable:
     """Multiplier of the peak LR per step, the form ``torch.optim.lr_scheduler.LambdaLR`` takes."""
     def factor(step: int) -> float:
         return lr_at(step, learning_rate=cfg.learning_rate, min_learning_rate=cfg.min_learning_rate,
-                     warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps) / cfg.learning_rate
+                     warmup_steps=cfg.warmup, max_steps=cfg.max_steps) / cfg.learning_rate
     return factor

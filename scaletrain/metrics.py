@@ -123,8 +123,8 @@ def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
     """W&B run, or None with a warning: a logging service must never stop training."""
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not os.environ.get("WANDB_API_KEY"):
-        warnings.warn("--use-wandb without WANDB_API_KEY: logging offline to ./wandb "
-                      "(upload later with `wandb sync`)", stacklevel=2)
+        warnings.warn(f"--use-wandb without WANDB_API_KEY: logging offline to {os.path.join(run_dir, 'wandb')} "
+                      f"(upload later with `wandb sync {os.path.join(run_dir, 'wandb')}`)", stacklevel=2)
         mode = "offline"
     try:
         import wandb

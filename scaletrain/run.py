@@ -170,6 +170,8 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     """Resolve everything, then freeze the config (all ranks call this; ``group``: a CPU group for the
     checkpoint checks). Rank 0 holds the checkpoint folder's lock from here: call ``RunPlan.release`` at the end."""
     cfg = engine_cls.resolve_config(cfg, env.world_size, env.device.type)
+    if cfg.warmup_steps is None:  # recorded as a number in the config dump and every checkpoint
+        cfg = cfg.replace(warmup_steps=cfg.warmup)
     tokenizer, tokenizer_file = data_tokenizer(cfg)
     vocab = model_vocab_size(tokenizer.vocab_size) if tokenizer else None
     model_cfg = model_config_for(cfg, vocab)

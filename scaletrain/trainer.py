@@ -103,6 +103,9 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
             f"{cfg.model_size} ({num_params(mc) / 1e6:,.2f}M params), {cfg.mixed_precision}, global batch "
             f"{global_batch} x {cfg.max_seq_length} tokens, steps {start_step}->{cfg.max_steps}\n"
             f"scaletrain: data {data}\n"
+            f"scaletrain: schedule: lr warms up to {cfg.learning_rate:g} over {cfg.warmup} steps"
+            f"{'' if 'warmup_steps' in cfg.explicit else ' (1% of --max-steps; set --warmup-steps to choose)'}, "
+            f"then cosine to {cfg.min_learning_rate:g} at step {cfg.max_steps}\n"
             f"scaletrain: checkpoints -> {cfg.checkpoint_dir}, logs -> {os.path.join(cfg.run_dir, cfg.run_name)}")
 
 

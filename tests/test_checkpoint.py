@@ -153,10 +153,12 @@ def test_keep_last_n_keeps_the_right_ones(tmp_path):
 
 
 def test_a_run_with_default_flags_ends_with_a_final_checkpoint(tmp_path):
-    """No --save-interval, no --checkpoint-dir: what a newcomer runs. It must leave something to convert."""
-    proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "3", "--warmup-steps", "1", "--max-seq-length",
-                             "32", "--batch-size",
+    """No --save-interval, no --checkpoint-dir, no --warmup-steps: what a newcomer runs. It must leave something to
+    convert (and a 3-step run must not trip on a default warmup longer than the run)."""
+    proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "3", "--max-seq-length", "32", "--batch-size",
                              "2", "--no-use-tensorboard"], tmp_path, cwd=tmp_path)
+    assert "schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps; set --warmup-steps to choose), then " \
+           "cosine to 3e-05 at step 3" in proc.stdout
     final = tmp_path / "checkpoints" / "final"
     assert (final / COMPLETE).is_file() and json.loads((final / COMPLETE).read_text())["step"] == 3
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "final"

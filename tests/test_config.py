@@ -146,3 +146,28 @@ def test_config_is_frozen_once_resolved():
         cfg.max_steps = 9
     other = cfg.replace(max_steps=10)  # a new config, the explicit set carried over
     assert other.max_steps == 10 and cfg.max_steps == 8 and "max_steps" in other.explicit
+
+
+def test_default_warmup_fits_any_run_length():
+    """--max-steps 5 used to fail on the default warmup of 10: it is now 1% of the run, at least 1, at most 2000."""
+    assert parse_config(["--max-steps", "5"]).warmup == 1
+    assert parse_config(["--max-steps", "30000"]).warmup == 300
+    assert parse_config(["--max-steps", "1000000"]).warmup == 2000
+    assert parse_config(["--max-steps", "5", "--warmup-steps", "0"]).warmup == 0  # explicit wins
+
+
+def test_help_shows_each_default_once_with_readable_placeholders():
+    import re
+
+    from scaletrain.cli import build_parser
+
+    text = build_parser().format_help()
+    options = re.split(r"\n  (?=-)", text.split("options:")[1])
+    assert len(options) > 50
+    for block in options:
+        assert len(re.findall(r"\(default", block)) <= 1, block
+        assert "default: None" not in block, block
+    assert "[--model-size {tiny,small,base,large}]" in text and "[--max-steps N]" in text
+    assert "[--checkpoint-dir PATH]" in text and "[--data-sources NAME [NAME ...]]" in text
+    assert not re.search(r"--[\w-]+ [A-Z]+_[A-Z_]+", text)  # no MODEL_CONFIG_NAME-style placeholders
+    assert "1% of --max-steps" in " ".join(text.split())  # a % in a doc is printed, not formatted

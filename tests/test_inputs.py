@@ -65,3 +65,15 @@ def test_bom_binary_and_vanishing_files(tmp_path):
     (folder / "gone.jsonl").unlink()  # listed, then deleted before it is read
     with pytest.raises(InputError, match=r"gone.jsonl: cannot read \(No such file or directory\); was it moved"):
         list(docs)
+
+
+def test_prepare_says_when_workers_are_not_used(tmp_path, capsys):
+    from scaletrain.data.prepare import prepare_domain
+
+    (tmp_path / "a.txt").write_text("some text")
+    prepare_domain("d", [str(tmp_path / "a.txt")], str(tmp_path / "out"), workers=4)
+    err = capsys.readouterr().err
+    assert "--workers 4 not used: the byte-level tokenizer is a copy of the bytes and runs fastest in one process" \
+        in err
+    prepare_domain("e", [str(tmp_path / "a.txt")], str(tmp_path / "out"), workers=1)
+    assert "not used" not in capsys.readouterr().err

@@ -114,8 +114,9 @@ def test_wandb_without_key_or_mode_falls_back_to_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     proc = launch("python", RUN + ["--use-wandb", "--no-use-tensorboard"], tmp_path)
-    assert "logging offline" in proc.stderr
-    assert list((tmp_path / "runs" / "t" / "wandb").glob("offline-run-*"))
+    where = tmp_path / "runs" / "t" / "wandb"
+    assert f"logging offline to {where} (upload later with `wandb sync {where}`)" in proc.stderr  # not ./wandb
+    assert list(where.glob("offline-run-*"))
 
 
 def _throughput(tmp_path, *args):

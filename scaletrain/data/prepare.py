@@ -191,6 +191,9 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     t0 = last = time.time()
     # byte-level encoding is a memcpy: shipping its arrays between processes costs more than it saves
     # (measured 30M tokens/s in one process vs 10M with 2 workers), so it stays in-process
+    if tokenizer is None and workers > 1 and not quiet:
+        print(f"scaletrain prepare: --workers {workers} not used: the byte-level tokenizer is a copy of the bytes and "
+              f"runs fastest in one process; workers help a Hugging Face --tokenizer", file=sys.stderr)
     workers = 1 if tokenizer is None else max(1, workers)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer, eos_token, bos_token)) if workers > 1 \
         else None
@@ -258,7 +261,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--add-bos", action="store_true", help="put the tokenizer's begin-of-text token before every "
                                                            "document (recorded in the manifest and the export)")
     p.add_argument("--bos-token", help="begin-of-text token of --tokenizer (default: found by name)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes for a Hugging Face --tokenizer (default: every core); the byte-level "
+                        "tokenizer runs in one process")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for validation")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard")
     p.add_argument("--chunk-tokens", type=int, default=2**18, help="tokens per tar member")
@@ -267,7 +272,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> dict:
-    return prepare_domain(args.domain, args.input, args.output, args.tokenizer, args.eos_token, args.workers,
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1) if args.tokenizer else 1
+    return prepare_domain(args.domain, args.input, args.output, args.tokenizer, args.eos_token, workers,
                           args.val_fraction, args.shard_tokens, args.chunk_tokens, args.skip_bad_lines,
                           args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token)
 
