@@ -6,8 +6,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scaletrain`` command's parser (``train`` and ``convert`` hand their arguments on unparsed)."""
     p = argparse.ArgumentParser(prog="scaletrain")
     sub = p.add_subparsers(dest="command", required=True)
     from scaletrain.data.prepare import add_prepare_args
@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--min-frequency", type=int, default=2)
     sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
     sub.add_parser("convert", help="checkpoint -> Hugging Face safetensors (launch/convert.py)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
     if argv and argv[0] == "convert":
         from scaletrain.convert import main as convert_main
 

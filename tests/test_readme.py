@@ -104,27 +104,11 @@ def _check(argv: list[str]) -> None:
         parse_args(argv[1:script + 1])
         _check(["python"] + argv[script:])
     elif prog == "scaletrain":
-        import argparse
+        from scaletrain.__main__ import build_parser
 
-        from scaletrain.convert import add_convert_args
-        from scaletrain.data.prepare import add_prepare_args
-
-        sub, rest = argv[1], argv[2:]
-        if sub == "train":
-            return _check_pretrain(rest)
-        p = argparse.ArgumentParser()
-        if sub == "prepare":
-            add_prepare_args(p)
-        elif sub == "convert":
-            add_convert_args(p)
-        elif sub == "train-tokenizer":
-            p.add_argument("--input", nargs="+", required=True)
-            p.add_argument("--vocab-size", type=int, required=True)
-            p.add_argument("--output", required=True)
-            p.add_argument("--min-frequency", type=int)
-        else:
-            raise AssertionError(f"README names `scaletrain {sub}`, which does not exist")
-        p.parse_args(rest)
+        if argv[1] in ("train", "convert"):  # handed on to launch/pretrain.py's and launch/convert.py's parsers
+            return _check(["python", f"launch/{'pretrain' if argv[1] == 'train' else 'convert'}.py", *argv[2:]])
+        build_parser().parse_args(argv[1:])
     elif prog == "python" and argv[1] == "launch/pretrain.py":
         _check_pretrain(argv[2:])
     elif prog == "python" and argv[1] == "launch/convert.py":
