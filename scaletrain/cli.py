@@ -157,7 +157,29 @@ def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:
     if "config" in args:
         values.update(load_config_file(args.pop("config")))
     values.update(args)
-    return PreTrainingConfig(**values).with_explicit(values).validate()
+    return _smoke(PreTrainingConfig(**values).with_explicit(values).validate())
+
+
+SMOKE = "SCALETRAIN_SMOKE"
+
+
+def _smoke(cfg: PreTrainingConfig) -> PreTrainingConfig:
+    """``SCALETRAIN_SMOKE=1`` shrinks any run to seconds, for checking that a command works end to end (the
+    README test uses it): the tiny model, rows of at most 64 tokens, micro-batches of at most 2, at most 4
+    steps (a ``--stop-at-step`` at most 2), one validation micro-batch. It says so on stderr."""
+    import os
+    import sys
+
+    if os.environ.get(SMOKE, "") in ("", "0"):
+        return cfg
+    small = dict(model_size="tiny", num_layers=None, max_seq_length=min(cfg.max_seq_length, 64),
+                 micro_batch_size=min(cfg.micro_batch_size, 2), max_steps=min(cfg.max_steps, 4),
+                 eval_steps=1, eval_interval=min(cfg.eval_interval, 2) if cfg.eval_interval else 0,
+                 warmup_steps=None if cfg.warmup_steps is None else min(cfg.warmup_steps, 1),
+                 stop_at_step=None if cfg.stop_at_step is None else min(cfg.stop_at_step, 2))
+    print(f"scaletrain: {SMOKE} is set: shrunk to the tiny model, {small['max_steps']} steps, rows of "
+          f"{small['max_seq_length']} tokens", file=sys.stderr)
+    return cfg.replace(**small)
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> None:

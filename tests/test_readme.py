@@ -14,26 +14,46 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("python", "scaletrain", "torchrun", "deepspeed", "make")
 
 
-def readme_commands() -> list[str]:
-    """Command lines of README.md's indented code blocks (continuations joined, comments dropped)."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    commands, current = [], ""
-    for line in lines:
-        if not line.startswith("    ") or line.startswith("     ") and not current:
-            current = ""
-            continue
-        text = line.strip()
-        if current:
-            current += " " + text
-        elif text.split(" ", 1)[0] in PROGRAMS:
-            current = text
+RUN_MARK = "<!-- readme-test: run -->"
+
+
+def _blocks() -> list[tuple[bool, list[str]]]:
+    """README.md's indented code blocks, each with whether the line before it is the run mark."""
+    blocks, current, previous = [], None, ""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("    "):
+            if current is None:
+                current = (previous.strip() == RUN_MARK, [])
+                blocks.append(current)
+            current[1].append(line[4:])
         else:
+            current = None
+            if line.strip():
+                previous = line
+    return blocks
+
+
+def readme_commands(run_only: bool = False) -> list[str]:
+    """Command lines of README.md's code blocks (continuations joined, comments dropped); with ``run_only``,
+    those of the blocks marked to be run."""
+    commands = []
+    for marked, lines in _blocks():
+        if run_only and not marked:
             continue
-        if current.endswith("\\"):
-            current = current[:-1].rstrip()
-            continue
-        commands.append(re.sub(r"\s+#.*$", "", current).strip())
         current = ""
+        for line in lines:
+            text = line.strip()
+            if current:
+                current += " " + text
+            elif text.split(" ", 1)[0] in PROGRAMS and not line.startswith(" "):
+                current = text
+            else:
+                continue
+            if current.endswith("\\"):
+                current = current[:-1].rstrip()
+                continue
+            commands.append(current if current.startswith("python -c") else re.sub(r"\s+#.*$", "", current).strip())
+            current = ""
     return commands
 
 
@@ -134,7 +154,42 @@ def test_readme_has_commands():
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_flags_are_accepted(command):
+    if command.startswith("python -c"):
+        return  # code, not flags: the run test below executes it
     try:
         _check(_plain(command))
     except SystemExit as e:  # argparse: an unknown flag or a bad value
         raise AssertionError(f"README command no longer parses: {command}") from e
+
+
+def test_the_first_hour_block_runs_as_written(tmp_path):
+    """The README block marked to be run, command by command, in a temporary folder, on a JSONL file of the
+    user's kind, shrunk by SCALETRAIN_SMOKE=1: prepare, train to --stop-at-step, resume, convert, generate."""
+    import subprocess
+    import sys
+
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    from .conftest import clean_env
+
+    raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
+    lines = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
+    (tmp_path / "my_corpus.jsonl").write_text("\n".join(lines) + "\n")
+    env = clean_env(SCALETRAIN_SMOKE="1")
+    outputs = []
+    for command in readme_commands(run_only=True):
+        argv = shlex.split(command)
+        if argv[0] == "scaletrain":
+            argv = [sys.executable, "-m", "scaletrain", *argv[1:]]
+        elif argv[0] == "python":
+            argv[0] = sys.executable
+            if argv[1].startswith("launch/"):
+                argv[1] = str(ROOT / argv[1])
+        p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"README command failed: {command}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        outputs.append(p)
+    train, resume = (p for c, p in zip(readme_commands(run_only=True), outputs) if "launch/pretrain.py" in c)
+    assert "SCALETRAIN_SMOKE is set" in train.stderr and "stopped at step 2 (--stop-at-step)" in train.stdout
+    assert "resumed from checkpoints/mine/step_000002 at step 2" in resume.stdout
+    assert (tmp_path / "exports" / "mine" / "model.safetensors").is_file()
+    assert outputs[-1].stdout.startswith("The")  # the exported model generated text in transformers
