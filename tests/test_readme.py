@@ -193,3 +193,29 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
     assert "resumed from checkpoints/mine/step_000002 at step 2" in resume.stdout
     assert (tmp_path / "exports" / "mine" / "model.safetensors").is_file()
     assert outputs[-1].stdout.startswith("The")  # the exported model generated text in transformers
+    # what each step tells the user (issue 15): the header names data, schedule and destinations ...
+    for p in (train, resume):
+        assert "scaletrain: data data/mine (mine 1; packed rows; tokenizer byte-v1, vocab 258)" in p.stdout
+        assert "scaletrain: checkpoints -> checkpoints/mine, logs -> runs/pretraining/mine" in p.stdout
+        assert "scaletrain: schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps" in p.stdout
+    # ... and convert says what it read, what it wrote and how to load it
+    convert = next(p for c, p in zip(readme_commands(run_only=True), outputs) if "launch/convert.py" in c)
+    assert "converting checkpoints/mine/final: step 4, fsdp engine, saved by 1 rank" in convert.stdout
+    assert "load it with: AutoModelForCausalLM.from_pretrained('exports/mine')" in convert.stdout
+
+
+def test_train_tokenizer_reports_the_size_it_reached(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join('{"text": "a small corpus, line %d"}\n' % i for i in range(50)))
+    p = subprocess.run([sys.executable, "-m", "scaletrain", "train-tokenizer", "--input", str(corpus), "--vocab-size",
+                        "32000", "--output", str(tmp_path / "tok.json")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab_size()
+    assert size < 32000
+    assert f"wrote {tmp_path / 'tok.json'} (vocab {size}; fewer than --vocab-size 32000: the corpus had no more " \
+           f"merges" in p.stdout
