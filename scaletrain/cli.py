@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -167,9 +169,6 @@ def _smoke(cfg: PreTrainingConfig) -> PreTrainingConfig:
     """``SCALETRAIN_SMOKE=1`` shrinks any run to seconds, for checking that a command works end to end (the
     README test uses it): the tiny model, rows of at most 64 tokens, micro-batches of at most 2, at most 4
     steps (a ``--stop-at-step`` at most 2), one validation micro-batch. It says so on stderr."""
-    import os
-    import sys
-
     if os.environ.get(SMOKE, "") in ("", "0"):
         return cfg
     small = dict(model_size="tiny", num_layers=None, max_seq_length=min(cfg.max_seq_length, 64),
