@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from scaletrain.data.latex import clean_latex
 from scaletrain.data.loader import ShardLoader, StreamSpec, build_loader, model_vocab_size
 from scaletrain.data.mixer import RowMixer
 from scaletrain.data.prepare import prepare_domain
 from scaletrain.data.sample import create_sample_pretraining_data
 from scaletrain.data.shards import DomainStream, ShardError
-from scaletrain.data.text import InputError, clean_latex
+from scaletrain.data.text import InputError
 from scaletrain.data.tokenizer import ByteTokenizer, train_bpe
 
 from .conftest import BIN, ROOT, clean_env, free_port
@@ -77,7 +78,7 @@ def test_latex_cleaner_keeps_text_and_math():
            "\n\\section{Intro}\\label{s}\nLet $p$ be prime~\\cite{e}. % secret\n\\begin{figure}\\caption{X}"
            "\\end{figure}\n\\begin{equation}\\label{q}\na^2+b^2=c^2\n\\end{equation}\n"
            r"\begin{thebibliography}{1}\bibitem{e} E.\end{thebibliography}\end{document}")
-    out = clean_latex(src)
+    out = clean_latex(src, "text").text
     assert "On Primes" in out and "Intro" in out and "Let $p$ be prime." in out and "a^2+b^2=c^2" in out
     for gone in ("secret", "caption", "cite", "label", "bibitem", "usepackage", "documentclass", "figure"):
         assert gone not in out, gone

@@ -42,7 +42,8 @@ def test_every_file_in_a_folder_is_read_or_reported(tmp_path):
     docs, stats = _docs([root])
     assert sorted(docs) == sorted(["upper case suffix", "json lines", "behind a symlinked folder", "in a sub-folder"])
     skipped = dict(stats.skipped_files)
-    assert skipped[str(root / "notes.pdf")].startswith("not a .jsonl/.json/.txt/.tex file")
+    assert skipped[str(root / "notes.pdf")].startswith(
+        "not a .jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet")
     assert "already read" in skipped[str(root / "sub" / "loop")]
 
 
@@ -67,13 +68,16 @@ def test_bom_binary_and_vanishing_files(tmp_path):
         list(docs)
 
 
-def test_prepare_says_when_workers_are_not_used(tmp_path, capsys):
+def test_prepare_uses_the_workers_it_is_given_and_writes_the_same_shards(tmp_path, capsys):
+    """--workers used to be ignored (silently, then with a note) for the byte-level tokenizer; reading, LaTeX cleaning
+    and decompression now run on the workers too, so the flag is honoured and the output does not depend on it."""
     from scaletrain.data.prepare import prepare_domain
 
-    (tmp_path / "a.txt").write_text("some text")
-    prepare_domain("d", [str(tmp_path / "a.txt")], str(tmp_path / "out"), workers=4)
-    err = capsys.readouterr().err
-    assert "--workers 4 not used: the byte-level tokenizer is a copy of the bytes and runs fastest in one process" \
-        in err
-    prepare_domain("e", [str(tmp_path / "a.txt")], str(tmp_path / "out"), workers=1)
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"some text {i}")
+    for name, workers in (("one", 1), ("four", 4)):
+        prepare_domain(name, [str(tmp_path / "in")], str(tmp_path / "out"), workers=workers)
     assert "not used" not in capsys.readouterr().err
+    one, four = tmp_path / "out" / "one", tmp_path / "out" / "four"
+    assert (one / "shard-00000.tar").read_bytes() == (four / "shard-00000.tar").read_bytes()

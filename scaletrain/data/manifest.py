@@ -7,7 +7,9 @@ module and ``shards.py``: no webdataset, no writer.
 
 Format 2 added the special-token strings, ``bos`` and ``add_bos``; format 1 manifests are
 upgraded on read (their strings come from the tokenizer.json next to them, or the byte-level
-table). Format 3 adds each member's XXH3-64 checksum (a fourth entry), checked on first read.
+table). Format 3 adds each member's XXH3-64 checksum (a fourth entry), checked on first read. Format 4 records
+what reading dropped (``dropped``: duplicates, empty, bad lines, over-size, ...) and how it read (``reading``: text
+key, LaTeX style, document cap, files skipped).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from scaletrain.errors import ScaletrainError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".tex", ".gz", ".zst", ".bz2", ".parquet")
 
 
@@ -81,6 +83,8 @@ class Manifest:
     skipped_bad_lines: int = 0
     empty_documents: int = 0
     val_fraction: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)
+    reading: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def split(self, name: str) -> Split:
@@ -92,7 +96,7 @@ class Manifest:
              "tokenizer": self.tokenizer.to_dict(), "documents": self.train.documents, "tokens": self.train.tokens,
              "shards": [asdict(s) for s in self.train.shards], "val": asdict(self.val), "inputs": self.inputs,
              "skipped_bad_lines": self.skipped_bad_lines, "empty_documents": self.empty_documents,
-             "val_fraction": self.val_fraction}
+             "val_fraction": self.val_fraction, "dropped": self.dropped, "reading": self.reading}
         return json.dumps(d, indent=1)
 
     def write(self, folder: Path) -> None:
@@ -112,7 +116,7 @@ class Manifest:
                    train=split({"documents": d["documents"], "tokens": d["tokens"], "shards": d["shards"]}),
                    val=split(d["val"]), inputs=d.get("inputs", []), skipped_bad_lines=d.get("skipped_bad_lines", 0),
                    empty_documents=d.get("empty_documents", 0), val_fraction=d.get("val_fraction", 0.0),
-                   format=FORMAT_VERSION)
+                   dropped=d.get("dropped", {}), reading=d.get("reading", {}), format=FORMAT_VERSION)
 
 
 def _upgrade_tokenizer_v1(tok: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""Corpora as people download them: compressed JSON lines, Parquet, arXiv source packages and bulk tars, read as
+streams with caps; exact duplicates dropped; every domain of a data/raw layout in one command."""
+
+import bz2
+import gzip
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from scaletrain.data import sources
+from scaletrain.data.prepare import prepare_domain
+from scaletrain.data.text import InputError, ReadOptions, ReadStats, iter_documents
+
+TEXTS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(300)]
+
+
+def _jsonl(texts, key="text") -> bytes:
+    return "".join(json.dumps({key: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+
+
+def _zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _parquet(path, texts, key="text", row_group_size=64):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({key: texts, "id": list(range(len(texts)))}), path, row_group_size=row_group_size)
+
+
+def _tokens(out, domain):
+    m = json.loads((out / domain / "manifest.json").read_text())
+    return m, b"".join((out / domain / s["file"]).read_bytes() for s in m["shards"])
+
+
+def test_every_format_gives_the_tokens_of_plain_jsonl(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    plain = _jsonl(TEXTS)
+    files = {"plain.jsonl": plain, "c4.json.gz": gzip.compress(plain), "slim.jsonl.zst": _zst(plain),
+             "old.jsonl.bz2": bz2.compress(plain), "keyed.jsonl": _jsonl(TEXTS, "content")}
+    for name, data in files.items():
+        (raw / name).write_bytes(data)
+    _parquet(raw / "fineweb.parquet", TEXTS)  # 5 row groups
+    _parquet(raw / "keyed.parquet", TEXTS, key="content")
+    out = tmp_path / "out"
+    want_manifest, want = None, None
+    for name in ["plain.jsonl", "c4.json.gz", "slim.jsonl.zst", "old.jsonl.bz2", "fineweb.parquet", "keyed.jsonl",
+                 "keyed.parquet"]:
+        domain = name.replace(".", "_")
+        key = "content" if name.startswith("keyed") else "text"
+        prepare_domain(domain, [str(raw / name)], str(out), quiet=True, opts=ReadOptions(text_key=key))
+        m, got = _tokens(out, domain)
+        if want is None:
+            want_manifest, want = m, got
+        assert got == want, name
+        assert (m["documents"], m["tokens"]) == (want_manifest["documents"], want_manifest["tokens"]) == \
+            (300, sum(len(t.encode()) + 1 for t in TEXTS))
+
+
+def test_text_key_and_format_errors_name_the_place(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(["ok", "fine"]) + b'{"body": "x"}\n'))
+    with pytest.raises(InputError, match=r"a.jsonl.gz:3: malformed JSONL line \(expected an object with a string "
+                                         r"\"text\" field \(--text-key; this line has \['body'\]\)\)"):
+        list(iter_documents([tmp_path / "a.jsonl.gz"]))
+    _parquet(tmp_path / "p.parquet", ["x"])
+    with pytest.raises(InputError, match=r"p.parquet: no column 'body' \(--text-key\); its columns are "
+                                         r"\['text', 'id'\]"):
+        list(iter_documents([tmp_path / "p.parquet"], opts=ReadOptions(text_key="body")))
+    with pytest.raises(InputError, match=r"p.parquet: column 'id' holds int64, not text"):
+        list(iter_documents([tmp_path / "p.parquet"], opts=ReadOptions(text_key="id")))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(_jsonl(TEXTS))[:-200])  # truncated download
+    with pytest.raises(InputError, match=r"cut.jsonl.gz: corrupt or truncated .gz data"):
+        list(iter_documents([tmp_path / "cut.jsonl.gz"]))
+
+
+def test_a_large_jsonl_is_cut_into_tasks_that_read_each_line_once(tmp_path, monkeypatch):
+    """Byte ranges cut lines anywhere: each line belongs to the range its first byte is in, line numbers in
+    messages stay right, and two workers write what one writes."""
+    data = _jsonl(TEXTS)
+    (tmp_path / "big.jsonl").write_bytes(data + b"not json\n")
+    monkeypatch.setattr(sources, "TASK_BYTES", 997)  # a prime: cuts fall inside lines
+    tasks = sources.tasks_for(tmp_path / "big.jsonl")
+    assert len(tasks) == len(data) // 997 + 1
+    stats = ReadStats()
+    docs = [d.text for d in iter_documents([tmp_path / "big.jsonl"], skip_bad_lines=True, stats=stats)]
+    assert docs == TEXTS and stats.bad_lines == 1
+    with pytest.raises(InputError, match=r"big.jsonl:301: malformed JSONL line"):
+        list(iter_documents([tmp_path / "big.jsonl"]))
+    for name, workers in (("one", 1), ("two", 2)):
+        prepare_domain(name, [str(tmp_path / "big.jsonl")], str(tmp_path / "out"), workers=workers, quiet=True,
+                       skip_bad_lines=True)
+    assert _tokens(tmp_path / "out", "one")[1] == _tokens(tmp_path / "out", "two")[1]
+
+
+def test_documents_over_the_cap_are_skipped_and_counted(tmp_path):
+    big = "x" * 5000
+    (tmp_path / "a.jsonl.zst").write_bytes(_zst(_jsonl(["small", big, "after"])))
+    (tmp_path / "b.txt").write_text(big)
+    stats = ReadStats()
+    docs = [d.text for d in iter_documents([tmp_path / "a.jsonl.zst", tmp_path / "b.txt"], stats=stats,
+                                           opts=ReadOptions(max_document_bytes=1000))]
+    assert docs == ["small", "after"] and stats.oversize == 2
+
+
+def _tar(members: dict, links=()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+PAPER = (b"\\documentclass{article}\\newcommand{\\R}{\\mathbb{R}}\n\\begin{document}\n\\section{One}\n"
+         b"Over $\\R$. \\input{body}\n\\end{document}\n")
+
+
+def test_arxiv_packages_and_bulk_tars_are_read_as_streams(tmp_path):
+    package = _tar({"main.tex": PAPER, "body.tex": b"The body.", "fig.png": b"\x89PNG\x00"})
+    single = b"\\documentclass{article}\\begin{document}\\section{Two}Single file, caf\xe9.\\end{document}"
+    bomb = gzip.compress(b"\\documentclass{article}" + b" " * 3_000_000)  # 3 MB from a few KB
+    bulk = _tar({"2101/2101.00001.gz": gzip.compress(package), "2101/2101.00002.gz": gzip.compress(single),
+                 "2101/2101.00003.gz": bomb, "2101/2101.00004.pdf": b"%PDF"},
+                links=[("2101/evil.gz", tarfile.SYMTYPE, "/etc/passwd"), ("2101/hard.tex", tarfile.LNKTYPE, "x")])
+    (tmp_path / "arXiv_src_2101_001.tar").write_bytes(bulk)
+    (tmp_path / "2102.00005.gz").write_bytes(gzip.compress(package))  # one paper, as arXiv serves it
+    (tmp_path / "2102.00006.tar.gz").write_bytes(gzip.compress(package))
+    stats = ReadStats()
+    docs = list(iter_documents([tmp_path], stats=stats, opts=ReadOptions(max_document_bytes=1 << 20)))
+    paper = "\\section{One}\nOver $\\mathbb{R}$. The body."
+    assert [(d.source.removeprefix(f"{tmp_path}/"), d.text) for d in docs] == [
+        ("2102.00005.gz", paper), ("2102.00006.tar.gz", paper), ("arXiv_src_2101_001.tar:2101/2101.00001.gz", paper),
+        ("arXiv_src_2101_001.tar:2101/2101.00002.gz", "\\section{Two}Single file, café.")]
+    assert (stats.oversize, stats.link_members, stats.latex_latin1) == (1, 2, 1)
+    text = list(iter_documents([tmp_path / "2102.00005.gz"], opts=ReadOptions(latex_style="text")))
+    assert text[0].text == "One\n\nOver $\\mathbb{R}$. The body."
+
+
+def test_exact_duplicates_and_empty_documents_are_dropped_and_recorded(tmp_path):
+    texts = ["alpha", "beta", "alpha", "   ", "gamma", "beta", "alpha"]
+    (tmp_path / "a.jsonl").write_bytes(_jsonl(texts))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(_jsonl(["gamma", "delta"])))  # across files too
+    m = prepare_domain("d", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")], str(tmp_path / "out"),
+                       quiet=True, workers=2)
+    assert m.train.documents == 4  # alpha beta gamma delta
+    on_disk = json.loads((tmp_path / "out" / "d" / "manifest.json").read_text())
+    assert on_disk["dropped"]["duplicates"] == 4 and on_disk["dropped"]["empty"] == 1
+    assert on_disk["reading"]["text_key"] == "text" and on_disk["reading"]["latex_style"] == "source"
+
+
+def test_seen_hashes_matches_a_python_set():
+    from scaletrain.data.encode import SeenHashes
+
+    rng = np.random.default_rng(0)
+    seen, ref = SeenHashes(capacity=16), set()
+    for _ in range(50):  # grows from 16 slots; batches repeat values within and across
+        batch = rng.integers(1, 3000, size=200).astype(np.uint64)  # (0 is stored as 1: a 2^-64 event)
+        got = seen.add(batch)
+        want = []
+        for h in batch.tolist():
+            want.append(h not in ref)
+            ref.add(h)
+        assert got.tolist() == want
+    assert seen.n == len(ref)
+
+
+def test_one_command_prepares_every_domain_of_a_raw_folder(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    (raw / "arxiv").mkdir(parents=True)
+    (raw / "general" / "web").mkdir(parents=True)
+    (raw / "arxiv" / "2101.00001.gz").write_bytes(gzip.compress(_tar({"main.tex": PAPER, "body.tex": b"Body."})))
+    (raw / "general" / "web" / "part-0.jsonl.gz").write_bytes(gzip.compress(_jsonl(TEXTS[:20])))
+    out = tmp_path / "data" / "pretraining"
+    r = subprocess.run([sys.executable, "-m", "scaletrain", "prepare", "--input", str(raw), "--output", str(out),
+                        "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "arxiv: 1 documents" in r.stderr and "general: 20 documents" in r.stderr
+    arxiv = json.loads((out / "arxiv" / "manifest.json").read_text())
+    assert arxiv["documents"] == 1 and arxiv["reading"]["latex_style"] == "source"
+    r = subprocess.run([sys.executable, "-m", "scaletrain", "prepare", "--input", str(raw / "general" / "web"),
+                        "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no sub-folders to take as domains; pass --domain NAME" in r.stderr
