@@ -35,7 +35,7 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 
 _CHOICES = {"model_size": "tiny,small,base,large", "mixed_precision": "fp16,bf16,fp32", "engine": "deepspeed,fsdp",
-            "data_kind": "shards,synthetic"}
+            "data_kind": "shards,synthetic", "epoch_limit": "warn,stop"}
 
 
 def _metavar(name: str, typ: type) -> str:

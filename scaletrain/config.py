@@ -45,6 +45,12 @@ class PreTrainingConfig:
     data_sources: list[str] = _f(["arxiv", "general"], "domains to mix (sub-folders of data_dir)")
     data_mix_weights: list[float] = _f([0.3, 0.7], "token share of each domain, one per data source (trained "
                                                     "target tokens, with or without packing)")
+    allow_data_change: bool = _f(False, "resume although a domain's shards differ from those the checkpoint was "
+                                        "reading (prepared again, changed): that domain is read from its start")
+    max_epochs_per_domain: float = _f(1.0, "epochs of any one domain a run may read before --epoch-limit acts (its "
+                                           "documents start to repeat past 1)")
+    epoch_limit: str = _f("warn", "what passing --max-epochs-per-domain does: warn (once per domain) or stop (save "
+                                  "a checkpoint and stop)")
     packing: bool = _f(True, "pack documents into full rows; --no-packing: one document per row, padded (the loss "
                              "and tokens/s count real tokens only)")
     tokenizer: str | None = _f(None, "tokenizer.json the shards were prepared with (checked against the manifests)")
@@ -201,6 +207,10 @@ class PreTrainingConfig:
             raise bad("async_checkpoint", "needs --engine fsdp (DeepSpeed writes its checkpoints synchronously)")
         if self.data_kind not in DATA_KINDS:
             raise bad("data_kind", f"unknown data kind {self.data_kind!r}; valid: {', '.join(DATA_KINDS)}")
+        if self.epoch_limit not in ("warn", "stop"):
+            raise bad("epoch_limit", f"{self.epoch_limit!r}: choose warn or stop")
+        if not self.max_epochs_per_domain > 0:
+            raise bad("max_epochs_per_domain", f"must be positive, got {self.max_epochs_per_domain}")
         if len(self.data_mix_weights) != len(self.data_sources):
             raise bad("data_mix_weights", f"{len(self.data_mix_weights)} weights for {len(self.data_sources)} "
                                           f"--data-sources {self.data_sources}; give one weight per source")

@@ -101,6 +101,11 @@ class MetricsLogger:
         for k, fmt in formats:
             if k in metrics:
                 parts.append(f"{k} " + fmt.format(metrics[k]))
+            if k == "val_loss":  # then each domain's
+                parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss/")]
+        epochs = {k[7:]: v for k, v in metrics.items() if k.startswith("epochs/")}
+        if epochs:
+            parts.append("epochs " + " ".join(f"{d} {e:.2f}" for d, e in epochs.items()))
         line = " | ".join(parts)
         if self.bar is not None:
             self.bar.set_postfix(loss=metrics.get("loss"), refresh=False)

@@ -60,8 +60,22 @@ def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
     return None  # CPU: MFU only with an explicit --peak-tflops
 
 
-def evaluate(engine: Engine, val_loader, eval_steps: int, device: torch.device) -> float:
-    """Loss over the held-out set, per target token: the same ``eval_steps`` micro-batches per rank every time."""
+def evaluate(engine: Engine, val_loaders, eval_steps: int, device: torch.device,
+             weights: dict[str, float] | None = None) -> dict[str, float]:
+    """``val_loss`` and, for prepared data, ``val_loss/<domain>`` for each domain: loss per target token over the
+    same micro-batches every time (``eval_steps`` per rank in all, shared by the domains). The mixed ``val_loss`` is
+    the domains' losses weighted by the mix (the weights are token shares, so this is the expectation the mixed
+    training stream has)."""
+    if not isinstance(val_loaders, dict):  # synthetic data: one stream
+        return {"val_loss": _loss(engine, val_loaders, eval_steps, device)}
+    steps = max(1, round(eval_steps / len(val_loaders)))
+    out = {f"val_loss/{d}": _loss(engine, loader, steps, device) for d, loader in val_loaders.items()}
+    w = {d: (weights or {}).get(d, 1.0) for d in val_loaders}
+    out["val_loss"] = sum(w[d] * out[f"val_loss/{d}"] for d in w) / sum(w.values())
+    return out
+
+
+def _loss(engine: Engine, val_loader, eval_steps: int, device: torch.device) -> float:
     val_loader.rewind()
     total = torch.zeros(2, device=device)  # (sum of token losses, target tokens)
     for _ in range(eval_steps):
@@ -70,6 +84,27 @@ def evaluate(engine: Engine, val_loader, eval_steps: int, device: torch.device) 
         total += torch.stack([loss_sum, n])
     total = engine.all_reduce_sum(total)
     return (total[0] / total[1]).item()
+
+
+class _EpochLimit:
+    """A domain read past ``--max-epochs-per-domain`` repeats its documents: warn once per domain, or stop."""
+
+    def __init__(self, limit: float, action: str, is_main: bool) -> None:
+        self.limit, self.action, self.is_main = limit, action, is_main
+        self.warned: set[str] = set()
+        self.reason = ""
+
+    def check(self, epochs: dict[str, float], step: int) -> str | None:
+        over = {d: e for d, e in epochs.items() if e > self.limit and d not in self.warned}
+        if not over:
+            return None
+        self.warned |= set(over)
+        self.reason = ", ".join(f"{d} at {e:.2f} epochs" for d, e in over.items())
+        if self.is_main:
+            print(f"scaletrain: step {step}: {self.reason}, past --max-epochs-per-domain {self.limit:g}: its documents "
+                  f"repeat" + ("" if self.action == "stop" else " (--epoch-limit stop stops the run here; add data "
+                                                                 "or lower its weight)"), flush=True)
+        return "epoch_limit" if self.action == "stop" else None
 
 
 class _Preemption:
@@ -147,6 +182,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         print(_header(plan, engine, env, state.step, loader.global_batch), flush=True)
 
     preempt = _Preemption(control)
+    epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     meter = Throughput()
     last_loss, stop = None, None
     non_blocking = env.device.type == "cuda"
@@ -163,8 +199,12 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             val_loss = None
             if val_loader is not None and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
                 t_eval = time.perf_counter()
-                val_loss = metrics["val_loss"] = evaluate(engine, val_loader, cfg.eval_steps, env.device)
+                metrics.update(evaluate(engine, val_loader, cfg.eval_steps, env.device,
+                                        dict(zip(cfg.data_sources, cfg.data_mix_weights))))
+                val_loss = metrics["val_loss"]
                 meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure
+            epochs = loader.epochs() if hasattr(loader, "epochs") else {}
+            limit = epoch_limit.check(epochs, done)
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 # the only host syncs of the loop (apart from the engine's finite check)
                 last_loss = engine.step_loss(out)
@@ -175,10 +215,11 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                                 "skipped_steps": state.skipped_steps, "memory_gib": memory_gib(env.device)})
                 if peak:
                     metrics["mfu"] = mfu(fpt, tok_s / env.world_size, peak)
+                metrics.update({f"epochs/{d}": e for d, e in epochs.items()})
             if metrics:
                 logger.log(done, metrics)
             t_save = time.perf_counter()
-            stop = ckpt.after_step(val_loss, preempted=preempt.requested())
+            stop = ckpt.after_step(val_loss, preempted=preempt.requested(), stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
             if stop:
                 break
@@ -189,6 +230,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         where = ckpt.last_saved or plan.resume  # resumed at --max-steps already: nothing new was written
         if stop == "preempted":
             print(f"scaletrain: preempted at step {state.step}: checkpoint {where} saved, exiting", flush=True)
+        elif stop == "epoch_limit":
+            print(f"scaletrain: stopped at step {state.step} (--epoch-limit stop): {epoch_limit.reason}; checkpoint "
+                  f"{ckpt.last_saved}. Raise --max-epochs-per-domain to go on, or add data", flush=True)
         elif stop == "stop_at_step":
             print(f"scaletrain: stopped at step {state.step} (--stop-at-step); resume with --resume latest",
                   flush=True)

@@ -70,18 +70,19 @@ class CheckpointManager:
         self.last_saved: Path | None = None
 
     # ---- policy ----------------------------------------------------------------------------------
-    def after_step(self, val_loss: float | None = None, preempted: bool = False) -> str | None:
+    def after_step(self, val_loss: float | None = None, preempted: bool = False,
+                   stop_for: str | None = None) -> str | None:
         """Write what the policy asks for after optimizer step ``state.step``; returns why the run must stop
-        now ("preempted", "stop_at_step") or None."""
+        now ("preempted", "stop_at_step", or ``stop_for``: another reason to save and stop) or None."""
         cfg, step = self.cfg, self.state.step
         if val_loss is not None and self.state.record_val_loss(val_loss) and cfg.save_best:
             self.save("best")
         if step == cfg.max_steps:
             self.save("final")
             return None
-        if preempted:
+        if preempted or stop_for:
             self.save(step_name(step))
-            return "preempted"
+            return "preempted" if preempted else stop_for
         if step == cfg.stop_at_step:
             self.save(step_name(step))
             return "stop_at_step"

@@ -27,7 +27,7 @@ DataLoader hands them out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -188,8 +188,10 @@ class _Dataset(IterableDataset):
 class ShardLoader:
     """Iterator of micro-batches ``(input_ids, labels, step_tokens)`` with ``state_dict``/``load_state_dict``."""
 
-    def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False,
+                 allow_data_change: bool = False) -> None:
         self.spec = spec
+        self.allow_data_change = allow_data_change
         self.streams = open_streams(spec)  # validates every shard up front, in the main process
         self.pad_id = self.tokenizer.pad_id
         self.num_workers, self.pin_memory = num_workers, pin_memory and torch.cuda.is_available()
@@ -243,7 +245,15 @@ class ShardLoader:
             self._snapshot.step(None)
         return {"global_row": self._snapshot.row, "packing": self.spec.packing,
                 "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos)),
-                "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens))}
+                "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens)),
+                "domain_fingerprint": {s: st.fingerprint for s, st in zip(self.spec.sources, self.streams)},
+                "domain_size": {s: st.total for s, st in zip(self.spec.sources, self.streams)}}
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs of each domain read so far (at a step boundary): tokens read over the domain's tokens. The
+        same on every rank (each walks all rows)."""
+        pos = self.state_dict()["domain_pos"]
+        return {s: pos[s] / st.total for s, st in zip(self.spec.sources, self.streams)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -258,6 +268,22 @@ class ShardLoader:
         if missing:
             raise LoaderStateError(f"the checkpoint's data state has no position for --data-sources {missing} (it "
                                    f"has {list(positions)}); resume with the same --data-sources")
+        positions = dict(positions)
+        for s, stream in zip(self.spec.sources, self.streams):
+            then = (state.get("domain_fingerprint") or {}).get(s)
+            if then is None or then == stream.fingerprint:  # checkpoints before fingerprints: nothing to compare
+                continue
+            size = (state.get("domain_size") or {}).get(s)
+            change = (f"{stream.total:,} tokens in {len(stream.shards)} shards now"
+                      + (f", {size:,} tokens when the checkpoint was written" if size is not None else ""))
+            if not self.allow_data_change:
+                raise LoaderStateError(
+                    f"--data-sources {s}: {stream.dir} is not the data this checkpoint was reading (prepared again "
+                    f"or changed: {change}); its read position means nothing in the new data. Prepare it as it "
+                    f"was, or pass --allow-data-change to continue on purpose, reading {s} from its start")
+            print(f"scaletrain: --allow-data-change: {s} changed ({change}); reading it from its start",
+                  flush=True)
+            positions[s] = 0
         L = self.spec.max_seq_length + 1
         # checkpoints written before domain_tokens existed: packed rows give it exactly
         tokens = state.get("domain_tokens") or {s: int(p) // L * (L - 1) for s, p in positions.items()}
@@ -304,8 +330,12 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
     spec = StreamSpec(cfg.data_dir, tuple(cfg.data_sources), tuple(cfg.data_mix_weights), cfg.max_seq_length,
                       cfg.micro_batch_size, gas, rank, world_size, cfg.seed, cfg.packing, split)
     if split == "val":
-        return ShardLoader(spec) if has_val_split(cfg) else None
-    loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory)
+        if not has_val_split(cfg):
+            return None
+        # one held-out stream per domain with weight > 0: val_loss/<domain> for each, val_loss their weighted mean
+        return {s: ShardLoader(replace(spec, sources=(s,), weights=(1.0,)))
+                for s, w in zip(cfg.data_sources, cfg.data_mix_weights) if w > 0}
+    loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory, cfg.allow_data_change)
     if cfg.tokenizer:
         check_tokenizer(cfg.tokenizer, loader.streams)
     return loader

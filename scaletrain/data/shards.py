@@ -23,6 +23,18 @@ from .manifest import MANIFEST, ShardError, load_manifest
 __all__ = ["DomainStream", "ShardError", "load_manifest"]
 
 
+def fingerprint(manifest, split: str = "train") -> str:
+    """What identifies a domain's data for a resume: its tokenizer and every shard's name, size and member
+    checksums (format 3+; older manifests: the token counts)."""
+    import hashlib
+    import json
+
+    shards = [[s.file, s.tokens, s.bytes, [m[3] if len(m) > 3 else m[2] for m in s.members]]
+              for s in manifest.split(split).shards]
+    blob = json.dumps([manifest.tokenizer.identity, manifest.dtype, shards], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class DomainStream:
     """The token stream of one domain split (``train`` or ``val``), endless over epochs."""
 
@@ -38,6 +50,7 @@ class DomainStream:
             raise ShardError(f"{self.folder}: the {split} split has no shards"
                              + (" (prepared with --val-fraction 0)" if split == "val" else ""))
         self.dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
+        self.fingerprint = fingerprint(self.manifest, split)
         self.vocab_size = self.manifest.tokenizer.vocab_size
         self.seed, self.domain_index = seed, domain_index
         self.shard_tokens = np.array([s.tokens for s in self.shards], dtype=np.int64)

@@ -1,0 +1,72 @@
+"""The mix, watched and guarded: per-domain validation loss, epochs read per domain, the epoch limit, and a resume
+that refuses data other than what the checkpoint was reading (unless asked)."""
+
+import json
+
+from scaletrain.checkpoint.store import step_name
+from scaletrain.data.prepare import prepare_domain
+from scaletrain.data.sample import create_sample_pretraining_data
+
+from .conftest import launch, read_metrics
+
+
+def _prepare(tmp_path, seed=0):
+    raw = create_sample_pretraining_data(tmp_path / f"raw{seed}", seed=seed, scale=0.02)
+    for d in ("arxiv", "general"):
+        prepare_domain(d, [str(raw[d])], str(tmp_path / "pre"), quiet=True, shard_tokens=8192, chunk_tokens=1024,
+                       val_fraction=0.2, overwrite=True)
+    return tmp_path / "pre"
+
+
+def _args(data, *extra):
+    return ["--data-dir", str(data), "--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "4",
+            "--max-steps", "6", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "3",
+            "--eval-steps", "2", "--mixed-precision", "fp32", "--engine", "fsdp", *extra]
+
+
+def test_val_loss_per_domain_epochs_and_a_resume_on_changed_data(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _prepare(tmp_path)
+    first = launch("python", _args(data, "--stop-at-step", "3", "--max-epochs-per-domain", "0.01"), tmp_path)
+    metrics = read_metrics(tmp_path)
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evals] == [3]
+    w = {"arxiv": 0.3, "general": 0.7}
+    assert evals[0]["val_loss"] == sum(w[d] * evals[0][f"val_loss/{d}"] for d in w) / 1.0
+    assert evals[0]["val_loss/arxiv"] != evals[0]["val_loss/general"]
+    assert "val_loss/arxiv" in first.stdout and "epochs arxiv" in first.stdout
+    # epochs grow by the rows each domain gave: positive, increasing, arxiv past the 0.01 limit -> one warning
+    arxiv = [m["epochs/arxiv"] for m in metrics]
+    assert 0 < arxiv[0] < arxiv[-1] and arxiv[-1] > 0.01
+    assert first.stdout.count("past --max-epochs-per-domain 0.01") == 1
+    acc = EventAccumulator(str(tmp_path / "runs" / "t"))
+    acc.Reload()
+    assert {"val_loss", "val_loss/arxiv", "val_loss/general", "epochs/arxiv", "epochs/general"} <= \
+        set(acc.Tags()["scalars"])
+    assert acc.Scalars("val_loss/arxiv")[0].value == evals[0]["val_loss/arxiv"]
+
+    # general prepared again from other documents: the checkpoint's read position means nothing there
+    raw = create_sample_pretraining_data(tmp_path / "raw-other", seed=7, scale=0.02)
+    prepare_domain("general", [str(raw["general"])], str(data), quiet=True, shard_tokens=8192, chunk_tokens=1024,
+                   val_fraction=0.2, overwrite=True)
+    refused = launch("python", _args(data, "--resume", "latest"), tmp_path, check=False)
+    assert refused.returncode != 0
+    assert "--data-sources general:" in refused.stderr and "is not the data this checkpoint was reading" in \
+        refused.stderr and "--allow-data-change" in refused.stderr
+    assert "--data-sources arxiv" not in refused.stderr
+    went_on = launch("python", _args(data, "--resume", "latest", "--allow-data-change"), tmp_path)
+    assert "--allow-data-change: general changed" in went_on.stdout and "reading it from its start" in went_on.stdout
+    resumed = [m for m in read_metrics(tmp_path) if m["step"] == 4][-1]
+    assert resumed["epochs/general"] < [m for m in metrics if m["step"] == 3][0]["epochs/general"]
+
+
+def test_epoch_limit_stop_saves_and_stops(tmp_path):
+    data = _prepare(tmp_path)
+    proc = launch("python", _args(data, "--max-epochs-per-domain", "0.01", "--epoch-limit", "stop",
+                                  "--eval-interval", "0"), tmp_path)
+    steps = [m["step"] for m in read_metrics(tmp_path)]
+    assert steps[-1] < 6
+    assert f"stopped at step {steps[-1]} (--epoch-limit stop): arxiv at" in proc.stdout
+    done = json.loads((tmp_path / "checkpoints" / step_name(steps[-1]) / "COMPLETE.json").read_text())
+    assert done["step"] == steps[-1]
