@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.scaletrain-installed
 
-.PHONY: install pretrain demo test lint bench-engines bench-loader clean
+.PHONY: install ds-ops pretrain demo test lint bench-engines bench-loader clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,17 @@ pretrain: install
 demo: install
 	$(BIN)/python launch/demo.py
 
-test: install
-	$(BIN)/python -m pytest -q tests
+# DeepSpeed JIT-compiles the ops it uses on a CPU on first use: the shared-memory comm op (every ZeRO run) and
+# DeepSpeedCPUAdam (optimizer offload), about 1.5 and 2.8 minutes on 2 cores, once per machine (cached under
+# ~/.cache/torch_extensions). Built here, as part of setting up, so no test and no first run pays for it; a few
+# seconds once cached. On a GPU machine only the ops its accelerator has are built.
+ds-ops: install
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
+	bs = [a().create_op_builder(n) for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]; \
+	[b.load(verbose=False) for b in bs if b is not None and b.is_compatible()]"
+
+test: install ds-ops
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check scaletrain launch benchmarks tests

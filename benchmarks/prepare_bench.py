@@ -184,7 +184,8 @@ def main() -> None:
               "rss_2_workers_largest_child_mib": r["prepare_2"]["rss_largest_child_mib"]}
     print(f"prepare / tokenize-only baseline: {ratios['prepare_vs_baseline']:.2f}x (goal >= 0.8)\n"
           f"2 workers / 1 worker: {ratios['two_workers_vs_one']:.2f}x (goal >= 1.7; {os.cpu_count()} cores here)\n"
-          f"peak RSS, {size / 1e9:.2f} GB run / {acc / 1e9:.2f} GB run: {ratios['rss_full_vs_small']:.3f} (goal <= 1.10)")
+          f"peak RSS, {size / 1e9:.2f} GB run / {acc / 1e9:.2f} GB run: {ratios['rss_full_vs_small']:.3f} "
+          f"(goal <= 1.10)")
     dest = ROOT / "benchmarks" / "results" / f"prepare_bench_{time.strftime('%Y%m%d-%H%M%S')}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "vocab": vocab,

@@ -3,8 +3,8 @@
 ``SCALETRAIN_FAULT=<kind>[:<arg>]`` in the environment turns one on:
 
 * ``save_pause:SECONDS``: a checkpoint save sleeps between writing its files and committing;
-* ``save_enospc[:RANK]``: writing a checkpoint fails on rank RANK (default 0) the way a full disk fails,
-  inside the engine's own collective save;
+* ``save_enospc[:RANK[@NAME]]``: writing a checkpoint (only checkpoint NAME, e.g. ``step_000004``, if given)
+  fails on rank RANK (default 0) the way a full disk fails, inside the engine's own collective save;
 * ``swap_kill``: the process kills itself between the two renames that replace a folder (a checkpoint's
   ``best``/``final``, a prepared domain with ``--overwrite``).
 
@@ -35,5 +35,8 @@ def kill_between_renames() -> None:
 def disk_full(path: str, rank: int) -> None:
     """Raise ENOSPC as a write to ``path`` would on a full disk, when ``save_enospc`` names this rank."""
     arg = fault("save_enospc")
-    if arg is not None and rank == int(arg or 0):
+    if arg is None:
+        return
+    who, _, name = arg.partition("@")
+    if rank == int(who or 0) and (not name or f".tmp-{name}" in path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

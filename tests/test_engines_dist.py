@@ -113,10 +113,10 @@ def test_fp32_parity_with_plain_loop(tmp_path, reference, launcher, engine_args)
     assert max(n for _, n in reference) > 0.5
 
 
-BF16 = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "4",
-        "--max-steps",
-        "30", "--warmup-steps", "3", "--learning-rate", "3e-3", "--log-interval", "1", "--save-interval", "0",
-        "--no-use-tensorboard"]
+# 20 steps of 32 tokens: the loss falls by >1 nat (6.0 -> 4.8 measured), at half the time of 30 x 64
+BF16 = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "4",
+        "--max-steps", "20", "--warmup-steps", "2", "--learning-rate", "3e-3", "--log-interval", "1",
+        "--save-interval", "0", "--no-use-tensorboard"]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ BF16 = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", 
 def test_bf16_training_reduces_loss(tmp_path, launcher, args):
     proc = launch(launcher, BF16 + args, tmp_path)
     got = read_metrics(tmp_path)
-    assert len(got) == 30 and all(m["skipped_steps"] == 0 for m in got)
+    assert len(got) == 20 and all(m["skipped_steps"] == 0 for m in got)
     first, last = sum(m["loss"] for m in got[:3]) / 3, sum(m["loss"] for m in got[-3:]) / 3
     assert last < first - 0.5, (first, last)
     assert "world 2" in proc.stdout and "bf16" in proc.stdout
@@ -140,7 +140,7 @@ def test_bf16_training_reduces_loss(tmp_path, launcher, args):
 def test_offloaded_optimizer_trains(tmp_path, kind):
     # fp32: what is tested is the offload; bf16 is emulated (slowly) on most CPUs
     args = ["--engine", "fsdp", "--fsdp-cpu-offload"] if kind == "fsdp" else \
-        ["--ds_config", fp32_ds_config(tmp_path, "zero3_offload_bf16")]  # DeepSpeedCPUAdam: JIT-compiled once (~40 s)
+        ["--ds_config", fp32_ds_config(tmp_path, "zero3_offload_bf16")]  # DeepSpeedCPUAdam: built by `make ds-ops`
     launch("python", BF16[:] + args + ["--mixed-precision", "fp32"], tmp_path, timeout=600)
     got = read_metrics(tmp_path)
     first, last = sum(m["loss"] for m in got[:3]) / 3, sum(m["loss"] for m in got[-3:]) / 3
