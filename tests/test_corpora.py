@@ -160,6 +160,9 @@ def test_exact_duplicates_and_empty_documents_are_dropped_and_recorded(tmp_path)
     on_disk = json.loads((tmp_path / "out" / "d" / "manifest.json").read_text())
     assert on_disk["dropped"]["duplicates"] == 4 and on_disk["dropped"]["empty"] == 1
     assert on_disk["reading"]["text_key"] == "text" and on_disk["reading"]["latex_style"] == "source"
+    kept = prepare_domain("all", [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")], str(tmp_path / "out"),
+                          quiet=True, dedup=False)  # --no-dedup: a corpus deduplicated upstream
+    assert kept.train.documents == 8 and kept.dropped["duplicates"] == 0 and kept.reading["dedup"] is False
 
 
 def test_seen_hashes_matches_a_python_set():
@@ -194,3 +197,22 @@ def test_one_command_prepares_every_domain_of_a_raw_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scaletrain", "prepare", "--input", str(raw / "general" / "web"),
                         "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no sub-folders to take as domains; pass --domain NAME" in r.stderr
+
+
+def test_a_decompression_bomb_in_an_arxiv_package_keeps_memory_bounded(tmp_path):
+    """512 MB of LaTeX from a 0.5 MB download, inside a bulk tar: skipped at the cap, counted, and the reading
+    process never holds more than about the cap (its peak RSS is measured in a fresh process)."""
+    bomb = gzip.compress(b"\\documentclass{article}" + b" " * (512 << 20), compresslevel=9)
+    (tmp_path / "bulk.tar").write_bytes(_tar({"2101/2101.00001.gz": bomb,
+                                               "2101/2101.00002.gz": gzip.compress(PAPER.replace(b"\\input{body}",
+                                                                                                 b""))}))
+    code = ("import sys, json; from scaletrain.data.text import iter_documents, ReadOptions, ReadStats; "
+            "s = ReadStats(); d = list(iter_documents([sys.argv[1]], stats=s, "
+            "opts=ReadOptions(max_document_bytes=16 << 20))); "
+            "hwm = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0]; "
+            "print(json.dumps([len(d), s.oversize, hwm // 1024]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bulk.tar")], capture_output=True, text=True,
+                         timeout=120, check=True)
+    docs, oversize, peak_mib = json.loads(out.stdout)
+    assert (docs, oversize) == (1, 1)
+    assert peak_mib < 150, peak_mib  # measured 48 MiB: the interpreter, imports and the 16 MB cap, not 512 MB

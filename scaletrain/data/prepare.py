@@ -64,9 +64,10 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                    eos_token: str | None = None, workers: int = 1, val_fraction: float = 0.0,
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
                    overwrite: bool = False, quiet: bool = False, add_bos: bool = False,
-                   bos_token: str | None = None, opts: ReadOptions | None = None) -> Manifest:
+                   bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True) -> Manifest:
     """Prepare one domain; returns its manifest. ``opts`` (text key, LaTeX style, document cap) default to
-    ``ReadOptions()``; ``skip_bad_lines`` is folded into them."""
+    ``ReadOptions()``; ``skip_bad_lines`` is folded into them. ``dedup``: drop exact duplicates (memory: the
+    content-hash table, 16 bytes per document, up to about 3x that while it grows)."""
     opts = opts if opts is not None else ReadOptions()
     opts = ReadOptions(opts.text_key, opts.latex_style, opts.skip_bad_lines or skip_bad_lines, opts.max_document_bytes)
     if not domain or "/" in domain or domain.startswith("."):
@@ -94,14 +95,14 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
         shutil.rmtree(stale, ignore_errors=True)  # leftovers of an interrupted run
     train = ShardWriter(tmp, dtype, chunk_tokens, shard_tokens)
     val = ShardWriter(tmp / "val", dtype, chunk_tokens, shard_tokens)
-    seen = SeenHashes()
+    seen = SeenHashes() if dedup else None
     eos = np.array([tok.eos_id], dtype=dtype)
     bos = np.array([tok.bos_id] if add_bos else [], dtype=dtype)
     n_docs = n_val = duplicates = 0
     t0 = last = time.time()
     try:
         for piece in encoded_pieces(tasks, spec, max(1, workers), stats):
-            first = seen.add(piece.hashes)
+            first = seen.add(piece.hashes) if seen is not None else np.ones(len(piece.hashes), dtype=bool)
             duplicates += int((~first).sum())
             ends = np.cumsum(piece.lengths)
             for j in np.flatnonzero(first):  # in input order, whatever the number of workers
@@ -128,7 +129,7 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                             inputs=[str(i) for i in inputs], skipped_bad_lines=stats.bad_lines,
                             empty_documents=stats.empty, val_fraction=val_fraction, dropped=dropped,
                             reading={"text_key": opts.text_key, "latex_style": opts.latex_style,
-                                     "max_document_bytes": opts.max_document_bytes,
+                                     "max_document_bytes": opts.max_document_bytes, "dedup": dedup,
                                      "skipped_files": [list(x) for x in stats.skipped_files]})
         if tok.path:
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
@@ -201,7 +202,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes that read, clean and tokenize (default: every core with a Hugging Face "
                         "--tokenizer, LaTeX, compressed or Parquet inputs; 1 for plain text with the byte-level "
-                        "tokenizer, where one process is fastest); the output is the same for any N")
+                        "tokenizer, a copy of the bytes, where one process is fastest); the output is the same for "
+                        "any N")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="keep exact-duplicate documents (dropping them holds a content-hash table of 16 bytes per "
+                        "document in memory; skip it for a corpus deduplicated upstream, e.g. FineWeb, SlimPajama)")
     p.add_argument("--text-key", default="text", metavar="KEY", help="the text field of JSON lines and the text "
                                                                       "column of Parquet files")
     p.add_argument("--latex-style", default="source", choices=STYLES,
@@ -219,9 +224,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
-    """Every core when there is work beyond copying bytes: a BPE tokenizer, LaTeX parsing, decompression or Parquet
-    decoding. The byte-level tokenizer on plain JSONL/text is a copy of the bytes: shipping its arrays between
-    processes costs more than it saves (measured 30M tokens/s in one process vs 10M with 2 workers)."""
+    """Every core when there is work beyond copying bytes: a BPE tokenizer, LaTeX (parsed in pure Python, ~0.085
+    MB/s), decompression or Parquet decoding (2 GB of .zst/.gz/Parquet with the byte-level tokenizer: two workers
+    0.94x and 1.31x of one in two runs, benchmarks/prepare_bench.py). Plain JSONL or text with the byte-level
+    tokenizer is a copy of the bytes: shipping its arrays between processes costs more than it saves (30M tokens/s
+    in one process vs 10M with two)."""
     from .sources import kind_of
     from .text import list_inputs
 
@@ -238,7 +245,8 @@ def run_prepare(args: argparse.Namespace) -> list[Manifest]:
         workers = args.workers if args.workers is not None else _default_workers(args.tokenizer, inputs)
         manifests.append(prepare_domain(domain, inputs, args.output, args.tokenizer, args.eos_token, workers,
                                         args.val_fraction, args.shard_tokens, args.chunk_tokens, args.skip_bad_lines,
-                                        args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token, opts=opts))
+                                        args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token, opts=opts,
+                                        dedup=args.dedup))
     return manifests
 
 
