@@ -2,10 +2,13 @@
 
 Each worker reads, cleans and tokenizes whole tasks (``sources.Task``: a file, a byte range of a JSONL file, some
 row groups of a Parquet file) and sends their documents back in pieces of a few MB through its own bounded queue.
-Task ``i`` goes to worker ``i % workers``, and the parent takes the pieces task by task in order, so the documents
-reach the shard writer in the same order for any number of workers (hence byte-identical shards), and a worker
-that runs ahead blocks on its full queue instead of filling memory: at most ``workers x QUEUE_PIECES`` pieces are
-in flight. One worker reads in-process, through the same code.
+A free worker claims the next unclaimed task (a shared counter; ``owner[i]`` records who took task ``i``), so
+unequal tasks do not leave a worker idle (fixed round-robin measured 1.42x for two workers on 13 tasks split 7/6,
+against 1.84x on 20 equal ones). The parent takes the pieces task by task in order, task ``i`` from its owner's
+queue: a worker claims in increasing order and the parent has consumed its earlier tasks, so the head of that queue
+is task ``i``. The documents thus reach the shard writer in the same order for any number of workers (hence
+byte-identical shards), and a worker that runs ahead blocks on its full queue instead of filling memory: at most
+``workers x QUEUE_PIECES`` pieces are in flight. One worker reads in-process, through the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterator
@@ -78,11 +82,17 @@ def encode_task(task: Task, reader: Reader, tok, spec: EncodeSpec) -> Iterator[P
         yield _piece(texts, tok, spec)
 
 
-def _worker(w: int, n: int, tasks: list[Task], q, spec: EncodeSpec) -> None:
+def _worker(w: int, tasks: list[Task], q, spec: EncodeSpec, claim, owner) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     try:
         tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
-        for i in range(w, len(tasks), n):
+        while True:
+            with claim.get_lock():
+                i = claim.value
+                if i >= len(tasks):
+                    return
+                claim.value = i + 1
+            owner[i] = w
             stats = ReadStats()
             reader = Reader(spec.opts, stats)
             for piece in encode_task(tasks[i], reader, tok, spec):
@@ -106,6 +116,18 @@ def _get(q, proc, w: int):
                                    f"memory, lower --workers or --max-document-bytes") from None
 
 
+def _owner(owner, i: int, procs) -> int:
+    """The worker that claimed task ``i`` (claimed in order, so it is being taken or soon will be)."""
+    waited = 0.0
+    while owner[i] < 0:
+        time.sleep(0.001)
+        waited += 0.001
+        if waited > 2 and not any(p.is_alive() for p in procs):
+            codes = [p.exitcode for p in procs]
+            raise RuntimeError(f"every prepare worker has exited (exit codes {codes}) before task {i} was taken")
+    return owner[i]
+
+
 def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: ReadStats) -> Iterator[Piece]:
     """The pieces of every task, in task order; each task's read counts are added to ``stats``."""
     if workers <= 1 or len(tasks) <= 1:
@@ -118,13 +140,14 @@ def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: Rea
     workers = min(workers, len(tasks))
     ctx = mp.get_context("fork")
     queues = [ctx.Queue(maxsize=QUEUE_PIECES) for _ in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(w, workers, tasks, queues[w], spec), daemon=True)
+    claim, owner = ctx.Value("q", 0), ctx.Array("i", [-1] * len(tasks), lock=False)
+    procs = [ctx.Process(target=_worker, args=(w, tasks, queues[w], spec, claim, owner), daemon=True)
              for w in range(workers)]
     for p in procs:
         p.start()
     try:
         for i in range(len(tasks)):
-            w = i % workers
+            w = _owner(owner, i, procs)
             while True:
                 kind, payload = _get(queues[w], procs[w], w)
                 if kind == "piece":
