@@ -35,7 +35,12 @@ def _f(default: Any, doc: str, aliases: tuple[str, ...] = (), flag: str | None =
 @dataclass
 class PreTrainingConfig:
     # model
-    model_size: str = _f("tiny", "model preset: tiny, small, base, large")
+    model_size: str = _f("tiny", "model preset: tiny, small, base, large, llama3-1b, llama3-3b, llama3-8b")
+    model_config: str | None = _f(None, "the model's shape from a file instead of a preset: our fields (JSON, YAML "
+                                        "or TOML) or a Hugging Face config.json (Llama, Mistral, Qwen2)")
+    init_from: str | None = _f(None, "start from these weights (optimizer, schedule and data position start "
+                                     "fresh): a Hugging Face model folder (config.json + *.safetensors) or a "
+                                     "scaletrain checkpoint of any engine and world size; the shape comes from it")
     num_layers: int | None = _f(None, "override the preset's layer count (benchmarks on one GPU)")
     max_seq_length: int = _f(256, "tokens per training row")
     # data
@@ -59,7 +64,8 @@ class PreTrainingConfig:
     # batch and schedule
     micro_batch_size: int = _f(8, "rows per device per micro-step", aliases=("--batch-size",))
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
-    max_steps: int = _f(100, "optimizer steps to train")
+    max_steps: int = _f(100, "optimizer steps to train (0: build and initialise the model, or load --init-from, "
+                             "save it as the final checkpoint and stop)")
     warmup_steps: int | None = _f(None, "linear warmup steps before cosine decay (default: 1% of --max-steps, at "
                                         "least 1, at most 2000)")
     learning_rate: float = _f(3e-4, "peak learning rate")
@@ -154,7 +160,7 @@ class PreTrainingConfig:
         """--warmup-steps, or 1% of --max-steps (at least 1, at most 2000) when not given."""
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return max(1, min(2000, round(0.01 * self.max_steps)))
+        return min(self.max_steps, max(1, min(2000, round(0.01 * self.max_steps))))
 
     @property
     def resolved_engine(self) -> str:
@@ -172,7 +178,14 @@ class PreTrainingConfig:
 
         if self.model_size not in PRESETS:
             raise bad("model_size", f"unknown preset {self.model_size!r}; valid: {', '.join(PRESETS)}")
-        for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "max_steps",
+        if self.model_config and "model_size" in self.explicit:
+            raise bad("model_config", f"gives the model's shape, as does --model-size {self.model_size}; drop one")
+        if self.init_from and "model_size" in self.explicit:
+            raise bad("init_from", f"the model's shape comes from these weights; drop --model-size {self.model_size} "
+                                   f"(or give --model-config to check the shape against)")
+        if self.max_steps < 0:
+            raise bad("max_steps", f"must be >= 0, got {self.max_steps}")
+        for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
                      "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be a positive integer, got {getattr(self, name)}")

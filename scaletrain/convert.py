@@ -28,6 +28,7 @@ from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta, res
 from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.data.manifest import TokenizerInfo
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
+from scaletrain.model.config_io import to_hf_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,18 +44,9 @@ def parse_size(text: str) -> int:
 
 
 def hf_config(mc: ModelConfig, dtype: str, max_positions: int, tok: TokenizerInfo | None) -> dict:
-    """LlamaConfig fields; ``max_position_embeddings`` is the length the model was trained at."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": mc.d_model, "intermediate_size": mc.ffn_dim, "num_hidden_layers": mc.n_layers,
-        "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.n_kv_heads, "head_dim": mc.head_dim,
-        "vocab_size": mc.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": mc.norm_eps,
-        "rope_theta": mc.rope_theta, "tie_word_embeddings": mc.tie_embeddings, "attention_bias": False,
-        "mlp_bias": False, "initializer_range": mc.init_std, "torch_dtype": {"bf16": "bfloat16", "fp16": "float16",
-                                                                              "fp32": "float32"}[dtype],
-        "bos_token_id": tok.bos_id if tok else None, "eos_token_id": tok.eos_id if tok else None,
-        "pad_token_id": tok.pad_id if tok else None, "use_cache": True,
-    }
+    """The Hugging Face config; ``max_position_embeddings`` is the length the model was trained at."""
+    return to_hf_config(mc, dtype, max_positions, tok.bos_id if tok else None, tok.eos_id if tok else None,
+                        tok.pad_id if tok else None)
 
 
 def generation_config(tok: TokenizerInfo | None) -> dict:
@@ -149,7 +141,10 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
-    max_positions = int(meta.get("config", {}).get("max_seq_length") or mc.max_seq_len)
+    run = meta.get("config", {})
+    max_positions = int(run.get("max_seq_length") or mc.max_seq_len)
+    if run.get("init_from") or run.get("model_config"):  # a shape from a file keeps the positions it declares
+        max_positions = max(max_positions, mc.max_seq_len)
     (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
     written = ["config.json", "generation_config.json"]

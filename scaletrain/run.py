@@ -20,11 +20,12 @@ from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.checkpoint.lock import FolderLock
 from scaletrain.checkpoint.manager import checkpoint_bytes
 from scaletrain.checkpoint.store import COMPLETE, CheckpointError, check_writable, warn
-from scaletrain.config import PreTrainingConfig
+from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.data.loader import model_vocab_size
 from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, load_manifest
 from scaletrain.errors import ScaletrainError
 from scaletrain.model import ModelConfig, get_model_config
+from scaletrain.model.presets import with_overrides
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RunPlan:
     tokenizer_file: Path | None  # the tokenizer.json beside the shards (Hugging Face tokenizers only)
     resume: Path | None
     resume_meta: dict[str, Any] | None
+    init_source: Any = None  # --init-from's weights (HFWeights or CheckpointWeights), None for a random start
     recovered: tuple[str, ...] = ()  # what crash recovery of the checkpoint folder did (rank 0)
     lock: FolderLock | None = None  # rank 0 holds the checkpoint folder's lock until the run ends
 
@@ -43,11 +45,55 @@ class RunPlan:
             self.lock.release()
 
 
-def model_config_for(cfg: PreTrainingConfig, vocab_size: int | None = None) -> ModelConfig:
-    """The preset with ``--num-layers``, the data's vocab and room for ``--max-seq-length`` applied."""
-    preset = get_model_config(cfg.model_size)
-    return get_model_config(cfg.model_size, n_layers=cfg.num_layers, vocab_size=vocab_size,
-                            max_seq_len=max(preset.max_seq_len, cfg.max_seq_length))
+def model_config_for(cfg: PreTrainingConfig, vocab_size: int | None = None,
+                     source: ModelConfig | None = None) -> ModelConfig:
+    """The run's model shape: from ``source`` (--init-from's weights), --model-config, or the preset; with
+    ``--num-layers`` and room for ``--max-seq-length`` applied. A preset takes the data's vocab (``vocab_size``);
+    a shape from a file keeps its own, which must hold every token id of the data."""
+    if cfg.model_config:
+        from scaletrain.model.config_io import check_training_length, load_model_config
+
+        base = load_model_config(cfg.model_config)
+        check_training_length(cfg.model_config, cfg.max_seq_length)
+    elif source is not None:
+        base = source
+    else:
+        base = get_model_config(cfg.model_size)
+    from_file = bool(cfg.model_config) or source is not None
+    if from_file and vocab_size is not None and vocab_size > base.vocab_size:
+        what = f"--model-config {cfg.model_config}" if cfg.model_config else f"--init-from {cfg.init_from}"
+        raise ConfigError(f"{what}: the model has {base.vocab_size} token rows but the data's tokenizer has "
+                          f"{vocab_size} ids; prepare the data with the model's tokenizer")
+    return with_overrides(base, n_layers=cfg.num_layers, vocab_size=None if from_file else vocab_size,
+                          max_seq_len=max(base.max_seq_len, cfg.max_seq_length))
+
+
+def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
+    """--init-from's weights, with the checks that need them: the data must be tokenized as the source was."""
+    if not cfg.init_from:
+        return None
+    from scaletrain.checkpoint.init_from import open_init_source
+
+    source = open_init_source(cfg.init_from, cfg.trust_checkpoint)
+    hf = getattr(source, "hf_config", None)
+    if hf is not None:
+        from scaletrain.model.config_io import check_training_length
+
+        check_training_length(Path(cfg.init_from), cfg.max_seq_length)
+    theirs = getattr(source, "tokenizer", None)  # a scaletrain checkpoint's tokenizer description
+    if tokenizer is not None and theirs and theirs.get("identity") != tokenizer.identity:
+        raise ConfigError(f"--init-from {cfg.init_from}: it was trained on data tokenized with {theirs.get('name')} "
+                          f"({str(theirs.get('identity'))[:19]}...), this data with {tokenizer.name} "
+                          f"({tokenizer.identity[:19]}...); prepare the data with the tokenizer the checkpoint used")
+    if tokenizer is not None and source.tokenizer_json is not None:
+        import hashlib
+
+        theirs = "sha256:" + hashlib.sha256(source.tokenizer_json.read_bytes()).hexdigest()
+        if theirs != tokenizer.identity:
+            raise ConfigError(f"--init-from {cfg.init_from}: its tokenizer ({source.tokenizer_json}, {theirs[:19]}...) "
+                              f"is not the one the data was prepared with ({tokenizer.name}, "
+                              f"{tokenizer.identity[:19]}...); prepare the data with --tokenizer {cfg.init_from}")
+    return source
 
 
 def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path | None]:
@@ -173,8 +219,14 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     if cfg.warmup_steps is None:  # recorded as a number in the config dump and every checkpoint
         cfg = cfg.replace(warmup_steps=cfg.warmup)
     tokenizer, tokenizer_file = data_tokenizer(cfg)
-    vocab = model_vocab_size(tokenizer.vocab_size) if tokenizer else None
-    model_cfg = model_config_for(cfg, vocab)
+    source = _init_source(cfg, tokenizer)
+    from_file = bool(cfg.model_config) or source is not None  # a file's rows are what they are: every id must fit
+    vocab = (tokenizer.vocab_size if from_file else model_vocab_size(tokenizer.vocab_size)) if tokenizer else None
+    model_cfg = model_config_for(cfg, vocab, source.model_config if source else None)
+    if source is not None:
+        from scaletrain.checkpoint.init_from import check_same_shape
+
+        check_same_shape(source.model_config, model_cfg, cfg.init_from, env.is_main)
     lock, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
     try:
         resume, resume_meta = _choose_resume(cfg, env, group)
@@ -192,4 +244,5 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
         if lock is not None:
             lock.release()
         raise
-    return RunPlan(cfg.freeze(), model_cfg, tokenizer, tokenizer_file, resume, resume_meta, tuple(recovered), lock)
+    return RunPlan(cfg.freeze(), model_cfg, tokenizer, tokenizer_file, resume, resume_meta, source, tuple(recovered),
+                   lock)

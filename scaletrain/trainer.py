@@ -19,8 +19,10 @@ from scaletrain.checkpoint import CheckpointManager
 from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
+from scaletrain.engine.base import fill_whole, unfilled_model
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
+from scaletrain.model.weights import RandomWeights
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.train_state import TrainState
 from scaletrain.watchdog import exit_with_launcher
@@ -38,17 +40,14 @@ class TrainResult:
 
 def build_model(cfg: PreTrainingConfig | ModelConfig, vocab_size: int | None = None,
                 device: torch.device | str = "cpu", seed: int | None = None) -> Llama:
-    """The model for a run's config (or a model config), seeded identically on every rank.
-
-    Built directly on ``device`` (initialising billions of weights on a GPU takes a blink, on a CPU minutes).
-    """
+    """A whole model for a run's config (or a model config) with the run's random initialisation (the same
+    weights an engine's sharded build gives for this seed). For tests and benchmarks; runs build through
+    ``Engine.build_model``."""
     model_cfg = cfg if isinstance(cfg, ModelConfig) else model_config_for(cfg, vocab_size)
     seed = seed if seed is not None else getattr(cfg, "seed", 0)
-    torch.manual_seed(seed)
-    if torch.device(device).type == "cuda":
-        torch.cuda.manual_seed(seed)
-    with torch.device(device):
-        return Llama(model_cfg)
+    model = unfilled_model(model_cfg, device)
+    fill_whole(model, RandomWeights(seed))
+    return model
 
 
 def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
@@ -127,6 +126,9 @@ class _Preemption:
 
 def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: int) -> str:
     cfg, mc = plan.cfg, plan.model_config
+    model = cfg.model_config or ("from --init-from" if cfg.init_from else cfg.model_size)
+    start = ("weights from " + plan.init_source.description if plan.init_source is not None and not plan.resume
+             else None)
     if cfg.data_kind == "synthetic":
         data = "synthetic tokens"
     else:
@@ -135,8 +137,9 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
         data = (f"{cfg.data_dir} ({mix}; {'packed' if cfg.packing else 'padded'} rows; tokenizer {tok.name}, "
                 f"vocab {tok.vocab_size})")
     return (f"scaletrain: engine {engine.name}, world {env.world_size}, device {env.device.type}, model "
-            f"{cfg.model_size} ({num_params(mc) / 1e6:,.2f}M params), {cfg.mixed_precision}, global batch "
+            f"{model} ({num_params(mc) / 1e6:,.2f}M params), {cfg.mixed_precision}, global batch "
             f"{global_batch} x {cfg.max_seq_length} tokens, steps {start_step}->{cfg.max_steps}\n"
+            + (f"scaletrain: {start}\n" if start else "") +
             f"scaletrain: data {data}\n"
             f"scaletrain: schedule: lr warms up to {cfg.learning_rate:g} over {cfg.warmup} steps"
             f"{'' if 'warmup_steps' in cfg.explicit else ' (1% of --max-steps; set --warmup-steps to choose)'}, "
@@ -160,8 +163,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     cfg, model_cfg = plan.cfg, plan.model_config
     for line in plan.recovered:
         print(f"scaletrain: checkpoint recovery in {cfg.checkpoint_dir}: {line}", flush=True)
-    model = build_model(model_cfg, device=engine_cls.init_device(cfg, env), seed=cfg.seed)
-    engine = engine_cls(model, cfg, env, resume_meta=plan.resume_meta)
+    model = engine_cls.build_model(model_cfg, cfg, env)
+    # a resumed run loads its checkpoint over these; --init-from is only where a run starts
+    weights = plan.init_source if plan.init_source is not None and not plan.resume else RandomWeights(cfg.seed)
+    engine = engine_cls(model, cfg, env, resume_meta=plan.resume_meta, weights=weights)
     loader = build_loader(cfg, env.rank, env.world_size, vocab_size=model_cfg.vocab_size)
     val_loader = build_loader(cfg, env.rank, env.world_size, "val", model_cfg.vocab_size) if cfg.eval_interval \
         else None
@@ -181,6 +186,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     if env.is_main:
         print(_header(plan, engine, env, state.step, loader.global_batch), flush=True)
 
+    if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
+        ckpt.save("final")
     preempt = _Preemption(control)
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     meter = Throughput()

@@ -10,7 +10,7 @@ from scaletrain.lr import lr_at
 
 @pytest.mark.parametrize("argv, flag", [
     (["--model-size", "huge"], "--model-size: unknown preset 'huge'; valid: tiny, small, base, large"),
-    (["--max-steps", "-5"], "--max-steps: must be a positive integer"),
+    (["--max-steps", "-5"], "--max-steps: must be >= 0"),
     (["--batch-size", "0"], "--micro-batch-size/--batch-size: must be a positive integer"),
     (["--mixed-precision", "fp8"], "--mixed-precision: got 'fp8'"),
     (["--engine", "megatron"], "--engine: unknown engine 'megatron'; valid: deepspeed, fsdp"),

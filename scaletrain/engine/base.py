@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from scaletrain.config import PreTrainingConfig
-from scaletrain.model import IGNORE_INDEX
+from scaletrain.model import IGNORE_INDEX, Llama, ModelConfig
+from scaletrain.model.weights import RandomWeights, WeightSource
 
 
 @dataclass
@@ -105,6 +106,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def unfilled_model(model_cfg: ModelConfig, device: torch.device | str) -> Llama:
+    """The model with its tensors allocated on ``device`` but not initialised (built on the meta device, so no
+    time goes into initialisers whose values would be replaced)."""
+    with torch.device("meta"):
+        model = Llama(model_cfg, init=False)
+    model.to_empty(device=device)
+    if model_cfg.tie_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_buffers(device)
+    return model
+
+
+@torch.no_grad()
+def fill_whole(model: nn.Module, source: WeightSource) -> None:
+    """Every parameter from ``source``, for a model whose parameters are whole on this rank."""
+    for name, get in source.items(model):
+        p = model.get_parameter(name)
+        p.copy_(get(p.shape, None, p.device))
+    model.initialised = True
+
+
 def group_policy(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's hyperparameters as this run built them (taken before any load)."""
     return [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -171,13 +193,23 @@ class Engine(ABC):
         return env.device
 
     @classmethod
+    def build_model(cls, model_cfg: ModelConfig, cfg: PreTrainingConfig, env: DistEnv) -> Llama:
+        """The model as this back end takes it: allocated where ``init_device`` says, not initialised; the
+        constructor fills its weights (``weights``). A back end that shards overrides this to allocate one
+        shard per rank (meta device, ``zero.Init``)."""
+        return unfilled_model(model_cfg, cls.init_device(cfg, env))
+
+    @classmethod
     @abstractmethod
     def tensor_reader(cls, path: str, trust: bool = False):
         """A reader of this engine's checkpoint at ``path`` in one process (``.shapes`` and ``.load(names)``);
         unless ``trust``, no file may name code to run while it loads."""
 
     def __init__(self, model: nn.Module, cfg: PreTrainingConfig, env: DistEnv,
-                 resume_meta: dict[str, Any] | None = None) -> None:
+                 resume_meta: dict[str, Any] | None = None, weights: WeightSource | None = None) -> None:
+        """``weights``: where the starting weights come from (``RandomWeights(seed)`` or ``--init-from``'s files),
+        filled in after the model is sharded, each rank taking its part; None keeps the weights ``model`` has
+        (one built by ``build_model`` has none yet: it gets ``RandomWeights(cfg.seed)``)."""
         resolved = type(self).resolve_config(cfg, env.world_size, env.device.type)
         if resolved != cfg:
             changed = [f for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(resolved, f)]
@@ -185,6 +217,7 @@ class Engine(ABC):
                                f"engine (it changes {changed})")
         self.cfg, self.env = cfg, env
         self.resume_meta = resume_meta  # COMPLETE.json of the checkpoint this run will load, if any
+        self.weights = weights
         model.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.compile:
             for block in model.layers:
@@ -195,7 +228,14 @@ class Engine(ABC):
     # ---- back-end hooks --------------------------------------------------------------------
     @abstractmethod
     def _setup(self, model: nn.Module) -> None:
-        """Shard the model, build the optimizer and LR scheduler."""
+        """Shard the model, fill its weights from ``self.weights`` (``_weights_for``), build the optimizer and LR
+        scheduler."""
+
+    def _weights_for(self, model: nn.Module) -> WeightSource | None:
+        """The source to fill ``model`` from: the one given, else random for a model without values yet."""
+        if self.weights is not None:
+            return self.weights
+        return None if getattr(model, "initialised", True) else RandomWeights(self.cfg.seed)
 
     @abstractmethod
     def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, scale: float,

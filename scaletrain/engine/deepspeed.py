@@ -31,6 +31,7 @@ from scaletrain.checkpoint.safe import UnsafeCheckpointError, weights_only_loads
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
+from scaletrain.model import Llama
 
 from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
 
@@ -180,6 +181,17 @@ class DeepSpeedEngine(Engine):
         return cfg.replace(**adopted) if adopted else cfg
 
     @classmethod
+    def build_model(cls, model_cfg, cfg: PreTrainingConfig, env: DistEnv) -> Llama:
+        """ZeRO-3: built under ``deepspeed.zero.Init``, each parameter partitioned as soon as its module exists, so
+        no rank holds the whole model; ``_setup`` fills each rank's partition. ZeRO-1/2 keep whole parameters on
+        every rank (only gradients and optimizer state are sharded)."""
+        ds, _ = cls._resolve(cfg, env.world_size, env.device.type)
+        if ds["zero_optimization"]["stage"] != 3:
+            return super().build_model(model_cfg, cfg, env)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            return Llama(model_cfg, init=False)
+
+    @classmethod
     def tensor_reader(cls, path: str, trust: bool = False) -> ZeroTensorReader:
         return ZeroTensorReader(path, trust)
 
@@ -192,6 +204,9 @@ class DeepSpeedEngine(Engine):
         self.universal = bool(self.resume_meta) and self.resume_meta["world_size"] != self.env.world_size
         if self.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        weights = self._weights_for(model)
+        if weights is not None:  # before initialize: DeepSpeed's fp32 master weights are copies of these
+            fill_partitioned(model, weights)
         factor = lr_factor_fn(cfg)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.ds_config,
@@ -273,6 +288,31 @@ class DeepSpeedEngine(Engine):
 
     def _set_schedule(self, optimizer_steps: int) -> None:
         set_schedule(self.optimizer, self.scheduler, optimizer_steps)
+
+
+@torch.no_grad()
+def fill_partitioned(model: nn.Module, source) -> None:
+    """Every parameter from ``source``; a ZeRO-3 partitioned one (``zero.Init``) straight into this rank's
+    partition, with no collective: the partition is elements [start, start + n) of the flattened parameter
+    (DeepSpeed 0.19.8 ``Init._partition_param``), so the rank asks for the rows that hold them (a random source
+    draws the whole tensor on every rank, keeping their streams equal)."""
+    for name, get in source.items(model):
+        p = model.get_parameter(name)
+        if not hasattr(p, "ds_id"):
+            p.copy_(get(p.shape, None, p.device))
+            continue
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            raise ConfigError("--init-from with zero_hpz_partition_size > 1 is not supported")
+        part, shape, total = p.ds_tensor, p.ds_shape, p.ds_numel
+        n = part.ds_numel
+        start = n * dist.get_rank(group=p.ds_process_group)
+        end = min(start + n, total)
+        row = max(1, total // shape[0]) if len(shape) else 1
+        r0, r1 = min(start, total) // row, -(-end // row) if end > start else min(start, total) // row
+        rows = get(shape, (slice(r0, r1),), part.device).reshape(-1)
+        if end > start:
+            part.narrow(0, 0, end - start).copy_(rows[start - r0 * row:end - r0 * row])
+    model.initialised = True
 
 
 def SAFE_GLOBALS() -> list:  # noqa: N802 - a constant, built on first use

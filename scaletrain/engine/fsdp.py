@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from scaletrain.checkpoint.safe import refused
 from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
+from scaletrain.model import Llama
 
 from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
 
@@ -48,6 +49,13 @@ class FSDPEngine(Engine):
         return torch.device("cpu") if cfg.fsdp_cpu_offload else env.device
 
     @classmethod
+    def build_model(cls, model_cfg, cfg, env: DistEnv) -> Llama:
+        """On the meta device: ``_setup`` shards it, allocates each rank's shard and fills it (torchtitan's order:
+        fully_shard, to_empty, init_weights), so no rank ever holds the whole model."""
+        with torch.device("meta"):
+            return Llama(model_cfg, init=False)
+
+    @classmethod
     def tensor_reader(cls, path: str, trust: bool = False) -> DCPTensorReader:
         return DCPTensorReader(path, trust)
 
@@ -64,7 +72,8 @@ class FSDPEngine(Engine):
         if cfg.fsdp_cpu_offload:
             # pinned host memory speeds the copies to the GPU; a CPU-only build cannot pin at all
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-        else:
+        meta = any(p.is_meta for p in model.parameters())
+        if not meta and not cfg.fsdp_cpu_offload:
             model.to(env.device)
         # with one rank a "shard" is the whole tensor: freeing it after forward saves nothing and
         # costs a copy per block in backward (measured 1.28x vs a plain loop on an H200 with it)
@@ -74,6 +83,12 @@ class FSDPEngine(Engine):
             # the last block is gathered again at once by backward: keep it (torchtitan does the same)
             fully_shard(block, reshard_after_forward=reshard and i < n - 1, **kwargs)
         fully_shard(model, reshard_after_forward=reshard, **kwargs)
+        if meta:  # allocate this rank's shards only (offloaded ones on the CPU); RoPE tables where compute runs
+            model.to_empty(device="cpu" if cfg.fsdp_cpu_offload else env.device)
+            model.reset_buffers(env.device)
+        weights = self._weights_for(model)
+        if weights is not None:
+            fill_sharded(model, weights)
         self._model = model
         use_fused = env.device.type == "cuda" and not cfg.fsdp_cpu_offload
         self.optimizer = torch.optim.AdamW(
@@ -148,6 +163,24 @@ class FSDPEngine(Engine):
 
     def _set_schedule(self, optimizer_steps: int) -> None:
         set_schedule(self.optimizer, self.scheduler, optimizer_steps)
+
+
+@torch.no_grad()
+def fill_sharded(model: nn.Module, source) -> None:
+    """Every parameter's local shard from ``source``: each rank asks for the rows it holds (a file source reads
+    only those), a random source draws the whole tensor and keeps the rank's rows, so any world size starts from
+    the same weights."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, get in source.items(model):
+        p = model.get_parameter(name)
+        if not isinstance(p, DTensor):
+            p.copy_(get(p.shape, None, p.device))
+            continue
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        local = p.to_local()
+        local.copy_(get(p.shape, tuple(slice(o, o + n) for o, n in zip(offset, shape)), local.device))
+    model.initialised = True
 
 
 # ---- loading a DCP checkpoint without running code from it --------------------------------------------------

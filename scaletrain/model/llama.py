@@ -36,10 +36,30 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim / 2,), with the config's scaling, as Hugging Face computes them
+    (``modeling_rope_utils``: default, linear, llama3)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        old, low, high, factor = (cfg.rope_original_max_positions, cfg.rope_low_freq_factor,
+                                  cfg.rope_high_freq_factor, cfg.rope_factor)
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (past old / low) are divided by factor, short ones (below old / high) kept
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (max_seq_len, head_dim), HF's non-interleaved layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    inv_freq = rope_inv_freq(cfg, device)
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, Q/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, Q)
     return emb.cos(), emb.sin()
@@ -59,10 +79,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -108,7 +128,7 @@ class Llama(nn.Module):
     target tokens (labels other than ``IGNORE_INDEX``): their mean, or with ``reduction="sum"`` their sum
     (the engines divide a whole optimizer step's sum by its target-token count)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, init: bool = True) -> None:
         super().__init__()
         cfg.validate()
         self.config = cfg
@@ -119,32 +139,56 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        self.initialised = False  # whether the parameters hold values (an engine fills them in when not)
+        if init and self.rope_cos.device.type != "meta":  # init=False: the engine fills the weights in later
+            self.init_weights()
+
+    def init_plan(self) -> list[tuple[str, float | None]]:
+        """How each parameter starts, in the order the random draws are made: (name, std of a zero-mean normal)
+        or (name, None) for a constant (norm weights 1, biases 0). An engine that holds parameters sharded
+        (or on the meta device) fills them in this order from the same random stream, so the weights equal
+        ``init_weights()``'s on one process whatever the world size."""
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # residual projections scaled by depth (GPT-2)
+        plan: list[tuple[str, float | None]] = [("embed_tokens.weight", cfg.init_std)]
+        for i in range(cfg.n_layers):
+            b = f"layers.{i}."
+            plan += [(b + n + ".weight", cfg.init_std) for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                  "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+            plan += [(b + "self_attn.o_proj.weight", out_std), (b + "mlp.down_proj.weight", out_std),
+                     (b + "input_layernorm.weight", None), (b + "post_attention_layernorm.weight", None)]
+            plan += [(b + f"self_attn.{n}.bias", None) for n, on in (("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias),
+                                                                     ("v_proj", cfg.qkv_bias), ("o_proj", cfg.out_bias))
+                     if on]
+        plan.append(("norm.weight", None))
+        if not cfg.tie_embeddings:
+            plan.append(("lm_head.weight", cfg.init_std))
+        return plan
+
+    @staticmethod
+    def initial_value(name: str, std: float | None, shape, device=None) -> torch.Tensor:
+        """The full starting tensor of one ``init_plan`` entry (draws from torch's default generator)."""
+        if std is None:
+            return (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, device=device)
+        return torch.empty(shape, device=device).normal_(0.0, std)
+
+    @torch.no_grad()
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """RoPE tables (computed, never saved), on ``device`` (default: where they are; meta is not a place)."""
+        device = device or self.rope_cos.device
+        self.rope_cos, self.rope_sin = rope_tables(self.config, device=device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer; also used after meta-device construction."""
-        cfg = self.config
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
-        # residual projections scaled by depth (GPT-2 / Megatron init)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for block in self.layers:
-            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-                        block.mlp.gate_proj, block.mlp.up_proj):
-                nn.init.normal_(lin.weight, std=cfg.init_std)
-            nn.init.normal_(block.self_attn.o_proj.weight, std=out_std)
-            nn.init.normal_(block.mlp.down_proj.weight, std=out_std)
-            block.input_layernorm.reset_parameters()
-            block.post_attention_layernorm.reset_parameters()
-        self.norm.reset_parameters()
-        if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        """(Re)initialise every parameter and buffer of a model whose tensors are whole (not sharded)."""
+        self.reset_buffers()
+        for name, std in self.init_plan():
+            p = self.get_parameter(name)
+            p.copy_(self.initial_value(name, std, p.shape, p.device))
+        self.initialised = True
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
@@ -168,3 +212,8 @@ class Llama(nn.Module):
 def hf_state_dict_key(name: str) -> str:
     """Our parameter name -> Hugging Face ``LlamaForCausalLM`` name."""
     return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_state_dict_key(name: str) -> str:
+    """Hugging Face ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` name -> ours."""
+    return name[len("model."):] if name.startswith("model.") else name

@@ -1,0 +1,183 @@
+"""``--init-from PATH``: starting weights from a Hugging Face model folder or a scaletrain checkpoint.
+
+Only the weights are taken (the optimizer, schedule and data position start fresh). A Hugging Face folder
+is read from ``config.json`` and ``*.safetensors`` (with or without ``model.safetensors.index.json``),
+tensor by tensor, each rank reading only the rows it holds (safetensors slices are reads of those bytes).
+A folder with only ``pytorch_model*.bin`` is read with ``torch.load(weights_only=True, mmap=True)``: a
+pickle that names code is refused before anything runs. A scaletrain checkpoint (any engine, any world
+size; a checkpoint_dir means its newest complete checkpoint) is read through its engine's tensor reader.
+Nothing here sets ``trust_remote_code`` or runs code from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from scaletrain.model import Llama, ModelConfig
+from scaletrain.model.config_io import from_hf_config
+from scaletrain.model.llama import from_hf_state_dict_key
+from scaletrain.model.weights import Getter
+
+from .safe import refused
+from .store import COMPLETE, CheckpointError, read_meta, resolve_resume
+
+IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
+
+
+def expected_shapes(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for ``mc`` (a tied lm_head is the embedding, not its own tensor)."""
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in Llama(mc, init=False).named_parameters()}
+
+
+def _check(source: str, found: dict[str, tuple[int, ...]], mc: ModelConfig) -> None:
+    want = expected_shapes(mc)
+    for name, shape in want.items():
+        if name not in found:
+            raise CheckpointError(f"--init-from {source}: no tensor {name} (the model needs {list(shape)})")
+        if tuple(found[name]) != shape:
+            raise CheckpointError(f"--init-from {source}: tensor {name} has shape {list(found[name])}, the model "
+                                  f"needs {list(shape)}")
+    extra = sorted(set(found) - set(want) - ({"lm_head.weight"} if mc.tie_embeddings else set()))
+    if extra:
+        raise CheckpointError(f"--init-from {source}: tensor {extra[0]} has no place in the model"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_changes: bool = True) -> None:
+    """The run's model (--model-config, --num-layers) must have the source's tensors and shapes; other fields
+    that differ (RoPE, norm epsilon) are the run's choice, and said once."""
+    _check(path, expected_shapes(source), run)
+    if not warn_changes:
+        return
+    from dataclasses import fields
+
+    from .store import warn
+
+    for f in fields(ModelConfig):
+        a, b = getattr(source, f.name), getattr(run, f.name)
+        if a != b and f.name not in ("max_seq_len", "init_std"):
+            warn(f"--init-from {path} has {f.name}={a!r}; this run uses {b!r}")
+
+
+class HFWeights:
+    """A local Hugging Face model folder."""
+
+    def __init__(self, folder: str | Path, trust: bool = False) -> None:
+        self.folder = Path(folder)
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"--init-from {folder}: no config.json (expected a Hugging Face model folder or a "
+                                  f"scaletrain checkpoint)")
+        self.hf_config = json.loads(cfg.read_text())
+        self.model_config = from_hf_config(self.hf_config, str(cfg))
+        self.trust = trust
+        files = sorted(self.folder.glob("*.safetensors"))
+        self._files: dict[str, Path] = {}  # our name -> file
+        self._handles: dict[Path, object] = {}
+        found: dict[str, tuple[int, ...]] = {}
+        if files:
+            from safetensors import safe_open
+
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    for key in h.keys():
+                        if key.endswith(IGNORED_HF_KEYS):
+                            continue
+                        name = from_hf_state_dict_key(key)
+                        self._files[name] = f
+                        found[name] = tuple(h.get_slice(key).get_shape())
+            self.kind = "safetensors"
+        else:
+            bins = sorted(self.folder.glob("pytorch_model*.bin"))
+            if not bins:
+                raise CheckpointError(f"--init-from {folder}: no *.safetensors or pytorch_model*.bin weights")
+            self._bins = {}
+            for f in bins:
+                sd = self._torch_load(f)
+                for key, t in sd.items():
+                    if key.endswith(IGNORED_HF_KEYS):
+                        continue
+                    name = from_hf_state_dict_key(key)
+                    self._files[name], self._bins[name], found[name] = f, t, tuple(t.shape)
+            self.kind = "pytorch_model.bin"
+        _check(str(folder), found, self.model_config)
+        tok = self.folder / "tokenizer.json"
+        self.tokenizer_json = tok if tok.is_file() else None
+        self.description = f"Hugging Face model {self.folder} ({self.hf_config.get('model_type')}, {self.kind})"
+
+    def _torch_load(self, f: Path) -> dict:
+        try:  # mmap: tensors stay in the file until read; weights_only: a pickle naming code is refused
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=not self.trust)
+        except pickle.UnpicklingError as e:
+            raise refused(f, e) from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"--init-from: {f} does not hold a state dict")
+        return sd
+
+    def _read(self, name: str, index) -> torch.Tensor:
+        if self.kind != "safetensors":
+            t = self._bins[name]
+            return t if index is None else t[index]
+        from safetensors import safe_open
+
+        f = self._files[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), "pt")
+        h = self._handles[f]
+        key = next(k for k in (f"model.{name}", name) if k in self._keys(f))
+        return h.get_tensor(key) if index is None else h.get_slice(key)[index]
+
+    def _keys(self, f: Path) -> set[str]:
+        cache = self.__dict__.setdefault("_key_cache", {})
+        if f not in cache:
+            cache[f] = set(self._handles[f].keys())
+        return cache[f]
+
+    def items(self, model) -> Iterator[tuple[str, Getter]]:
+        for name, _ in model.named_parameters():
+            def get(shape, index=None, device=None, name=name):
+                return self._read(name, index).to(device=device)
+
+            yield name, get
+
+
+class CheckpointWeights:
+    """The model weights of a scaletrain checkpoint, through the engine's own tensor reader."""
+
+    def __init__(self, path: str | Path, trust: bool = False) -> None:
+        self.path = resolve_resume(str(path), str(path))[0]
+        meta = read_meta(self.path)
+        self.model_config = ModelConfig(**meta["model_config"])
+        from scaletrain.engine import get_engine_class
+
+        self.reader = get_engine_class(meta["engine"]).tensor_reader(str(self.path), trust=trust)
+        _check(str(self.path), {n: s for n, (s, _) in self.reader.shapes.items()}, self.model_config)
+        tok = self.path / "tokenizer" / "tokenizer.json"
+        self.tokenizer_json = tok if tok.is_file() else None
+        self.tokenizer = meta.get("tokenizer")
+        self.description = (f"scaletrain checkpoint {self.path} (step {meta['step']}, {meta['engine']} engine, "
+                            f"{meta['world_size']} rank(s))")
+
+    def items(self, model) -> Iterator[tuple[str, Getter]]:
+        for name, _ in model.named_parameters():
+            def get(shape, index=None, device=None, name=name):
+                t = self.reader.load([name])[name]
+                return (t if index is None else t[index]).to(device=device)
+
+            yield name, get
+
+
+def open_init_source(path: str, trust: bool = False) -> HFWeights | CheckpointWeights:
+    """The weights at ``path``: a scaletrain checkpoint (or a folder of them), else a Hugging Face folder."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"--init-from {path}: no such folder")
+    if (p / COMPLETE).is_file() or not (p / "config.json").is_file():
+        return CheckpointWeights(p, trust)
+    return HFWeights(p, trust)

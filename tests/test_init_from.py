@@ -1,0 +1,271 @@
+"""Starting from real models: Hugging Face folders in (--init-from), shapes from files (--model-config), one
+initialisation whatever the engine or world size, and the way back out through launch/convert.py."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from scaletrain.checkpoint import CheckpointError
+from scaletrain.checkpoint.init_from import CheckpointWeights, HFWeights
+from scaletrain.config import ConfigError
+from scaletrain.convert import convert
+from scaletrain.engine.base import fill_whole, unfilled_model
+from scaletrain.model import Llama
+from scaletrain.model.config_io import ModelConfigError, load_model_config
+
+from .conftest import launch, read_metrics
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5)
+VARIANTS = {
+    # untied, GQA, Llama-3.1 rope scaling, biases on q/k/v/o
+    "llama3_bias": ("llama", dict(tie_word_embeddings=False, attention_bias=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, rope_theta=500000.0)),
+    # tied, Qwen2's q/k/v biases, linear rope scaling
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+}
+
+
+def hf_model(variant: str, seed: int = 0):
+    """A small Hugging Face model with every tensor random (biases and norm weights too, so a misplaced one
+    shows in the logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, extra = VARIANTS[variant]
+    cfg = AutoConfig.for_model(kind, **SMALL, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.5 if "norm" in name else 0.0, 0.1)
+    return model
+
+
+def save_hf(variant: str, folder, seed: int = 0):
+    model = hf_model(variant, seed)
+    model.save_pretrained(str(folder))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hf_weights_give_hf_logits_in_our_model(tmp_path, variant):
+    hf = save_hf(variant, tmp_path / "hf")
+    src = HFWeights(tmp_path / "hf")
+    ours = unfilled_model(src.model_config, "cpu")
+    fill_whole(ours, src)
+    ids = torch.randint(0, 320, (2, 200))  # past original_max_position_embeddings: the rope scaling matters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def zero3_fp32(tmp_path):
+    cfg = json.loads(open("ds_configs/zero3_bf16.json").read())
+    cfg["bf16"] = {"enabled": "auto"}
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(cfg))
+    return ["--ds_config", str(path)]
+
+
+ARGS = ["--data-kind", "synthetic", "--max-seq-length", "32", "--batch-size", "2", "--mixed-precision", "fp32",
+        "--eval-interval", "0", "--no-use-tensorboard", "--log-interval", "1"]
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_hf_model_in_and_out_again_gives_the_same_logits(tmp_path, engine):
+    from transformers import AutoModelForCausalLM
+
+    eng = ["--engine", "fsdp"] if engine == "fsdp" else zero3_fp32(tmp_path)
+    for variant in VARIANTS:
+        hf = save_hf(variant, tmp_path / variant)
+        ck = tmp_path / f"ck_{variant}"
+        proc = launch("torchrun", ARGS + eng + ["--init-from", str(tmp_path / variant), "--max-steps", "0",
+                                                "--checkpoint-dir", str(ck)], tmp_path, run_name=variant)
+        assert f"weights from Hugging Face model {tmp_path / variant}" in proc.stdout
+        out = convert(str(ck), str(tmp_path / f"out_{variant}"), dtype="fp32", quiet=True)
+        config = json.loads((out / "config.json").read_text())
+        assert config["max_position_embeddings"] == 256  # the source's, not the 32 tokens of these rows
+        back = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+        assert type(back).__name__ == type(hf).__name__
+        ids = torch.randint(0, 320, (2, 100))
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_weights_are_the_same_for_every_engine_and_world_size(tmp_path):
+    """Random initialisation as each engine builds it (FSDP2 on the meta device, ZeRO-3 under zero.Init): the
+    step-0 weights of world 1 and world 2 runs equal each other and the whole model of the same seed."""
+    from scaletrain.model import get_model_config
+    from scaletrain.trainer import build_model
+
+    want = dict(build_model(get_model_config("tiny"), seed=7).named_parameters())
+    runs = {}
+    for engine, world in (("fsdp", 1), ("fsdp", 2), ("zero3", 1), ("zero3", 2)):
+        eng = ["--engine", "fsdp"] if engine == "fsdp" else zero3_fp32(tmp_path)
+        ck = tmp_path / f"{engine}{world}"
+        launch("torchrun", ARGS + eng + ["--max-steps", "0", "--seed", "7", "--checkpoint-dir", str(ck)], tmp_path,
+               nproc=world, run_name=f"{engine}{world}")
+        reader = CheckpointWeights(ck).reader
+        runs[(engine, world)] = reader.load(list(reader.shapes))
+    for key, got in runs.items():
+        assert set(got) == set(want), key
+        for name, p in want.items():
+            assert torch.equal(got[name], p.detach()), (key, name)
+
+
+def test_continued_pretraining_matches_hf_trained_by_a_plain_loop(tmp_path):
+    """20 fp32 steps from a Hugging Face Llama on the sample shards: each step's loss equals that of HF's own
+    LlamaForCausalLM trained on the same rows with the same AdamW groups, schedule and clipping."""
+    from scaletrain.config import PreTrainingConfig
+    from scaletrain.data.loader import build_loader
+    from scaletrain.data.sample import prepare_sample
+    from scaletrain.lr import lr_at
+
+    shards = prepare_sample(tmp_path / "sample", quiet=True)
+    hf = save_hf("llama3_bias", tmp_path / "hf").train()
+    steps, lr, wd = 20, 1e-3, 0.1
+    args = ["--data-dir", str(shards), "--init-from", str(tmp_path / "hf"), "--max-steps", str(steps),
+            "--max-seq-length", "64", "--micro-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--mixed-precision", "fp32", "--learning-rate", str(lr), "--min-learning-rate", "1e-4",
+            "--warmup-steps", "3", "--weight-decay", str(wd), "--max-grad-norm", "0.5", "--log-interval", "1",
+            "--eval-interval", "0", "--no-use-tensorboard", "--engine", "fsdp"]
+    launch("python", args + ["--checkpoint-dir", str(tmp_path / "ck")], tmp_path, run_name="cpt")
+    ours = [m["loss"] for m in read_metrics(tmp_path, "cpt")]
+
+    from scaletrain.cli import parse_config
+
+    cfg: PreTrainingConfig = parse_config(args)
+    loader = build_loader(cfg, 0, 1, vocab_size=320)
+    decay = [p for n, p in hf.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in hf.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    theirs = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, learning_rate=lr, min_learning_rate=1e-4, warmup_steps=3, max_steps=steps)
+        batches = [next(loader) for _ in range(2)]
+        n = batches[0][2]
+        total = 0.0
+        for x, y, _ in batches:
+            logits = hf(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            (loss / n).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+        theirs.append(total / n)
+    gaps = [abs(a - b) / b for a, b in zip(ours, theirs)]
+    print(f"continued pre-training vs HF's loop: max relative loss gap {max(gaps):.2e} over {steps} steps, loss "
+          f"{theirs[0]:.3f} -> {theirs[-1]:.3f}")
+    assert len(ours) == steps and max(gaps) < 1e-4, list(zip(ours, theirs))
+    assert theirs[-1] < theirs[0] - 0.3  # it learned something: the comparison is not of two flat lines
+
+
+def test_model_config_files_and_refusals(tmp_path):
+    ours = tmp_path / "m.yaml"
+    ours.write_text("d_model: 64\nn_layers: 2\nn_heads: 4\nn_kv_heads: 2\nffn_dim: 160\nvocab_size: 320\n"
+                    "rope_scaling: linear\nrope_factor: 2.0\n")
+    mc = load_model_config(ours)
+    assert (mc.n_kv_heads, mc.rope_scaling, mc.rope_factor) == (2, "linear", 2.0)
+    (tmp_path / "m.toml").write_text('d_model = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 4\nffn_dim = 160\n'
+                                     'vocab_size = 320\n')
+    assert load_model_config(tmp_path / "m.toml").n_heads == 4
+    save_hf("llama3_bias", tmp_path / "hf")
+    hf_mc = load_model_config(tmp_path / "hf" / "config.json")
+    assert (hf_mc.rope_scaling, hf_mc.qkv_bias, hf_mc.out_bias, hf_mc.rope_theta) == ("llama3", True, True, 5e5)
+
+    def refused(change: dict, match: str):
+        data = json.loads((tmp_path / "hf" / "config.json").read_text())
+        data.update(change)
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ModelConfigError, match=match):
+            load_model_config(bad)
+            from scaletrain.model.config_io import check_training_length
+
+            check_training_length(bad, 512)
+
+    refused({"model_type": "gemma"}, "model_type 'gemma' is not supported")
+    refused({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported")
+    refused({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_scaling type 'yarn' is not supported")
+    refused({"head_dim": 32}, "head_dim 32 differs")
+    refused({"model_type": "mistral", "sliding_window": 128}, "sliding_window 128 is below --max-seq-length 512")
+    (tmp_path / "x.json").write_text('{"d_model": 64, "layers": 2}')
+    with pytest.raises(ModelConfigError, match=r"unknown field\(s\) \['layers'\]"):
+        load_model_config(tmp_path / "x.json")
+
+
+def test_init_from_refusals_name_the_tensor_and_the_file(tmp_path):
+    from scaletrain.cli import parse_config
+
+    save_hf("qwen2_tied", tmp_path / "hf")
+    with pytest.raises(ConfigError, match="--init-from: the model's shape comes from these weights"):
+        parse_config(["--init-from", str(tmp_path / "hf"), "--model-size", "tiny"])
+    # a payload in pytorch_model.bin is refused before it runs
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    binf = tmp_path / "bin"
+    binf.mkdir()
+    (binf / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": torch.zeros(320, 64), "x": Payload()}, binf / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin names posix.system.*refused"):
+        HFWeights(binf)
+    assert not marker.exists()
+    # a tensor of another shape is named with both shapes
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor layers.1.mlp.up_proj.weight has shape \[100, 64\], the "
+                                              r"model needs \[160, 64\]"):
+        HFWeights(tmp_path / "hf")
+
+
+def test_init_from_a_scaletrain_checkpoint_and_the_tokenizer_check(tmp_path):
+    """The next phase of a run: weights of a ZeRO-3 checkpoint saved by 2 ranks start an FSDP run of 1 (fresh
+    optimizer and schedule: the lr of step 1 is warmup's first); shards of another tokenizer are refused."""
+    from scaletrain.data.sample import prepare_sample
+
+    shards = prepare_sample(tmp_path / "sample", quiet=True)
+    base = ["--data-dir", str(shards), "--max-seq-length", "32", "--batch-size", "2", "--mixed-precision", "fp32",
+            "--eval-interval", "0", "--no-use-tensorboard", "--log-interval", "1", "--warmup-steps", "2"]
+    launch("torchrun", base + zero3_fp32(tmp_path) + ["--max-steps", "3", "--checkpoint-dir", str(tmp_path / "p1")],
+           tmp_path, run_name="p1")
+    proc = launch("python", base + ["--engine", "fsdp", "--init-from", str(tmp_path / "p1"), "--max-steps", "2",
+                                    "--checkpoint-dir", str(tmp_path / "p2")], tmp_path, run_name="p2")
+    assert "weights from scaletrain checkpoint" in proc.stdout
+    assert "(step 3, deepspeed engine, 2 rank(s))" in proc.stdout
+    first = read_metrics(tmp_path, "p1")[-1]["loss"]
+    m = read_metrics(tmp_path, "p2")
+    assert math.isclose(m[0]["lr"], 3e-4 / 2) and m[0]["loss"] < first + 0.5  # fresh schedule, trained weights
+    # a Hugging Face folder whose tokenizer.json is not the data's
+    save_hf("qwen2_tied", tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    proc = launch("python", base + ["--init-from", str(tmp_path / "hf"), "--max-steps", "2"], tmp_path,
+                  run_name="p3", check=False)
+    assert proc.returncode == 1 and "its tokenizer" in proc.stderr and "prepare the data with --tokenizer" in \
+        proc.stderr, proc.stderr[-2000:]
+
+
+def test_model_knows_every_parameter_it_initialises():
+    from scaletrain.model import get_model_config
+
+    for mc in (get_model_config("tiny"), get_model_config("tiny", tie_embeddings=True, qkv_bias=True, out_bias=True)):
+        with torch.device("meta"):
+            model = Llama(mc)
+        assert [n for n, _ in model.init_plan()] and {n for n, _ in model.init_plan()} == \
+            {n for n, _ in model.named_parameters()}
