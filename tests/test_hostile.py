@@ -287,3 +287,18 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path):
                 pass
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
+
+
+def test_a_deepspeed_run_leaves_nothing_in_dev_shm(tmp_path):
+    """DeepSpeed's CPU shared-memory allreduce names a 69 MB /dev/shm segment per rank and never removes it;
+    the engine unlinks the names once every rank has mapped them."""
+    from .conftest import launch_cmd
+
+    cmd, env = launch_cmd("deepspeed", ["--data-kind", "synthetic", "--max-steps", "2", "--max-seq-length", "32",
+                                        "--batch-size", "2", "--eval-interval", "0", "--no-use-tensorboard",
+                                        "--ds_config", "ds_configs/zero2_bf16.json"], tmp_path)
+    port = cmd[cmd.index("--master_port") + 1]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not left, left
