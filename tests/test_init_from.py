@@ -269,3 +269,29 @@ def test_model_knows_every_parameter_it_initialises():
             model = Llama(mc)
         assert [n for n, _ in model.init_plan()] and {n for n, _ in model.init_plan()} == \
             {n for n, _ in model.named_parameters()}
+
+
+def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_path):
+    """prepare --tokenizer FOLDER reads its tokenizer.json with the EOS its tokenizer_config.json names; a run
+    --init-from that folder on those shards starts (the shards' tokenizer is the folder's)."""
+    import shutil
+
+    from scaletrain.data.prepare import main as prepare_main
+    from scaletrain.data.tokenizer import train_bpe
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: the quick brown fox {i * 7} jumps."}) + "\n"
+                              for i in range(400)))
+    save_hf("qwen2_tied", tmp_path / "hf")
+    train_bpe([str(corpus)], 300, str(tmp_path / "tok.json"))
+    shutil.copy(tmp_path / "tok.json", tmp_path / "hf" / "tokenizer.json")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"}}))
+    prepare_main(["--domain", "d", "--input", str(corpus), "--output", str(tmp_path / "data"), "--tokenizer",
+                  str(tmp_path / "hf"), "--workers", "1"])
+    manifest = json.loads((tmp_path / "data" / "d" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["eos_token"] == "<pad>"  # the folder's choice, not the first candidate's
+    proc = launch("python", ["--data-dir", str(tmp_path / "data"), "--data-sources", "d", "--data-mix-weights", "1",
+                             "--init-from", str(tmp_path / "hf"), "--max-steps", "2", "--max-seq-length", "32",
+                             "--batch-size", "2", "--eval-interval", "0", "--no-use-tensorboard", "--mixed-precision",
+                             "fp32"], tmp_path)
+    assert "weights from Hugging Face model" in proc.stdout and "qwen2, safetensors" in proc.stdout

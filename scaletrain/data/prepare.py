@@ -194,7 +194,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help=f"files or folders (searched recursively): {SUFFIXES_HELP}")
     p.add_argument("--output", required=True, help="data folder, e.g. data/pretraining")
-    p.add_argument("--tokenizer", help="a local Hugging Face tokenizer.json (default: byte-level)")
+    p.add_argument("--tokenizer", help="a local Hugging Face tokenizer.json, or a model folder that has one (its "
+                   "tokenizer_config.json names the EOS/BOS tokens; default: byte-level)")
     p.add_argument("--eos-token", help="end-of-text token of --tokenizer (default: found by name)")
     p.add_argument("--add-bos", action="store_true", help="put the tokenizer's begin-of-text token before every "
                                                            "document (recorded in the manifest and the export)")

@@ -66,8 +66,13 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         p = Path(path)
+        folder_tokens: dict[str, str] = {}
+        if p.is_dir():  # a Hugging Face model folder: its tokenizer.json, and its special tokens as defaults
+            folder_tokens = folder_special_tokens(p)
+            p = p / "tokenizer.json"
         if not p.is_file():
-            raise TokenizerError(f"--tokenizer: {path} does not exist (expected a tokenizer.json file)")
+            raise TokenizerError(f"--tokenizer: {p} does not exist (expected a tokenizer.json file or a Hugging Face "
+                                 f"model folder that has one)")
         try:
             self._tok = Tokenizer.from_file(str(p))
         except Exception as e:
@@ -76,12 +81,17 @@ class HFTokenizer:
         self.name = p.name
         self.identity = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos_token = eos_token or self._in_vocab(folder_tokens.get("eos_token"))
+        bos_default = self._in_vocab(folder_tokens.get("bos_token"))
         eos = self._find(eos_token, EOS_CANDIDATES, "--eos-token", "end-of-text")
         assert eos is not None
         self.eos_token, self.eos_id = eos
         self.pad_token, self.pad_id = self._find(None, ("<pad>",), "", "") or eos
-        self.bos_token, self.bos_id = self._find(bos_token, BOS_CANDIDATES, "--bos-token", "begin-of-text",
-                                                 required=bos_token is not None) or (None, None)
+        self.bos_token, self.bos_id = self._find(bos_token or bos_default, BOS_CANDIDATES, "--bos-token",
+                                                 "begin-of-text", required=bos_token is not None) or (None, None)
+
+    def _in_vocab(self, token: str | None) -> str | None:
+        return token if token and self._tok.token_to_id(token) is not None else None
 
     def _find(self, given: str | None, candidates: Sequence[str], flag: str, what: str,
               required: bool = True) -> tuple[str, int] | None:
@@ -111,6 +121,24 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
+
+
+def folder_special_tokens(folder: Path) -> dict[str, str]:
+    """eos_token / bos_token of a Hugging Face folder (tokenizer_config.json, else special_tokens_map.json); each
+    may be a string or a dict with its "content"."""
+    out: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+        f = folder / name
+        try:
+            data = json.loads(f.read_text()) if f.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
+        for key in ("eos_token", "bos_token"):
+            v = data.get(key) if isinstance(data, dict) else None
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[key] = v
+    return out
 
 
 def load_tokenizer(path: str | None, eos_token: str | None = None,
