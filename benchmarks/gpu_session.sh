@@ -3,7 +3,7 @@
 # throughput sweeps. Each phase has its own time limit so the script always reaches the end
 # and packs what it measured.
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase)
-# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e
+# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e docmask
 # On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -66,6 +66,9 @@ for p in $PHASES; do
         phase "e2e_logits_$k" 90 python3 benchmarks/hf_logits_check.py "$R/ck_$k/final" "$R/hf_$k"
       done
       rm -rf "$S" "$R"/ck_* "$R"/hf_* ;;
+    docmask)  # --document-masking: FlexAttention vs causal step time (goal <= 1.15x), flex vs exact-mask gradients
+      phase docmask 120 python3 benchmarks/document_masking.py --model-size small --seq-len 2048 --batch 8 --rounds 5 \
+        --output "$R" ;;
     *) echo "unknown phase $p" | tee -a "$LOG" ;;
   esac
 done

@@ -58,6 +58,9 @@ class PreTrainingConfig:
                                   "a checkpoint and stop)")
     packing: bool = _f(True, "pack documents into full rows; --no-packing: one document per row, padded (the loss "
                              "and tokens/s count real tokens only)")
+    document_masking: bool = _f(False, "attention in packed rows stays within each document (the tokenizer's EOS "
+                                       "ends one): FlexAttention on CUDA, an exact masked SDPA elsewhere")
+    restart_positions: bool = _f(False, "with --document-masking: RoPE positions restart at 0 at each document")
     tokenizer: str | None = _f(None, "tokenizer.json the shards were prepared with (checked against the manifests)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     pin_memory: bool = _f(True, "pin host batches (only where CUDA exists)")
@@ -220,6 +223,11 @@ class PreTrainingConfig:
             raise bad("async_checkpoint", "needs --engine fsdp (DeepSpeed writes its checkpoints synchronously)")
         if self.data_kind not in DATA_KINDS:
             raise bad("data_kind", f"unknown data kind {self.data_kind!r}; valid: {', '.join(DATA_KINDS)}")
+        if self.restart_positions and not self.document_masking:
+            raise bad("restart_positions", "needs --document-masking (positions restart where a document starts)")
+        if self.document_masking and self.data_kind == "synthetic":
+            raise bad("document_masking", "needs prepared data (documents end with the tokenizer's EOS); "
+                                          "synthetic tokens have no documents")
         if self.epoch_limit not in ("warn", "stop"):
             raise bad("epoch_limit", f"{self.epoch_limit!r}: choose warn or stop")
         if not self.max_epochs_per_domain > 0:

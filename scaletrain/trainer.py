@@ -134,8 +134,13 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
     else:
         mix = ", ".join(f"{s} {w:g}" for s, w in zip(cfg.data_sources, cfg.data_mix_weights))
         tok = plan.tokenizer
-        data = (f"{cfg.data_dir} ({mix}; {'packed' if cfg.packing else 'padded'} rows; tokenizer {tok.name}, "
-                f"vocab {tok.vocab_size})")
+        rows = "packed" if cfg.packing else "padded"
+        if cfg.document_masking:
+            rows += f" rows, attention within documents (EOS {tok.eos_id}" + (
+                ", positions restart per document)" if cfg.restart_positions else ")")
+        else:
+            rows += " rows"
+        data = f"{cfg.data_dir} ({mix}; {rows}; tokenizer {tok.name}, vocab {tok.vocab_size})"
     return (f"scaletrain: engine {engine.name}, world {env.world_size}, device {env.device.type}, model "
             f"{model} ({num_params(mc) / 1e6:,.2f}M params), {cfg.mixed_precision}, global batch "
             f"{global_batch} x {cfg.max_seq_length} tokens, steps {start_step}->{cfg.max_steps}\n"
@@ -164,6 +169,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     for line in plan.recovered:
         print(f"scaletrain: checkpoint recovery in {cfg.checkpoint_dir}: {line}", flush=True)
     model = engine_cls.build_model(model_cfg, cfg, env)
+    if cfg.document_masking:
+        model.set_document_masking(plan.tokenizer.eos_id, cfg.restart_positions, flex=env.device.type == "cuda")
     # a resumed run loads its checkpoint over these; --init-from is only where a run starts
     weights = plan.init_source if plan.init_source is not None and not plan.resume else RandomWeights(cfg.seed)
     engine = engine_cls(model, cfg, env, resume_meta=plan.resume_meta, weights=weights)

@@ -71,8 +71,51 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, Q); cos/sin: (T, Q), computed in fp32 and cast to x's dtype
+    # x: (B, H, T, Q); cos/sin: (T, Q), or (B, 1, T, Q) with per-row positions; fp32, cast to x's dtype
     return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) index of the document each token belongs to within its row; an EOS ends (belongs to) its document."""
+    eos = (input_ids == eos_id).int()
+    return torch.cumsum(eos, dim=1) - eos
+
+
+def document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document (0 at each document's first token)."""
+    T = doc.shape[1]
+    t = torch.arange(T, device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
+_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention compiled once per process (uncompiled it materialises the full score matrix)."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _flex_attention = torch.compile(flex, dynamic=False)
+    return _flex_attention(q, k, v, block_mask=block_mask)
+
+
+def document_mask(doc: torch.Tensor, flex: bool):
+    """Causal attention within each document: a FlexAttention BlockMask (which skips whole blocks across
+    documents), or an exact boolean mask (B, 1, T, T) for SDPA."""
+    B, T = doc.shape
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(b, h, q, k):
+            return (q >= k) & (doc[b, q] == doc[b, k])
+
+        return create_block_mask(same_document, B, None, T, T, device=doc.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class Attention(nn.Module):
@@ -84,7 +127,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Q)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, Q)
@@ -95,7 +138,12 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Q)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Q)
+        elif isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = flex_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -118,8 +166,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,9 +190,18 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.document_eos: int | None = None  # set_document_masking
+        self.restart_positions = False
+        self.flex_attention = False
         self.initialised = False  # whether the parameters hold values (an engine fills them in when not)
         if init and self.rope_cos.device.type != "meta":  # init=False: the engine fills the weights in later
             self.init_weights()
+
+    def set_document_masking(self, eos_id: int | None, restart_positions: bool = False, flex: bool = False) -> None:
+        """Attention in packed rows stays within each document (an ``eos_id`` token ends one); RoPE positions
+        restart at each document with ``restart_positions``. ``flex``: FlexAttention (fast on CUDA, compiled),
+        else SDPA with an exact boolean mask. ``eos_id=None`` turns it off."""
+        self.document_eos, self.restart_positions, self.flex_attention = eos_id, restart_positions, flex
 
     def init_plan(self) -> list[tuple[str, float | None]]:
         """How each parameter starts, in the order the random draws are made: (name, std of a zero-mean normal)
@@ -196,12 +253,19 @@ class Llama(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if self.document_eos is not None:
+            doc = document_ids(input_ids, self.document_eos)
+            mask = document_mask(doc, self.flex_attention)
+            if self.restart_positions:
+                pos = document_positions(doc)
+                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, Q)
         h = self.embed_tokens(input_ids)  # (B, T, D)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+                h = checkpoint(block, h, cos, sin, mask, use_reentrant=False)
             else:
-                h = block(h, cos, sin)
+                h = block(h, cos, sin, mask)
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         if labels is None:
             return logits
