@@ -6,7 +6,7 @@ tensor by tensor, each rank reading only the rows it holds (safetensors slices a
 A folder with only ``pytorch_model*.bin`` is read with ``torch.load(weights_only=True, mmap=True)``: a
 pickle that names code is refused before anything runs. A scaletrain checkpoint (any engine, any world
 size; a checkpoint_dir means its newest complete checkpoint) is read through its engine's tensor reader.
-Nothing here sets ``trust_remote_code`` or runs code from the folder.
+No Python file of the folder is imported and no code is fetched: its weights and JSON only.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_chan
 class HFWeights:
     """A local Hugging Face model folder."""
 
-    def __init__(self, folder: str | Path, trust: bool = False) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         cfg = self.folder / "config.json"
         if not cfg.is_file():
@@ -76,7 +76,6 @@ class HFWeights:
                                   f"scaletrain checkpoint)")
         self.hf_config = json.loads(cfg.read_text())
         self.model_config = from_hf_config(self.hf_config, str(cfg))
-        self.trust = trust
         files = sorted(self.folder.glob("*.safetensors"))
         self._files: dict[str, Path] = {}  # our name -> file
         self._handles: dict[Path, object] = {}
@@ -112,8 +111,9 @@ class HFWeights:
         self.description = f"Hugging Face model {self.folder} ({self.hf_config.get('model_type')}, {self.kind})"
 
     def _torch_load(self, f: Path) -> dict:
-        try:  # mmap: tensors stay in the file until read; weights_only: a pickle naming code is refused
-            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=not self.trust)
+        try:  # mmap: tensors stay in the file until read; weights_only: a pickle naming code is refused (always: a
+            # state dict of tensors needs nothing else, so --trust-checkpoint changes nothing here)
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:
             raise refused(f, e) from None
         if not isinstance(sd, dict):
@@ -180,4 +180,4 @@ def open_init_source(path: str, trust: bool = False) -> HFWeights | CheckpointWe
         raise CheckpointError(f"--init-from {path}: no such folder")
     if (p / COMPLETE).is_file() or not (p / "config.json").is_file():
         return CheckpointWeights(p, trust)
-    return HFWeights(p, trust)
+    return HFWeights(p)
