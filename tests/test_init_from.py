@@ -45,15 +45,16 @@ def hf_model(variant: str, seed: int = 0):
     return model
 
 
-def save_hf(variant: str, folder, seed: int = 0):
+def save_hf(variant: str, folder, seed: int = 0, **kwargs):
     model = hf_model(variant, seed)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), **kwargs)
     return model
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hf_weights_give_hf_logits_in_our_model(tmp_path, variant):
-    hf = save_hf(variant, tmp_path / "hf")
+    hf = save_hf(variant, tmp_path / "hf", max_shard_size="100KB")  # several files and an index
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
     src = HFWeights(tmp_path / "hf")
     ours = unfilled_model(src.model_config, "cpu")
     fill_whole(ours, src)

@@ -77,8 +77,7 @@ class HFWeights:
         self.hf_config = json.loads(cfg.read_text())
         self.model_config = from_hf_config(self.hf_config, str(cfg))
         files = sorted(self.folder.glob("*.safetensors"))
-        self._files: dict[str, Path] = {}  # our name -> file
-        self._handles: dict[Path, object] = {}
+        self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, its key there)
         found: dict[str, tuple[int, ...]] = {}
         if files:
             from safetensors import safe_open
@@ -89,7 +88,7 @@ class HFWeights:
                         if key.endswith(IGNORED_HF_KEYS):
                             continue
                         name = from_hf_state_dict_key(key)
-                        self._files[name] = f
+                        self._where[name] = (f, key)
                         found[name] = tuple(h.get_slice(key).get_shape())
             self.kind = "safetensors"
         else:
@@ -103,7 +102,7 @@ class HFWeights:
                     if key.endswith(IGNORED_HF_KEYS):
                         continue
                     name = from_hf_state_dict_key(key)
-                    self._files[name], self._bins[name], found[name] = f, t, tuple(t.shape)
+                    self._bins[name], found[name] = t, tuple(t.shape)
             self.kind = "pytorch_model.bin"
         _check(str(folder), found, self.model_config)
         tok = self.folder / "tokenizer.json"
@@ -126,18 +125,13 @@ class HFWeights:
             return t if index is None else t[index]
         from safetensors import safe_open
 
-        f = self._files[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), "pt")
-        h = self._handles[f]
-        key = next(k for k in (f"model.{name}", name) if k in self._keys(f))
-        return h.get_tensor(key) if index is None else h.get_slice(key)[index]
-
-    def _keys(self, f: Path) -> set[str]:
-        cache = self.__dict__.setdefault("_key_cache", {})
-        if f not in cache:
-            cache[f] = set(self._handles[f].keys())
-        return cache[f]
+        # a file is opened per tensor: safetensors maps the whole file, and the pages a read touches stay in this
+        # process's memory while the mapping lives (reading half of every tensor of a 2.7 GB file through one
+        # handle left 1.47 GB resident; reopening, 0.26 GB at the peak)
+        f, key = self._where[name]
+        with safe_open(str(f), "pt") as h:
+            t = h.get_tensor(key) if index is None else h.get_slice(key)[index]
+            return t.clone()
 
     def items(self, model) -> Iterator[tuple[str, Getter]]:
         for name, _ in model.named_parameters():
