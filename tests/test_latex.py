@@ -2,7 +2,8 @@
 
 import pytest
 
-from scaletrain.data.latex import clean_latex, clean_package, main_file
+from scaletrain.data.latex import clean_latex
+from scaletrain.data.latex_package import clean_package, main_file
 
 
 def doc(body: str, preamble: str = "") -> str:

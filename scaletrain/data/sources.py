@@ -34,7 +34,8 @@ from typing import BinaryIO, Iterator
 
 from scaletrain.errors import ScaletrainError
 
-from .latex import STYLES, clean_latex, clean_package
+from .latex import STYLES, clean_latex
+from .latex_package import clean_package
 
 CODECS = (".gz", ".zst", ".bz2")
 TASK_BYTES = 64 << 20  # a plain JSONL file is cut every 64 MiB; Parquet row groups are grouped to about this size
