@@ -234,15 +234,20 @@ class ShardLoader:
         self.consumed += 1
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position at the current optimizer-step boundary (call between steps)."""
+    def _at_step_boundary(self):
+        """The bookkeeping walker advanced (without reading rows) to the current optimizer-step boundary."""
         gas = self.spec.gradient_accumulation_steps
         if self.consumed % gas:
             raise RuntimeError(f"data state asked mid-step ({self.consumed} micro-batches, accumulation {gas})")
         steps_done = self.consumed // gas
         walked = (self._snapshot.row - self._start[0]) // self.spec.global_batch
-        for _ in range(steps_done - walked):  # advance the bookkeeping walker without reading rows
+        for _ in range(steps_done - walked):
             self._snapshot.step(None)
+        return self._snapshot
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position at the current optimizer-step boundary (call between steps)."""
+        self._at_step_boundary()
         return {"global_row": self._snapshot.row, "packing": self.spec.packing,
                 "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos)),
                 "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens)),
@@ -252,8 +257,8 @@ class ShardLoader:
     def epochs(self) -> dict[str, float]:
         """Epochs of each domain read so far (at a step boundary): tokens read over the domain's tokens. The
         same on every rank (each walks all rows)."""
-        pos = self.state_dict()["domain_pos"]
-        return {s: pos[s] / st.total for s, st in zip(self.spec.sources, self.streams)}
+        pos = self._at_step_boundary().pos  # every step: no state dict (fingerprints, sizes) built for it
+        return {s: p / st.total for s, p, st in zip(self.spec.sources, pos, self.streams)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
