@@ -33,28 +33,33 @@ def _blocks() -> list[tuple[bool, list[str]]]:
     return blocks
 
 
-def readme_commands(run_only: bool = False) -> list[str]:
-    """Command lines of README.md's code blocks (continuations joined, comments dropped); with ``run_only``,
-    those of the blocks marked to be run."""
-    commands = []
-    for marked, lines in _blocks():
-        if run_only and not marked:
+def _commands(lines: list[str]) -> list[str]:
+    """Command lines of a code block (continuations joined, comments dropped)."""
+    commands, current = [], ""
+    for line in lines:
+        text = line.strip()
+        if current:
+            current += " " + text
+        elif text.split(" ", 1)[0] in PROGRAMS and not line.startswith(" "):
+            current = text
+        else:
             continue
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+            continue
+        commands.append(current if current.startswith("python -c") else re.sub(r"\s+#.*$", "", current).strip())
         current = ""
-        for line in lines:
-            text = line.strip()
-            if current:
-                current += " " + text
-            elif text.split(" ", 1)[0] in PROGRAMS and not line.startswith(" "):
-                current = text
-            else:
-                continue
-            if current.endswith("\\"):
-                current = current[:-1].rstrip()
-                continue
-            commands.append(current if current.startswith("python -c") else re.sub(r"\s+#.*$", "", current).strip())
-            current = ""
     return commands
+
+
+def readme_commands(run_only: bool = False) -> list[str]:
+    """Command lines of README.md's code blocks; with ``run_only``, those of the blocks marked to be run."""
+    return [c for marked, lines in _blocks() if marked or not run_only for c in _commands(lines)]
+
+
+def run_blocks() -> list[list[str]]:
+    """The command lines of each block marked to be run, block by block."""
+    return [_commands(lines) for marked, lines in _blocks() if marked]
 
 
 def _plain(cmd: str) -> list[str]:
@@ -162,22 +167,16 @@ def test_readme_command_flags_are_accepted(command):
         raise AssertionError(f"README command no longer parses: {command}") from e
 
 
-def test_the_first_hour_block_runs_as_written(tmp_path):
-    """The README block marked to be run, command by command, in a temporary folder, on a JSONL file of the
-    user's kind, shrunk by SCALETRAIN_SMOKE=1: prepare, train to --stop-at-step, resume, convert, generate."""
+def _run(commands: list[str], cwd: Path) -> list:
+    """Each command as README writes it, in ``cwd``, shrunk by SCALETRAIN_SMOKE=1."""
     import subprocess
     import sys
 
-    from scaletrain.data.sample import create_sample_pretraining_data
-
     from .conftest import clean_env
 
-    raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
-    lines = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
-    (tmp_path / "my_corpus.jsonl").write_text("\n".join(lines) + "\n")
     env = clean_env(SCALETRAIN_SMOKE="1")
     outputs = []
-    for command in readme_commands(run_only=True):
+    for command in commands:
         argv = shlex.split(command)
         if argv[0] == "scaletrain":
             argv = [sys.executable, "-m", "scaletrain", *argv[1:]]
@@ -185,10 +184,23 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
             argv[0] = sys.executable
             if argv[1].startswith("launch/"):
                 argv[1] = str(ROOT / argv[1])
-        p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"README command failed: {command}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         outputs.append(p)
-    train, resume = (p for c, p in zip(readme_commands(run_only=True), outputs) if "launch/pretrain.py" in c)
+    return outputs
+
+
+def test_the_first_hour_block_runs_as_written(tmp_path):
+    """The first README block marked to be run, command by command, in a temporary folder, on a JSONL file of the
+    user's kind, shrunk by SCALETRAIN_SMOKE=1: prepare, train to --stop-at-step, resume, convert, generate."""
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
+    lines = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
+    (tmp_path / "my_corpus.jsonl").write_text("\n".join(lines) + "\n")
+    commands = run_blocks()[0]
+    outputs = _run(commands, tmp_path)
+    train, resume = (p for c, p in zip(commands, outputs) if "launch/pretrain.py" in c)
     assert "SCALETRAIN_SMOKE is set" in train.stderr and "stopped at step 2 (--stop-at-step)" in train.stdout
     assert "resumed from checkpoints/mine/step_000002 at step 2" in resume.stdout
     assert (tmp_path / "exports" / "mine" / "model.safetensors").is_file()
@@ -199,9 +211,45 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
         assert "scaletrain: checkpoints -> checkpoints/mine, logs -> runs/pretraining/mine" in p.stdout
         assert "scaletrain: schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps" in p.stdout
     # ... and convert says what it read, what it wrote and how to load it
-    convert = next(p for c, p in zip(readme_commands(run_only=True), outputs) if "launch/convert.py" in c)
+    convert = next(p for c, p in zip(commands, outputs) if "launch/convert.py" in c)
     assert "converting checkpoints/mine/final: step 4, fsdp engine, saved by 1 rank" in convert.stdout
     assert "load it with: AutoModelForCausalLM.from_pretrained('exports/mine')" in convert.stdout
+
+
+def test_the_continued_pretraining_block_runs_as_written(tmp_path):
+    """The second block marked to be run: a downloaded model's folder (a small Llama with a BPE tokenizer, saved
+    here as models/Llama-3.2-1B), a .jsonl.zst corpus, prepare with the folder's tokenizer, train from it, a
+    second phase from that checkpoint, export; the export loads in transformers with the tokenizer."""
+    import json
+
+    import zstandard
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from scaletrain.data.sample import create_sample_pretraining_data
+    from scaletrain.data.tokenizer import train_bpe
+
+    raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
+    lines = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
+    (tmp_path / "web.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    model_dir = tmp_path / "models" / "Llama-3.2-1B"
+    (tmp_path / "web.jsonl").write_text("\n".join(lines) + "\n")
+    _, vocab = train_bpe([str(tmp_path / "web.jsonl")], 400, str(model_dir / "tokenizer.json"))
+    (tmp_path / "web.jsonl").unlink()
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, rope_theta=500000.0,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    commands = run_blocks()[1]
+    outputs = _run(commands, tmp_path)
+    first, second = (p for c, p in zip(commands, outputs) if "launch/pretrain.py" in c)
+    assert "weights from Hugging Face model models/Llama-3.2-1B (llama, safetensors)" in first.stdout
+    assert "weights from scaletrain checkpoint checkpoints/cpt/final (step 4, fsdp engine, 1 rank(s))" in \
+        second.stdout
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exports" / "cpt2"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "exports" / "cpt2"))
+    assert back.config.max_position_embeddings == 512 and back.config.rope_parameters["rope_theta"] == 500000.0
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == back.config.eos_token_id
 
 
 def test_train_tokenizer_reports_the_size_it_reached(tmp_path):
