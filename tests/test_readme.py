@@ -57,9 +57,22 @@ def readme_commands(run_only: bool = False) -> list[str]:
     return [c for marked, lines in _blocks() if marked or not run_only for c in _commands(lines)]
 
 
-def run_blocks() -> list[list[str]]:
-    """The command lines of each block marked to be run, block by block."""
-    return [_commands(lines) for marked, lines in _blocks() if marked]
+def run_block(first: str) -> list[str]:
+    """The command lines of the block marked to be run whose first command starts with ``first``."""
+    blocks = [_commands(lines) for marked, lines in _blocks() if marked]
+    found = [b for b in blocks if b and b[0].startswith(first)]
+    assert len(found) == 1, f"README has {len(found)} run-marked blocks starting with {first!r}"
+    return found[0]
+
+
+FIRST_HOUR = "scaletrain prepare --domain mine --input my_corpus.jsonl --output data/mine --val-fraction 0.05"
+CONTINUED = "scaletrain prepare --domain web --input web.jsonl.zst --output data/cpt --tokenizer models/Llama-3.2-1B"
+ONE_PROCESS = "python launch/pretrain.py --model-size tiny --max-steps 100 --data-dir data/sample/pretraining"
+
+
+def test_every_run_marked_block_is_run_by_a_test():
+    firsts = {b[0] for b in (_commands(lines) for marked, lines in _blocks() if marked)}
+    assert firsts == {FIRST_HOUR, CONTINUED, ONE_PROCESS}, firsts
 
 
 def _plain(cmd: str) -> list[str]:
@@ -198,7 +211,7 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
     raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
     lines = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
     (tmp_path / "my_corpus.jsonl").write_text("\n".join(lines) + "\n")
-    commands = run_blocks()[0]
+    commands = run_block(FIRST_HOUR)
     outputs = _run(commands, tmp_path)
     train, resume = (p for c, p in zip(commands, outputs) if "launch/pretrain.py" in c)
     assert "SCALETRAIN_SMOKE is set" in train.stderr and "stopped at step 2 (--stop-at-step)" in train.stdout
@@ -240,7 +253,7 @@ def test_the_continued_pretraining_block_runs_as_written(tmp_path):
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    commands = run_blocks()[1]
+    commands = run_block(CONTINUED)
     outputs = _run(commands, tmp_path)
     first, second = (p for c, p in zip(commands, outputs) if "launch/pretrain.py" in c)
     assert "weights from Hugging Face model models/Llama-3.2-1B (llama, safetensors)" in first.stdout
@@ -250,6 +263,19 @@ def test_the_continued_pretraining_block_runs_as_written(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "exports" / "cpt2"))
     assert back.config.max_position_embeddings == 512 and back.config.rope_parameters["rope_theta"] == 500000.0
     assert tok.convert_tokens_to_ids("<|endoftext|>") == back.config.eos_token_id
+
+
+def test_the_one_process_block_runs_as_written(tmp_path):
+    """Launching's first block: the sample shards (what `make pretrain` prepares) and synthetic tokens, one process
+    each, no launcher."""
+    from scaletrain.data.sample import prepare_sample
+
+    prepare_sample(tmp_path / "data" / "sample", quiet=True)
+    shards, synthetic = _run(run_block(ONE_PROCESS), tmp_path)
+    assert "world 1" in shards.stdout and "scaletrain: data data/sample/pretraining (arxiv 0.3, general 0.7" in \
+        shards.stdout
+    assert "scaletrain: data synthetic tokens" in synthetic.stdout
+    assert (tmp_path / "checkpoints" / "final" / "COMPLETE.json").is_file()
 
 
 def test_train_tokenizer_reports_the_size_it_reached(tmp_path):
