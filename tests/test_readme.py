@@ -1,8 +1,9 @@
 """README.md's command lines stay true: every flag of every scaletrain, launcher and make command in its code
 blocks is accepted by the parser that will read it (a flag renamed in the code, or mistyped in README, fails
 here). Placeholders are kept readable in README: ``...`` is dropped, ``[--opt a|b]`` is read as ``--opt a``, a
-shell variable as 0. Benchmarks run as far as their argparse call. Running the CPU commands themselves,
-shrunk, is the rest of issue 15 item 1."""
+shell variable as 0. Benchmarks run as far as their argparse call. Every block marked ``<!-- readme-test: run -->``
+(the CPU ones) is also run, command by command as written, in a temporary folder with ``SCALETRAIN_SMOKE=1``; a
+test checks that each marked block has its test."""
 
 import re
 import shlex
@@ -68,11 +69,14 @@ def run_block(first: str) -> list[str]:
 FIRST_HOUR = "scaletrain prepare --domain mine --input my_corpus.jsonl --output data/mine --val-fraction 0.05"
 CONTINUED = "scaletrain prepare --domain web --input web.jsonl.zst --output data/cpt --tokenizer models/Llama-3.2-1B"
 ONE_PROCESS = "python launch/pretrain.py --model-size tiny --max-steps 100 --data-dir data/sample/pretraining"
+DATA = "scaletrain train-tokenizer --input corpus/ --vocab-size 32000 --output tok.json"
+CHECKPOINTS = "python launch/pretrain.py ... --checkpoint-dir checkpoints --save-interval 500"
 
 
 def test_every_run_marked_block_is_run_by_a_test():
     firsts = {b[0] for b in (_commands(lines) for marked, lines in _blocks() if marked)}
-    assert firsts == {FIRST_HOUR, CONTINUED, ONE_PROCESS}, firsts
+    tested = (FIRST_HOUR, CONTINUED, ONE_PROCESS, DATA, CHECKPOINTS)
+    assert sorted(next((t for t in tested if f.startswith(t)), f) for f in firsts) == sorted(tested), firsts
 
 
 def _plain(cmd: str) -> list[str]:
@@ -181,7 +185,8 @@ def test_readme_command_flags_are_accepted(command):
 
 
 def _run(commands: list[str], cwd: Path) -> list:
-    """Each command as README writes it, in ``cwd``, shrunk by SCALETRAIN_SMOKE=1."""
+    """Each command as README writes it, in ``cwd``, shrunk by SCALETRAIN_SMOKE=1; placeholders as ``_plain``
+    reads them (``...`` dropped: the defaults; ``[--opt a|b]`` run as ``--opt a``)."""
     import subprocess
     import sys
 
@@ -190,7 +195,7 @@ def _run(commands: list[str], cwd: Path) -> list:
     env = clean_env(SCALETRAIN_SMOKE="1")
     outputs = []
     for command in commands:
-        argv = shlex.split(command)
+        argv = shlex.split(command) if command.startswith("python -c") else _plain(command)  # first alternatives
         if argv[0] == "scaletrain":
             argv = [sys.executable, "-m", "scaletrain", *argv[1:]]
         elif argv[0] == "python":
@@ -276,6 +281,40 @@ def test_the_one_process_block_runs_as_written(tmp_path):
         shards.stdout
     assert "scaletrain: data synthetic tokens" in synthetic.stdout
     assert (tmp_path / "checkpoints" / "final" / "COMPLETE.json").is_file()
+
+
+def test_the_data_and_checkpoint_blocks_run_as_written(tmp_path):
+    """Data's block (a tokenizer trained on corpus/, arxiv from a folder of papers and a .jsonl.zst with every
+    bracketed option, the other domains from data/raw's sub-folders, the 30/70 mix trained), then the
+    checkpoint block on the defaults it leaves (data/pretraining, arxiv and general): train, resume, convert."""
+    import shutil
+
+    import zstandard
+
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    raw = create_sample_pretraining_data(tmp_path / "sample", scale=0.02)
+    general = [x for f in sorted(Path(raw["general"]).glob("*.jsonl")) for x in f.read_text().splitlines() if x]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "web.jsonl").write_text("\n".join(general) + "\n")
+    shutil.copytree(raw["arxiv"], tmp_path / "papers", ignore=shutil.ignore_patterns("*.jsonl"))
+    abstracts = (Path(raw["arxiv"]) / "abstracts.jsonl").read_bytes()
+    (tmp_path / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(abstracts))
+    shutil.copytree(raw["general"], tmp_path / "data" / "raw" / "general")
+    commands = run_block(DATA)
+    tokenizer, arxiv, rest, train = _run(commands, tmp_path)
+    assert "wrote tok.json (vocab" in tokenizer.stdout
+    assert "--tokenizer" in commands[1] and "--add-bos" in commands[1] and "--latex-style text" in commands[1]
+    for p, domain in ((arxiv, "arxiv"), (rest, "general")):
+        assert f"{domain}: " in p.stderr and "documents" in p.stderr, p.stderr
+    assert "scaletrain: data data/pretraining (arxiv 0.3, general 0.7" in train.stdout
+    assert "packed rows; tokenizer tok.json, vocab " in train.stdout
+
+    first, resumed, convert = _run(run_block(CHECKPOINTS), tmp_path)
+    assert "checkpoints -> checkpoints" in first.stdout and (tmp_path / "checkpoints" / "final").is_dir()
+    assert "resumed from checkpoints/final at step 4" in resumed.stdout, resumed.stdout
+    assert "converting checkpoints/final: step 4" in convert.stdout
+    assert (tmp_path / "OUT_DIR" / "model.safetensors").is_file()
 
 
 def test_train_tokenizer_reports_the_size_it_reached(tmp_path):

@@ -153,7 +153,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2) -> tuple[str, int]:
     """Train a byte-level BPE on text/JSONL/LaTeX ``files`` and save ``output`` (a tokenizer.json);
-    returns (path, the vocab size reached, which a small corpus keeps below ``vocab_size``)."""
+    returns (path, the vocab size reached, which a small corpus keeps below ``vocab_size``). Its special tokens:
+    ``<|endoftext|>`` (id 0, the EOS prepare joins documents with), ``<pad>`` (1) and ``<|begin_of_text|>`` (2,
+    the BOS that ``prepare --add-bos`` puts before every document)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from .text import iter_documents
@@ -164,7 +166,7 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=["<|endoftext|>", "<pad>"],
+                                  special_tokens=["<|endoftext|>", "<pad>", "<|begin_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((doc.text for doc in iter_documents(files)), trainer=trainer)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
