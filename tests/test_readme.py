@@ -66,11 +66,12 @@ def run_block(first: str) -> list[str]:
     return found[0]
 
 
-FIRST_HOUR = "scaletrain prepare --domain mine --input my_corpus.jsonl --output data/mine --val-fraction 0.05"
-CONTINUED = "scaletrain prepare --domain web --input web.jsonl.zst --output data/cpt --tokenizer models/Llama-3.2-1B"
-ONE_PROCESS = "python launch/pretrain.py --model-size tiny --max-steps 100 --data-dir data/sample/pretraining"
-DATA = "scaletrain train-tokenizer --input corpus/ --vocab-size 32000 --output tok.json"
-CHECKPOINTS = "python launch/pretrain.py ... --checkpoint-dir checkpoints --save-interval 500"
+# how each run-marked block begins: short, so that a block edited (or broken) in README is still found and run
+FIRST_HOUR = "scaletrain prepare --domain mine"
+CONTINUED = "scaletrain prepare --domain web"
+ONE_PROCESS = "python launch/pretrain.py --model-size tiny"
+DATA = "scaletrain train-tokenizer"
+CHECKPOINTS = "python launch/pretrain.py ..."
 
 
 def test_every_run_marked_block_is_run_by_a_test():
