@@ -175,7 +175,8 @@ def _smoke(cfg: PreTrainingConfig) -> PreTrainingConfig:
                  micro_batch_size=min(cfg.micro_batch_size, 2), max_steps=min(cfg.max_steps, 4),
                  eval_steps=1, eval_interval=min(cfg.eval_interval, 2) if cfg.eval_interval else 0,
                  warmup_steps=None if cfg.warmup_steps is None else min(cfg.warmup_steps, 1),
-                 stop_at_step=None if cfg.stop_at_step is None else min(cfg.stop_at_step, 2))
+                 stop_at_step=None if cfg.stop_at_step is None else min(cfg.stop_at_step, 2),
+                 decay_steps=None if cfg.decay_steps is None else min(cfg.decay_steps, 2))
     print(f"scaletrain: {SMOKE} is set: shrunk to the tiny model, {small['max_steps']} steps, rows of "
           f"{small['max_seq_length']} tokens", file=sys.stderr)
     return cfg.replace(**small)

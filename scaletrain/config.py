@@ -72,7 +72,14 @@ class PreTrainingConfig:
     warmup_steps: int | None = _f(None, "linear warmup steps before cosine decay (default: 1% of --max-steps, at "
                                         "least 1, at most 2000)")
     learning_rate: float = _f(3e-4, "peak learning rate")
-    min_learning_rate: float = _f(3e-5, "learning rate at the end of the cosine decay")
+    min_learning_rate: float = _f(3e-5, "learning rate at the end of the decay")
+    lr_schedule: str = _f("cosine", "after warmup: cosine or linear decay to --min-learning-rate at --max-steps, "
+                                    "constant, or wsd (stable at the peak, then decay over the run's last "
+                                    "--decay-fraction)")
+    decay_fraction: float = _f(0.2, "wsd: the share of --max-steps the final decay takes")
+    decay_steps: int | None = _f(None, "wsd: decay over exactly this many final steps instead of --decay-fraction "
+                                       "(annealing a stable-phase checkpoint: --max-steps S+N --decay-steps N)")
+    decay_shape: str = _f("linear", "wsd: the decay's shape, linear, cosine or 1-sqrt")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; norms and embeddings get none)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
@@ -166,6 +173,13 @@ class PreTrainingConfig:
         return min(self.max_steps, max(1, min(2000, round(0.01 * self.max_steps))))
 
     @property
+    def decay_length(self) -> int:
+        """wsd: the decay's steps, --decay-steps or --decay-fraction of --max-steps."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return round(self.decay_fraction * self.max_steps)
+
+    @property
     def resolved_engine(self) -> str:
         return self.engine or ("deepspeed" if self.ds_config else "fsdp")
 
@@ -208,6 +222,20 @@ class PreTrainingConfig:
                                            f"got {self.min_learning_rate}")
         if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
             raise bad("warmup_steps", f"{self.warmup_steps} exceeds --max-steps={self.max_steps}")
+        from scaletrain.lr import DECAY_SHAPES, SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise bad("lr_schedule", f"unknown schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise bad("decay_shape", f"unknown shape {self.decay_shape!r}; valid: {', '.join(DECAY_SHAPES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        if self.decay_steps is not None and not 0 < self.decay_steps <= self.max_steps - self.warmup:
+            raise bad("decay_steps", f"must be between 1 and --max-steps minus warmup ({self.max_steps} - "
+                                     f"{self.warmup}), got {self.decay_steps}")
+        for name in ("decay_fraction", "decay_steps", "decay_shape"):
+            if name in self.explicit and self.lr_schedule != "wsd":
+                raise bad(name, f"shapes the decay of --lr-schedule wsd; this run's schedule is {self.lr_schedule}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.mixed_precision not in PRECISIONS:

@@ -20,6 +20,7 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
+from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
 from scaletrain.model.weights import RandomWeights
@@ -146,9 +147,7 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
             f"{global_batch} x {cfg.max_seq_length} tokens, steps {start_step}->{cfg.max_steps}\n"
             + (f"scaletrain: {start}\n" if start else "") +
             f"scaletrain: data {data}\n"
-            f"scaletrain: schedule: lr warms up to {cfg.learning_rate:g} over {cfg.warmup} steps"
-            f"{'' if 'warmup_steps' in cfg.explicit else ' (1% of --max-steps; set --warmup-steps to choose)'}, "
-            f"then cosine to {cfg.min_learning_rate:g} at step {cfg.max_steps}\n"
+            f"scaletrain: schedule: {describe_schedule(cfg)}\n"
             f"scaletrain: checkpoints -> {cfg.checkpoint_dir}, logs -> {os.path.join(cfg.run_dir, cfg.run_name)}")
 
 

@@ -243,3 +243,22 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     assert p.returncode == 1 and "No space left on device" in p.stderr
     assert "the previous checkpoint" in p.stderr and "step_000002 is intact" in p.stderr
     assert newest_checkpoint(ck).name == "step_000002" and not list(ck.glob(".tmp-*"))
+
+
+def test_wsd_stable_checkpoint_anneals_with_a_new_max_steps(tmp_path):
+    """WSD: a run planned for 40 steps stops in its stable phase at step 6; resumed with --max-steps 10
+    --decay-steps 4 it decays at once from the peak to --min-learning-rate (annealing), its loss stream continuing
+    the stable run's."""
+    ck = tmp_path / "ck"
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--lr-schedule", "wsd",
+                   "--min-learning-rate", "2e-4"]
+    args[args.index("--max-steps") + 1] = "40"
+    stable = launch("python", args + ["--stop-at-step", "6"], tmp_path, run_name="stable")
+    assert "stays there to step 32, then decays (linear) to 0.0002 at step 40 (wsd, 8 decay steps)" in stable.stdout
+    args[args.index("--max-steps") + 1] = "10"
+    annealed = launch("python", args + ["--resume", "latest", "--decay-steps", "4"], tmp_path, run_name="stable")
+    assert "stays there to step 6, then decays (linear) to 0.0002 at step 10 (wsd, 4 decay steps)" in annealed.stdout
+    lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path, "stable")}
+    assert lrs[1] == pytest.approx(2e-3) and all(lrs[s] == pytest.approx(2e-3) for s in range(1, 7))  # stable
+    assert [lrs[s] for s in range(7, 11)] == pytest.approx([2e-3, 1.55e-3, 1.1e-3, 6.5e-4])  # 4 decay steps
+    assert sorted(lrs) == list(range(1, 11))  # one line a step: the resumed run continues the same log

@@ -107,6 +107,39 @@ def test_lr_schedule_warmup_midpoint_end():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_lr_schedules_wsd_linear_constant():
+    kw = dict(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
+    for schedule in ("wsd", "linear", "constant"):  # every schedule warms up alike
+        assert lr_at(4, schedule=schedule, decay_steps=20, **kw) == pytest.approx(5e-4)
+    assert lr_at(60, schedule="linear", **kw) == pytest.approx(5.5e-4)  # linear midpoint
+    assert lr_at(35, schedule="linear", **kw) == pytest.approx(1e-4 + 9e-4 * 0.75)
+    assert [lr_at(s, schedule="constant", **kw) for s in (10, 109, 500)] == [1e-3] * 3
+    wsd = dict(schedule="wsd", decay_steps=20, **kw)
+    assert [lr_at(s, **wsd) for s in (10, 50, 90)] == [1e-3] * 3  # stable at the peak until max_steps - 20
+    assert lr_at(100, **wsd) == pytest.approx(5.5e-4) and lr_at(110, **wsd) == pytest.approx(1e-4)
+    assert lr_at(100, shape="cosine", **wsd) == pytest.approx(5.5e-4)
+    assert lr_at(95, shape="1-sqrt", **wsd) == pytest.approx(1e-4 + 9e-4 * (1 - 0.25 ** 0.5))
+    # the config: --decay-fraction of --max-steps, or --decay-steps exactly
+    assert parse_config(["--lr-schedule", "wsd", "--max-steps", "1000"]).decay_length == 200
+    assert parse_config(["--lr-schedule", "wsd", "--max-steps", "1000", "--decay-fraction", "0.1"]).decay_length == 100
+    assert parse_config(["--lr-schedule", "wsd", "--max-steps", "1000", "--decay-steps", "37"]).decay_length == 37
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-schedule", "step"], "--lr-schedule: unknown schedule 'step'; valid: cosine, wsd, linear, constant"),
+    (["--lr-schedule", "wsd", "--decay-shape", "exp"], "--decay-shape: unknown shape 'exp'"),
+    (["--lr-schedule", "wsd", "--decay-fraction", "1.5"], "--decay-fraction: must be in (0, 1], got 1.5"),
+    (["--lr-schedule", "wsd", "--max-steps", "100", "--decay-steps", "100"],
+     "--decay-steps: must be between 1 and --max-steps minus warmup (100 - 1), got 100"),
+    (["--decay-fraction", "0.1"], "--decay-fraction: shapes the decay of --lr-schedule wsd; this run's schedule is "
+                                  "cosine"),
+])
+def test_schedule_flags_are_checked(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert message in str(e.value)
+
+
 def test_config_dataclass_documents_every_field():
     import dataclasses
 
