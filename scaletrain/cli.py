@@ -159,7 +159,7 @@ def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:
     if "config" in args:
         values.update(load_config_file(args.pop("config")))
     values.update(args)
-    return _smoke(PreTrainingConfig(**values).with_explicit(values).validate())
+    return _smoke(PreTrainingConfig(**values).with_explicit(values).with_token_budget().validate())
 
 
 SMOKE = "SCALETRAIN_SMOKE"
@@ -176,7 +176,8 @@ def _smoke(cfg: PreTrainingConfig) -> PreTrainingConfig:
                  eval_steps=1, eval_interval=min(cfg.eval_interval, 2) if cfg.eval_interval else 0,
                  warmup_steps=None if cfg.warmup_steps is None else min(cfg.warmup_steps, 1),
                  stop_at_step=None if cfg.stop_at_step is None else min(cfg.stop_at_step, 2),
-                 decay_steps=None if cfg.decay_steps is None else min(cfg.decay_steps, 2))
+                 decay_steps=None if cfg.decay_steps is None else min(cfg.decay_steps, 2),
+                 global_batch_size=None, max_tokens=None)  # the micro-batch and steps above instead
     print(f"scaletrain: {SMOKE} is set: shrunk to the tiny model, {small['max_steps']} steps, rows of "
           f"{small['max_seq_length']} tokens", file=sys.stderr)
     return cfg.replace(**small)

@@ -67,8 +67,13 @@ class PreTrainingConfig:
     # batch and schedule
     micro_batch_size: int = _f(8, "rows per device per micro-step", aliases=("--batch-size",))
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimizer step")
+    global_batch_size: int | None = _f(None, "rows per optimizer step over all ranks: --gradient-accumulation-steps "
+                                             "becomes this / (--micro-batch-size x world size), so a run resumed on "
+                                             "another world size keeps its batch, data stream and schedule")
     max_steps: int = _f(100, "optimizer steps to train (0: build and initialise the model, or load --init-from, "
                              "save it as the final checkpoint and stop)")
+    max_tokens: int | None = _f(None, "train this many tokens instead of giving --max-steps (needs "
+                                      "--global-batch-size): steps = ceil(tokens / (global batch x --max-seq-length))")
     warmup_steps: int | None = _f(None, "linear warmup steps before cosine decay (default: 1% of --max-steps, at "
                                         "least 1, at most 2000)")
     learning_rate: float = _f(3e-4, "peak learning rate")
@@ -173,6 +178,35 @@ class PreTrainingConfig:
         return min(self.max_steps, max(1, min(2000, round(0.01 * self.max_steps))))
 
     @property
+    def steps_for_tokens(self) -> int | None:
+        """--max-tokens as optimizer steps (each step trains global batch x max_seq_length target tokens)."""
+        if self.max_tokens is None or self.global_batch_size is None:
+            return None
+        return -(-self.max_tokens // (self.global_batch_size * self.max_seq_length))
+
+    def with_token_budget(self) -> PreTrainingConfig:
+        """This config with --max-steps derived from --max-tokens (before validation; the explicit set unchanged)."""
+        steps = self.steps_for_tokens
+        if steps is None or "max_steps" in self.explicit or steps == self.max_steps:
+            return self
+        object.__setattr__(self, "max_steps", steps)
+        return self
+
+    def for_world_size(self, world_size: int) -> PreTrainingConfig:
+        """With --global-batch-size: this config with the accumulation that gives it on ``world_size`` ranks (a
+        ConfigError naming all three when it does not divide)."""
+        if self.global_batch_size is None:
+            return self
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch-size "
+                              f"{self.micro_batch_size} x world size {world_size} = {per_step}; give a global batch "
+                              f"that is, or another micro-batch size")
+        accumulation = self.global_batch_size // per_step
+        return self if accumulation == self.gradient_accumulation_steps else \
+            self.replace(gradient_accumulation_steps=accumulation)
+
+    @property
     def decay_length(self) -> int:
         """wsd: the decay's steps, --decay-steps or --decay-fraction of --max-steps."""
         if self.decay_steps is not None:
@@ -202,6 +236,24 @@ class PreTrainingConfig:
                                    f"(or give --model-config to check the shape against)")
         if self.max_steps < 0:
             raise bad("max_steps", f"must be >= 0, got {self.max_steps}")
+        if self.global_batch_size is not None:
+            if self.global_batch_size <= 0:
+                raise bad("global_batch_size", f"must be a positive integer, got {self.global_batch_size}")
+            if "gradient_accumulation_steps" in self.explicit:
+                raise bad("global_batch_size", f"derives --gradient-accumulation-steps (global / (micro-batch x "
+                                               f"world size)); drop --gradient-accumulation-steps "
+                                               f"{self.gradient_accumulation_steps}")
+            if self.global_batch_size % self.micro_batch_size:
+                raise bad("global_batch_size", f"{self.global_batch_size} is not a multiple of --micro-batch-size "
+                                               f"{self.micro_batch_size}")
+        if self.max_tokens is not None:
+            if self.max_tokens <= 0:
+                raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens}")
+            if self.global_batch_size is None:
+                raise bad("max_tokens", "needs --global-batch-size (the rows of a step, whatever the world size) to "
+                                        "turn tokens into steps")
+            if "max_steps" in self.explicit:
+                raise bad("max_tokens", f"sets the run's length, as does --max-steps {self.max_steps}; drop one")
         for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
                      "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:

@@ -196,10 +196,36 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
     saved = meta.get("config") or {}
     if cfg.run_name and saved.get("run_name") and saved["run_name"] != cfg.run_name:
         warn(f"checkpoint {path} was written by run {saved['run_name']!r}; this run is {cfg.run_name!r}")
+    derived = set()
+    if saved.get("micro_batch_size") and saved.get("gradient_accumulation_steps") and meta.get("world_size"):
+        before, now = _global_batch(saved, int(meta["world_size"])), _global_batch(cfg.to_dict(), env.world_size)
+        if before != now:
+            warn(f"resuming {path.name} with a global batch of {now} rows; the checkpoint's run took {before} a step. "
+                 f"The data stream goes on from its row, but a step now holds other rows (give --global-batch-size "
+                 f"{before} to keep the batch on any world size)")
+        elif cfg.global_batch_size is not None:
+            derived = {"gradient_accumulation_steps"}  # follows the world size by design
     for key, now in cfg.to_dict().items():
-        if key in saved and key not in _NOT_COMPARED and saved[key] != now:
+        if key in saved and key not in _NOT_COMPARED | derived and saved[key] != now:
             warn(f"resuming {path.name} with {PreTrainingConfig.flag(key)} {now!r}; the checkpoint was saved with "
                  f"{saved[key]!r}")
+
+
+def resolve_for_world(cfg: PreTrainingConfig, engine_cls, world_size: int, device_type: str) -> PreTrainingConfig:
+    """The config on ``world_size`` ranks: the accumulation --global-batch-size derives, then what the engine's own
+    configuration decides (a DeepSpeed file's batch sizes must still give the global batch)."""
+    cfg = engine_cls.resolve_config(cfg.for_world_size(world_size), world_size, device_type)
+    if cfg.global_batch_size is not None and _global_batch(cfg.to_dict(), world_size) != cfg.global_batch_size:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size}: {cfg.ds_config} sets micro-batch "
+                          f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x world size "
+                          f"{world_size} = {_global_batch(cfg.to_dict(), world_size)}; set its batch sizes to "
+                          f"\"auto\"")
+    return cfg
+
+
+def _global_batch(config: dict, world_size: int) -> int:
+    """Rows per optimizer step of a run's config dict on ``world_size`` ranks."""
+    return int(config["micro_batch_size"]) * int(config["gradient_accumulation_steps"]) * world_size
 
 
 def _run_name(cfg: PreTrainingConfig, world_size: int) -> str:
@@ -215,7 +241,7 @@ def _run_name(cfg: PreTrainingConfig, world_size: int) -> str:
 def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     """Resolve everything, then freeze the config (all ranks call this; ``group``: a CPU group for the
     checkpoint checks). Rank 0 holds the checkpoint folder's lock from here: call ``RunPlan.release`` at the end."""
-    cfg = engine_cls.resolve_config(cfg, env.world_size, env.device.type)
+    cfg = resolve_for_world(cfg, engine_cls, env.world_size, env.device.type)
     if cfg.warmup_steps is None:  # recorded as a number in the config dump and every checkpoint
         cfg = cfg.replace(warmup_steps=cfg.warmup)
     tokenizer, tokenizer_file = data_tokenizer(cfg)

@@ -144,7 +144,9 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
         data = f"{cfg.data_dir} ({mix}; {rows}; tokenizer {tok.name}, vocab {tok.vocab_size})"
     return (f"scaletrain: engine {engine.name}, world {env.world_size}, device {env.device.type}, model "
             f"{model} ({num_params(mc) / 1e6:,.2f}M params), {cfg.mixed_precision}, global batch "
-            f"{global_batch} x {cfg.max_seq_length} tokens, steps {start_step}->{cfg.max_steps}\n"
+            f"{global_batch} x {cfg.max_seq_length} tokens (micro-batch {cfg.micro_batch_size} x accumulation "
+            f"{cfg.gradient_accumulation_steps} x world {env.world_size}), steps {start_step}->{cfg.max_steps}"
+            + (f" (--max-tokens {cfg.max_tokens:,})" if cfg.max_tokens is not None else "") + "\n"
             + (f"scaletrain: {start}\n" if start else "") +
             f"scaletrain: data {data}\n"
             f"scaletrain: schedule: {describe_schedule(cfg)}\n"

@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from scaletrain.checkpoint import COMPLETE, newest_checkpoint
 
@@ -68,22 +69,29 @@ def optimizer_invariants(ckpt, tmp_path):
 
 @pytest.mark.parametrize("kind, launcher", [("zero2", "deepspeed"), ("zero3", "torchrun"), ("fsdp", "torchrun")])
 def test_resume_on_the_same_and_another_world_size(tmp_path, kind, launcher):
-    """Against a straight 2-rank run (global batch 4 = 1 row x 2 micro-steps x 2 ranks): its step-2 checkpoint resumed
-    on 2 ranks continues bit-identically; resumed on 1 rank to step 4 and on 2 ranks to the end (DeepSpeed through its
-    universal checkpoint, FSDP2 through DCP) it matches to fp32 rounding. After each load the optimizer holds this
-    run's weight decays and one step count per parameter (read back from the checkpoints written afterwards)."""
+    """Against a straight 2-rank run (--global-batch-size 4 of 1-row micro-batches: 2 micro-steps x 2 ranks): its
+    step-2 checkpoint resumed on 2 ranks continues bit-identically; resumed on 1 rank to step 4 (the same flags: 4
+    micro-steps) and on 2 ranks to the end (DeepSpeed through its universal checkpoint, FSDP2 through DCP) it matches
+    to fp32 rounding, and reads the same rows (the data position at the end is the straight run's). After each load
+    the optimizer holds this run's weight decays and one step count per parameter (read back from the checkpoints
+    written afterwards)."""
     def run(world, extra, name, ck="ck", via="torchrun"):
-        args = BASE + fp32(kind, tmp_path) + ["--batch-size", str(2 // world), "--gradient-accumulation-steps", "2",
+        args = BASE + fp32(kind, tmp_path) + ["--batch-size", "1", "--global-batch-size", "4",
                                               "--checkpoint-dir", str(tmp_path / ck)]
-        launch(via if world > 1 else "python", args + extra, tmp_path, nproc=world, run_name=name)
+        return launch(via if world > 1 else "python", args + extra, tmp_path, nproc=world, run_name=name)
 
     run(2, ["--save-interval", "2"], "straight", ck="straight_ck")
     step2 = str(tmp_path / "straight_ck" / "step_000002")
     run(2, ["--resume", step2], "same", ck="same_ck", via=launcher)
-    run(1, ["--resume", step2, "--stop-at-step", "4"], "on_one")
+    on_one = run(1, ["--resume", step2, "--stop-at-step", "4"], "on_one")
+    assert "global batch 4 x 32 tokens (micro-batch 1 x accumulation 4 x world 1)" in on_one.stdout
+    assert "accumulation" not in on_one.stderr and "global batch" not in on_one.stderr, on_one.stderr  # as asked
     assert optimizer_invariants(tmp_path / "ck" / "step_000004", tmp_path) == ((0.1, 0.0), {4.0}, False)
     run(2, ["--resume", "latest"], "on_two")
     assert optimizer_invariants(tmp_path / "ck" / "final", tmp_path) == ((0.1, 0.0), {6.0}, False)
+    data = [torch.load(tmp_path / c / "final" / "train_state_rank0.pt", weights_only=True)["data"]
+            for c in ("straight_ck", "ck")]
+    assert data[0] == data[1] == {"rows_consumed": 6 * 4}
     straight = losses(tmp_path, "straight")
     assert losses(tmp_path, "same") == straight[2:]  # same floats: bit-identical continuation
     resumed = losses(tmp_path, "on_one") + losses(tmp_path, "on_two")

@@ -7,6 +7,8 @@ from scaletrain.cli import parse_config
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.lr import lr_at
 
+from .conftest import ROOT
+
 
 @pytest.mark.parametrize("argv, flag", [
     (["--model-size", "huge"], "--model-size: unknown preset 'huge'; valid: tiny, small, base, large"),
@@ -140,6 +142,35 @@ def test_schedule_flags_are_checked(argv, message):
     assert message in str(e.value)
 
 
+def test_global_batch_derives_the_accumulation_for_any_world_size():
+    cfg = parse_config(["--micro-batch-size", "2", "--global-batch-size", "16"])
+    assert [cfg.for_world_size(w).gradient_accumulation_steps for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError) as e:
+        cfg.for_world_size(3)
+    assert "--global-batch-size 16 is not a multiple of --micro-batch-size 2 x world size 3 = 6" in str(e.value)
+    assert parse_config(["--micro-batch-size", "2"]).for_world_size(4).gradient_accumulation_steps == 1  # no flag
+    # --max-tokens: steps from tokens per step (global batch x row length), rounded up
+    cfg = parse_config(["--global-batch-size", "16", "--max-seq-length", "128", "--max-tokens", "1000000"])
+    assert cfg.max_steps == 489 and "max_steps" not in cfg.explicit  # ceil(1e6 / 2048)
+    assert cfg.warmup == 5  # schedule defaults follow the derived length
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--global-batch-size", "16", "--gradient-accumulation-steps", "2"],
+     "--global-batch-size: derives --gradient-accumulation-steps (global / (micro-batch x world size)); drop "
+     "--gradient-accumulation-steps 2"),
+    (["--global-batch-size", "12", "--micro-batch-size", "8"],
+     "--global-batch-size: 12 is not a multiple of --micro-batch-size 8"),
+    (["--max-tokens", "1000"], "--max-tokens: needs --global-batch-size"),
+    (["--global-batch-size", "8", "--max-tokens", "1000", "--max-steps", "3"],
+     "--max-tokens: sets the run's length, as does --max-steps 3; drop one"),
+])
+def test_batch_and_length_flags_are_checked(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert message in str(e.value)
+
+
 def test_config_dataclass_documents_every_field():
     import dataclasses
 
@@ -204,3 +235,40 @@ def test_help_shows_each_default_once_with_readable_placeholders():
     assert "[--checkpoint-dir PATH]" in text and "[--data-sources NAME [NAME ...]]" in text
     assert not re.search(r"--[\w-]+ [A-Z]+_[A-Z_]+", text)  # no MODEL_CONFIG_NAME-style placeholders
     assert "1% of --max-steps" in " ".join(text.split())  # a % in a doc is printed, not formatted
+
+
+def test_a_ds_config_batch_that_breaks_the_global_batch_is_refused(tmp_path):
+    from scaletrain.engine import get_engine_class
+    from scaletrain.run import resolve_for_world
+
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["gradient_accumulation_steps"] = 3
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = parse_config(["--ds_config", str(tmp_path / "ds.json"), "--micro-batch-size", "2", "--global-batch-size",
+                        "8"])
+    with pytest.raises(ConfigError) as e:
+        resolve_for_world(cfg, get_engine_class("deepspeed"), 2, "cpu")
+    assert f"--global-batch-size 8: {tmp_path / 'ds.json'} sets micro-batch 2 x accumulation 3 x world size 2 = 12" \
+        in str(e.value)
+    ds["gradient_accumulation_steps"] = "auto"
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    assert resolve_for_world(cfg, get_engine_class("deepspeed"), 2, "cpu").gradient_accumulation_steps == 2
+
+
+def test_resuming_with_another_global_batch_warns_with_the_number_to_give(capsys):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from scaletrain.run import _check_resume
+
+    saved = parse_config(["--micro-batch-size", "2", "--gradient-accumulation-steps", "2"]).to_dict()
+    meta = {"step": 3, "engine": "fsdp", "world_size": 2, "config": saved}  # 8 rows a step
+    env = SimpleNamespace(is_main=True, world_size=1)
+    _check_resume(parse_config(["--micro-batch-size", "2", "--gradient-accumulation-steps", "2"]), Path("ck/step_3"),
+                  meta, "fsdp", env)
+    err = capsys.readouterr().err
+    assert "resuming step_3 with a global batch of 4 rows; the checkpoint's run took 8 a step" in err
+    assert "give --global-batch-size 8 to keep the batch on any world size" in err
+    _check_resume(parse_config(["--micro-batch-size", "2", "--global-batch-size", "8"]).for_world_size(1),
+                  Path("ck/step_3"), meta, "fsdp", env)
+    assert "global batch" not in capsys.readouterr().err
