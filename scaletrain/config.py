@@ -91,6 +91,13 @@ class PreTrainingConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
     max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf loss")
+    spike_sigma: float = _f(0.0, "skip an optimizer step whose loss or gradient norm is more than this many standard "
+                                 "deviations above the mean of the last --spike-window steps (0: off; OLMo-core "
+                                 "uses 6)")
+    spike_window: int = _f(128, "steps in the window --spike-sigma compares with (judging starts after 20)")
+    max_spike_steps: int = _f(10, "stop after this many optimizer steps in a row skipped as spikes")
+    z_loss: float = _f(0.0, "weight of the z-loss, mean of log(sum(exp(logits)))^2 per target token (PaLM uses "
+                            "1e-4; 0: off); logged as z_loss, not part of loss")
     # precision, memory, speed
     mixed_precision: str = _f("bf16", "fp16, bf16 or fp32")
     gradient_checkpointing: bool = _f(False, "recompute each transformer block in backward")
@@ -288,6 +295,14 @@ class PreTrainingConfig:
         for name in ("decay_fraction", "decay_steps", "decay_shape"):
             if name in self.explicit and self.lr_schedule != "wsd":
                 raise bad(name, f"shapes the decay of --lr-schedule wsd; this run's schedule is {self.lr_schedule}")
+        if self.spike_sigma < 0 or not math.isfinite(self.spike_sigma):
+            raise bad("spike_sigma", f"must be >= 0 (0: off), got {self.spike_sigma}")
+        if self.spike_window < 2:
+            raise bad("spike_window", f"must be at least 2 steps, got {self.spike_window}")
+        if self.max_spike_steps <= 0:
+            raise bad("max_spike_steps", f"must be a positive integer, got {self.max_spike_steps}")
+        if self.z_loss < 0 or not math.isfinite(self.z_loss):
+            raise bad("z_loss", f"must be >= 0 (0: off), got {self.z_loss}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.mixed_precision not in PRECISIONS:

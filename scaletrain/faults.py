@@ -5,6 +5,8 @@
 * ``save_pause:SECONDS``: a checkpoint save sleeps between writing its files and committing;
 * ``save_enospc[:RANK[@NAME]]``: writing a checkpoint (only checkpoint NAME, e.g. ``step_000004``, if given)
   fails on rank RANK (default 0) the way a full disk fails, inside the engine's own collective save;
+* ``spike:STEP[@RANK]``: the forward passes of optimizer step STEP (1-based) on rank RANK (default 0) have their
+  logits scaled 30x, as a poisoned batch's would be: a finite loss and gradient norm far above the recent steps;
 * ``swap_kill``: the process kills itself between the two renames that replace a folder (a checkpoint's
   ``best``/``final``, a prepared domain with ``--overwrite``).
 
@@ -40,3 +42,12 @@ def disk_full(path: str, rank: int) -> None:
     who, _, name = arg.partition("@")
     if rank == int(who or 0) and (not name or f".tmp-{name}" in path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def poisoned_step(rank: int) -> int | None:
+    """The step ``spike:STEP[@RANK]`` poisons on this rank, if any."""
+    arg = fault("spike")
+    if arg is None:
+        return None
+    step, _, who = arg.partition("@")
+    return int(step) if rank == int(who or 0) else None

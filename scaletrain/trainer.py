@@ -20,11 +20,13 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
+from scaletrain.faults import poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
 from scaletrain.model.weights import RandomWeights
 from scaletrain.run import RunPlan, model_config_for, plan_run
+from scaletrain.spikes import SpikeGuard
 from scaletrain.train_state import TrainState
 from scaletrain.watchdog import exit_with_launcher
 
@@ -180,7 +182,11 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         else None
     if cfg.eval_interval and val_loader is None and env.is_main:
         print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
-    state = TrainState()
+    state = TrainState(spikes=SpikeGuard(cfg.spike_sigma, cfg.spike_window) if cfg.spike_sigma else None)
+    engine.spike_guard = state.spikes
+    poison_at = poisoned_step(env.rank)  # SCALETRAIN_FAULT=spike:STEP[@RANK], for the tests
+    if poison_at is not None:
+        model.norm.register_forward_hook(lambda m, i, o: o * 30 if state.step + 1 == poison_at else o)
     ckpt = CheckpointManager(cfg, env, engine, loader, state, model_cfg, plan.tokenizer, plan.tokenizer_file,
                              control)
     if plan.resume:
@@ -206,7 +212,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in (next(loader) for _ in range(cfg.gradient_accumulation_steps))]
             out = engine.train_step(batches)
-            state.record_step(out.skipped, out.num_tokens, out.lr, cfg.max_nonfinite_steps)
+            state.record_step(out.skipped, out.num_tokens, out.lr, cfg.max_nonfinite_steps, out.spike,
+                              cfg.max_spike_steps)
+            if out.spike and env.is_main:
+                print(f"scaletrain: step {state.step} skipped: {out.spike}", flush=True)
             meter.add(out.num_tokens)  # real target tokens: padding is not throughput
             logger.advance()
             done = state.step
@@ -228,6 +237,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                                 "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
                                 "step_time_s": step_time, "tokens_seen": state.tokens_seen,
                                 "skipped_steps": state.skipped_steps, "memory_gib": memory_gib(env.device)})
+                if state.spikes is not None:
+                    metrics["spike_steps"] = state.spike_steps
+                if out.z_loss_sum is not None:
+                    metrics["z_loss"] = (engine.all_reduce_sum(out.z_loss_sum) / out.num_tokens).item()
                 if peak:
                     metrics["mfu"] = mfu(fpt, tok_s / env.world_size, peak)
                 metrics.update({f"epochs/{d}": e for d, e in epochs.items()})

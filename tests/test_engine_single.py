@@ -83,6 +83,67 @@ def test_nonfinite_step_is_skipped_then_training_stops(env, kind):
         step()
 
 
+@pytest.mark.parametrize("kind", ["fsdp", "zero2", "zero3"])
+def test_a_spike_step_is_skipped_leaving_weights_moments_and_schedule(env, kind):
+    """--spike-sigma: after 20 steps of history, a poisoned step (its logits scaled 30x: a loss and gradient norm far
+    above the window) is not taken: weights, Adam moments and step counts, and the learning rate stay; the next
+    normal step is taken; --max-spike-steps poisoned steps in a row stop the run."""
+    engine, loader, model = make(env, kind, ["--spike-sigma", "6", "--max-spike-steps", "3"])
+    from scaletrain.spikes import SpikeGuard
+
+    state = TrainState(spikes=SpikeGuard(6, 128))
+    engine.spike_guard = state.spikes
+
+    def step():
+        out = engine.train_step(batches(loader))
+        state.record_step(out.skipped, out.num_tokens, out.lr, engine.cfg.max_nonfinite_steps, out.spike,
+                          engine.cfg.max_spike_steps)
+        return out
+
+    poison = {"on": False}
+    model.norm.register_forward_hook(lambda m, i, o: o * 30 if poison["on"] else o)
+    for _ in range(20):
+        assert step().spike is None
+    opt = engine.base_optimizer
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    moments = [t.clone() for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]
+    lr = engine.current_lr()
+    poison["on"] = True
+    out = step()
+    assert out.spike is not None and not out.skipped, out
+    assert out.spike.startswith("loss ") and "standard deviations above the mean" in out.spike
+    assert state.spike_steps == 1 and state.skipped_steps == 1 and state.optimizer_steps == 20
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters())), "a spike changed the weights"
+    assert all(torch.equal(a, b) for a, b in
+               zip(moments, [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]))
+    assert engine.current_lr() == lr and len(state.spikes.losses) == 20  # the spike is not in the window
+    poison["on"] = False
+    out = step()
+    assert out.spike is None and state.spikes_in_a_row == 0 and len(state.spikes.losses) == 21
+    assert not all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    poison["on"] = True
+    step()
+    step()
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row were skipped as spikes"):
+        step()
+
+
+def test_z_loss_is_added_to_the_training_loss_and_reported_apart(env):
+    engine, loader, model = make(env, "fsdp", ["--z-loss", "1e-2"])
+    x, y = next(loader)[:2]
+    with torch.no_grad():
+        logits = model(x).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        z = 1e-2 * torch.logsumexp(logits, -1).square().sum()
+        model.eval()
+        assert torch.allclose(model(x, labels=y, reduction="sum"), ce, rtol=1e-5)  # evaluation: no z-term
+        model.train()
+        assert torch.allclose(model(x, labels=y, reduction="sum"), ce + z, rtol=1e-5)  # training: with it
+    out = engine.train_step([(x, y), (x, y)])
+    assert torch.allclose(out.loss_sum, 2 * ce, rtol=1e-5)  # cross-entropy only
+    assert torch.allclose(out.z_loss_sum, 2 * z, rtol=1e-5) and out.z_loss_sum > 0
+
+
 def _policy(model, cfg):
     return [g["weight_decay"] for g in param_groups(model, cfg.weight_decay)]
 

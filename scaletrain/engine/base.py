@@ -9,6 +9,7 @@ a back end fills in ``_setup``, ``_forward_backward``, ``_optimizer_step``, ``cu
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from torch import nn
 from scaletrain.config import PreTrainingConfig
 from scaletrain.model import IGNORE_INDEX, Llama, ModelConfig
 from scaletrain.model.weights import RandomWeights, WeightSource
+from scaletrain.spikes import SpikeGuard
 
 
 @dataclass
@@ -43,6 +45,8 @@ class StepOutput:
     grad_norm: torch.Tensor  # global norm before clipping (nan/inf when the step was skipped)
     lr: float  # learning rate the step used
     skipped: bool  # optimizer step skipped (non-finite gradients)
+    spike: str | None = None  # why the step was skipped as a loss or gradient-norm spike (--spike-sigma)
+    z_loss_sum: torch.Tensor | None = None  # this rank's summed z-loss term (--z-loss), not part of loss_sum
 
 
 MicroBatch = Sequence  # (input_ids, labels) or (input_ids, labels, step_tokens)
@@ -219,7 +223,13 @@ class Engine(ABC):
         self.cfg, self.env = cfg, env
         self.resume_meta = resume_meta  # COMPLETE.json of the checkpoint this run will load, if any
         self.weights = weights
+        self.spike_guard: SpikeGuard | None = None  # set by the trainer with --spike-sigma (the run state's window)
+        self._spike_loss: float | None = None  # the step's loss over all ranks, while the guard decides
+        self._spike_reason: str | None = None
+        self._z_sum: torch.Tensor | None = None
         model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.z_loss = cfg.z_loss
+        self._core = model  # the Llama itself, whatever wraps it (its last_z_loss)
         if cfg.compile:
             for block in model.layers:
                 block.compile()
@@ -292,9 +302,13 @@ class Engine(ABC):
             raise ValueError(f"an optimizer step with {num_tokens} target tokens")
         self.module.train()
         scale = self.env.world_size / num_tokens
-        total = None
+        total, self._z_sum = None, None
         for i, mb in enumerate(micro_batches):
             loss_sum = self._forward_backward(mb[0], mb[1], scale, last=i == len(micro_batches) - 1)
+            if self.cfg.z_loss:  # the training loss held the z-term; the reported loss is cross-entropy only
+                z = self._core.last_z_loss.float()
+                loss_sum = loss_sum - z
+                self._z_sum = z if self._z_sum is None else self._z_sum + z
             total = loss_sum if total is None else total + loss_sum
         return total, int(num_tokens)
 
@@ -303,11 +317,29 @@ class Engine(ABC):
         return self._optimizer_step()
 
     def train_step(self, micro_batches: Sequence[MicroBatch], num_tokens: int | None = None) -> StepOutput:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; with a ``spike_guard``, a step
+        whose loss or gradient norm is a spike is not taken (``StepOutput.spike`` says why)."""
         lr = self.current_lr()
         loss_sum, n = self.accumulate(micro_batches, num_tokens)
+        self._spike_reason = None
+        # the guard needs the step's loss over all ranks before the step: a collective and a host sync, only then
+        loss = (self.all_reduce_sum(loss_sum) / n).item() if self.spike_guard is not None else None
+        self._spike_loss = loss
         grad_norm, skipped = self.optimizer_step()
-        return StepOutput(loss_sum=loss_sum, num_tokens=n, grad_norm=grad_norm, lr=lr, skipped=skipped)
+        spike, self._spike_loss = self._spike_reason, None
+        if loss is not None and not skipped and spike is None:
+            self.spike_guard.record(loss, float(grad_norm))
+        return StepOutput(loss_sum=loss_sum, num_tokens=n, grad_norm=grad_norm, lr=lr, skipped=skipped, spike=spike,
+                          z_loss_sum=self._z_sum)
+
+    def _is_spike(self, grad_norm: float) -> bool:
+        """Whether the step about to be taken is a spike (its loss, or ``grad_norm``, the global norm before
+        clipping, far above the guard's window). A back end calls this once per step, between computing the norm
+        and stepping; every rank gets the same answer (the same all-reduced values)."""
+        if self.spike_guard is None or self._spike_loss is None or not math.isfinite(grad_norm):
+            return False
+        self._spike_reason = self.spike_guard.check(self._spike_loss, grad_norm)
+        return self._spike_reason is not None
 
     def _count_targets(self, micro_batches: Sequence[MicroBatch]) -> int:
         n = torch.tensor([sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)], dtype=torch.float64)

@@ -7,6 +7,7 @@ The only file that imports deepspeed. Its JSON config is reconciled with the run
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -93,6 +94,11 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, factor))
+        self._spike_decided = None
+        if cfg.spike_sigma:  # the torch optimizers ZeRO steps (stage 3 offload keeps a second one on the device)
+            backup = getattr(self.ds.optimizer, "backup_optimizer", None)
+            for opt in [self.base_optimizer] + ([backup] if backup is not None else []):
+                opt.step = self._guarded(opt.step)
 
     @property
     def module(self) -> nn.Module:
@@ -120,10 +126,23 @@ class DeepSpeedEngine(Engine):
 
         return {name: safe_get_full_grad(p).detach().float().cpu() for name, p in self.ds.module.named_parameters()}
 
+    def _guarded(self, step):
+        """The torch optimizer's ``step`` as ZeRO calls it (once per parameter group or sub-group, after it has
+        computed the global gradient norm): not taken when the guard calls the step a spike."""
+        @functools.wraps(step)  # keeps the marks torch's LR scheduler put on it
+        def guarded_step(*args, **kwargs):
+            if self._spike_decided is None:  # the first group of this optimizer step decides for all
+                self._spike_decided = self._is_spike(float(self.ds.optimizer._global_grad_norm))
+            return None if self._spike_decided else step(*args, **kwargs)
+        return guarded_step
+
     def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         before = self.ds.skipped_steps
+        self._spike_decided = None
         self.ds.step()  # clips to gradient_clipping, skips on inf/nan gradients, steps the scheduler
         skipped = self.ds.skipped_steps != before
+        if self._spike_decided:  # the parameters and moments stayed; the schedule must not move either
+            set_schedule(self.optimizer, self.scheduler, self.scheduler.last_epoch - 1)
         norm = self.ds.get_global_grad_norm()
         if norm is None or skipped:
             norm = float("nan")

@@ -132,7 +132,7 @@ class FSDPEngine(Engine):
             norm = norm.full_tensor()
         # one host sync per optimizer step: a non-finite norm means NaN/inf loss or gradients
         finite = bool(torch.isfinite(norm))
-        if finite:
+        if finite and not self._is_spike(float(norm)):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -181,6 +181,8 @@ class Llama(nn.Module):
         cfg.validate()
         self.config = cfg
         self.gradient_checkpointing = False  # recompute each block in backward (set by the engine)
+        self.z_loss = 0.0  # weight of the z-loss added to the training loss (set by the engine)
+        self.last_z_loss: torch.Tensor | None = None  # the z-loss term of the last training forward, detached
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -269,8 +271,18 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().view(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
+        logits, labels = logits.float().view(B * T, -1), labels.reshape(B * T)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+        if not (self.z_loss and self.training):
+            return loss
+        # z-loss (PaLM, Chowdhery et al. 2022, sec. 5): z_loss * log(Z)^2 per target token keeps the softmax
+        # normaliser near 1 (logits from drifting); returned inside the loss, kept apart in last_z_loss for logging
+        targets = (labels != IGNORE_INDEX).float()
+        z = self.z_loss * (torch.logsumexp(logits, dim=-1).square() * targets).sum()
+        if reduction == "mean":
+            z = z / targets.sum().clamp(min=1)
+        self.last_z_loss = z.detach()
+        return loss + z
 
 
 def hf_state_dict_key(name: str) -> str:
