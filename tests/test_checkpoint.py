@@ -131,23 +131,37 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     assert losses(tmp_path, "after") == losses(tmp_path, "straight")[2:]
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun"])
-def test_sigterm_saves_and_exits_zero(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, sig, code", [
+    ("python", signal.SIGTERM, 0), ("python", signal.SIGUSR1, 0),
+    # torchrun forwards the signal to its workers (USR1 only when named in --signals_to_handle), waits for them
+    # (--shutdown_timeout, 30 s by default), then re-raises it: exit 1 however cleanly the workers saved
+    ("torchrun", signal.SIGTERM, 1), ("torchrun", signal.SIGUSR1, 1),
+    # the deepspeed runner dies of it (no handler on one node); the workers see it gone, save and exit
+    ("deepspeed", signal.SIGTERM, -signal.SIGTERM),
+])
+def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, code):
+    """The signal goes to the process the user (or scheduler) started, not to the workers."""
     ck = tmp_path / "ck"
-    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck)]
+    engine = ["--engine", "deepspeed"] if launcher == "deepspeed" else ["--engine", "fsdp"]
+    args = BASE[:] + engine + ["--batch-size", "2", "--checkpoint-dir", str(ck)]
     args[args.index("--max-steps") + 1] = "100000"
     cmd, env = launch_cmd(launcher, args, tmp_path, nproc=2)
+    if launcher == "torchrun":
+        cmd[1:1] = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-    targets = psutil.Process(proc.pid).children(recursive=True) if launcher == "torchrun" else [proc]
-    for p in targets:  # as a scheduler does: every task gets the signal
-        p.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    assert "preempted at step" in out
+    assert proc.returncode == code, out[-3000:]
+    assert "preempted at step" in out, out[-3000:]
     saved = newest_checkpoint(ck)
     assert saved is not None and saved.name.startswith("step_") and (saved / COMPLETE).exists()
+    ranks = 2 if launcher != "python" else 1
+    assert len(list(saved.glob("train_state_rank*.pt"))) == ranks
+    if launcher == "deepspeed":
+        _wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                               if str(ck) in " ".join(p.info["cmdline"] or [])], timeout=60)  # nothing left behind
 
 
 def test_keep_last_n_keeps_the_right_ones(tmp_path):

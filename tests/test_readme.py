@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("python", "scaletrain", "torchrun", "deepspeed", "make")
+PROGRAMS = ("python", "scaletrain", "torchrun", "deepspeed", "make", "sbatch")
 
 
 RUN_MARK = "<!-- readme-test: run -->"
@@ -134,6 +134,8 @@ def _check(argv: list[str]) -> None:
     if prog == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert all(t in targets for t in argv[1:]), f"no make target {argv[1:]} in Makefile ({targets})"
+    elif prog == "sbatch":  # its run is tests/test_slurm.py's, with stand-ins for Slurm
+        assert (ROOT / argv[1]).is_file(), f"README names {argv[1]}, which does not exist"
     elif prog == "torchrun":
         from torch.distributed.run import get_args_parser
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scaletrain.cluster import check_world, slurm_world
 from scaletrain.config import PreTrainingConfig
 from scaletrain.model import IGNORE_INDEX, Llama, ModelConfig
 from scaletrain.model.weights import RandomWeights, WeightSource
@@ -61,7 +62,8 @@ def _free_port() -> int:
 def default_dist_env(device: torch.device | None = None) -> bool:
     """Let a plain ``python launch/pretrain.py`` run as a world of one, without a launcher. Its process group
     keeps its rendezvous in memory (a HashStore): a launcher's TCPStore listens on every interface, with no
-    authentication, which a one-process run does not need. Returns whether this is such a run."""
+    authentication, which a one-process run does not need. Returns whether this is such a run. Call
+    ``launch_env`` first."""
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
         return False
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -71,6 +73,14 @@ def default_dist_env(device: torch.device | None = None) -> bool:
         dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=device if device.type == "cuda" else None)
     return True
+
+
+def launch_env() -> None:
+    """Before anything reads ``LOCAL_RANK``: a task of a multi-task Slurm step started without a launcher takes its
+    place in the step's world from Slurm's variables; a launcher's world smaller than its Slurm step is refused
+    (``cluster.py``)."""
+    check_world()
+    slurm_world()
 
 
 def local_device() -> torch.device:

@@ -29,7 +29,17 @@ from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
+from .base import (
+    DistEnv,
+    Engine,
+    backend_for,
+    default_dist_env,
+    dist_env,
+    launch_env,
+    local_device,
+    param_groups,
+    set_schedule,
+)
 from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config  # noqa: F401 - part of this module's API
 
 _TAG = "deepspeed"
@@ -46,6 +56,7 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
+        launch_env()
         device = local_device()
         default_dist_env(device)  # a world of one: its group is made here, and deepspeed joins it
         deepspeed.init_distributed(dist_backend=backend_for(device))

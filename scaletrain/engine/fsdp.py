@@ -28,7 +28,17 @@ from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
-from .base import DistEnv, Engine, backend_for, default_dist_env, dist_env, local_device, param_groups, set_schedule
+from .base import (
+    DistEnv,
+    Engine,
+    backend_for,
+    default_dist_env,
+    dist_env,
+    launch_env,
+    local_device,
+    param_groups,
+    set_schedule,
+)
 
 
 class FSDPEngine(Engine):
@@ -37,6 +47,7 @@ class FSDPEngine(Engine):
 
     @classmethod
     def init_distributed(cls) -> DistEnv:
+        launch_env()
         device = local_device()
         default_dist_env(device)
         if not dist.is_initialized():

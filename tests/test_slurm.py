@@ -1,0 +1,101 @@
+"""Slurm: tasks started by srun without a launcher form one world from Slurm's variables; a launcher's world smaller
+than its step is refused; each sbatch template in launch/slurm/ runs end to end with stand-in srun, scontrol and
+sbatch (tests/slurm/) that execute here: the time-limit signal to the batch shell gives a checkpoint on every rank,
+the job requeues itself and the second start resumes and finishes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scaletrain.cluster import LaunchError, check_world, first_host, slurm_world
+
+from .conftest import ROOT, clean_env, free_port
+
+TINY = ("--data-kind synthetic --model-size tiny --max-seq-length 32 --micro-batch-size 1 --global-batch-size 2 "
+        "--log-interval 1 --eval-interval 0 --no-use-tensorboard --mixed-precision fp32 --learning-rate 2e-3")
+
+
+def test_slurm_variables_give_rank_world_and_master():
+    assert first_host("gpu-[003-005,9],cpu1") == "gpu-003" and first_host("node7,node8") == "node7"
+    assert first_host("a[10]") == "a10" and first_host("localhost") == "localhost"
+    env = {"SLURM_JOB_ID": "123456", "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu-[003-004]", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    assert slurm_world(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                "MASTER_PORT")} == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1",
+                                                    "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "gpu-003",
+                                                    "MASTER_PORT": "23456"}
+    assert not slurm_world({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})  # one task: a world of one, as before
+    launched = {"SLURM_STEP_NUM_TASKS": "2", "RANK": "0", "WORLD_SIZE": "4"}
+    assert not slurm_world(launched) and launched["WORLD_SIZE"] == "4"  # a launcher's variables win
+    with pytest.raises(LaunchError, match="this Slurm step runs 4 tasks but lacks"):
+        slurm_world({"SLURM_STEP_NUM_TASKS": "4"})
+    with pytest.raises(LaunchError, match="runs 8 tasks but the launcher made a world of 1"):
+        check_world({"SLURM_STEP_NUM_TASKS": "8", "WORLD_SIZE": "1"})  # srun of torchrun --standalone per task
+    check_world({"SLURM_STEP_NUM_TASKS": "2", "WORLD_SIZE": "16"})  # one torchrun per node: fine
+
+
+def test_two_tasks_with_only_slurm_variables_form_one_world(tmp_path):
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = clean_env(SLURM_JOB_ID="77", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_PROCID=str(rank),
+                        SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_STEP_NODELIST="localhost",
+                        SLURM_STEP_TASKS_PER_NODE="2", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *TINY.split(),
+                                       "--max-steps", "3", "--checkpoint-dir", str(tmp_path / "ck"), "--run-dir",
+                                       str(tmp_path / "runs"), "--run-name", "slurm"],
+                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "engine fsdp, world 2" in outs[0] and "accumulation 1 x world 2" in outs[0]
+    final = tmp_path / "ck" / "final"
+    assert (final / "COMPLETE.json").is_file()
+    assert sorted(p.name for p in final.glob("train_state_rank*.pt")) == ["train_state_rank0.pt",
+                                                                          "train_state_rank1.pt"]
+
+
+def _wait_for(cond, timeout=300):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("template, nodes, extra", [
+    ("fsdp.sbatch", "2", {"GPUS_PER_NODE": "1"}),  # two "nodes" of one process: torchrun's c10d rendezvous
+    ("deepspeed.sbatch", "1", {"GPUS_PER_NODE": "2", "DS_CONFIG": "ds_configs/zero2_bf16.json"}),
+])
+def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp_path, template, nodes, extra):
+    standin = tmp_path / "standin"
+    standin.mkdir()
+    env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES=nodes,
+                    SLURM_STANDIN_DIR=str(standin), SLURM_STANDIN_JOB_ID="4242", PYTHON=sys.executable,
+                    RUN_NAME="cluster", CHECKPOINT_DIR=str(tmp_path / "ck"), RDZV_PORT=str(free_port()),
+                    PYTHONUNBUFFERED="1", **extra,
+                    TRAIN_ARGS=f"{TINY} --max-steps 40 --run-dir {tmp_path / 'runs'}"
+                               + (" --mixed-precision bf16" if "deepspeed" in template else ""))
+    job = subprocess.Popen(["sbatch", f"launch/slurm/{template}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "runs" / "cluster" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    batch = int((standin / "batch.pid").read_text())
+    os.kill(batch, signal.SIGUSR1)  # what #SBATCH --signal=B:USR1@300 does before the time limit
+    out, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, out[-5000:]
+    assert "got the time-limit signal; the step saves and exits" in out
+    assert out.count(", world 2,") == 2, out[-5000:]  # both starts: one world of 2, not 2 worlds of one
+    assert "requeueing job 4242" in out and "starting it again (restart 1)" in out
+    assert "preempted at step" in out and "resumed from" in out, out[-5000:]
+    saved = int(out.split("preempted at step ")[1].split(":")[0])
+    assert 3 <= saved < 40 and f"at step {saved}" in out.split("resumed from")[1].splitlines()[0]
+    assert "run cluster is complete" in out and (tmp_path / "ck" / "final" / "COMPLETE.json").is_file()
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 41))  # one run, one log: every step once
