@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Main job: the embedded sample corpus -> WebDataset shards (arxiv 30% / general 70%) -> pretrain
-# the tiny preset on 2 CPU processes (FSDP2, gloo), with validation loss, ending with checkpoints/final
+# the tiny preset on 2 CPU processes (FSDP2, gloo), with validation loss, ending with runs/sample/checkpoints/final
 # and the command that converts it for transformers; about 2 minutes. fp32: a CPU without native bf16
 # emulates it (measured 6.8x slower per step on this 2-core AMD machine).
 pretrain: install

@@ -109,7 +109,8 @@ class PreTrainingConfig:
     fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3 style)")
     fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer state on the CPU")
     # checkpoints
-    checkpoint_dir: str = _f("checkpoints", "where step_NNNNNN checkpoint folders go")
+    checkpoint_dir: str | None = _f(None, "where the checkpoint folders (step_NNNNNN, final, best) go (default: "
+                                           "the run's folder, run_dir/run_name/checkpoints)")
     save_interval: int = _f(0, "save a step_N checkpoint every N steps (0: none); every run that completes "
                                "writes final")
     save_best: bool = _f(True, "keep a 'best' checkpoint of the lowest validation loss; each improvement writes "
@@ -132,8 +133,10 @@ class PreTrainingConfig:
     eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
     eval_steps: int = _f(10, "micro-batches per rank in each validation pass")
     log_interval: int = _f(10, "log metrics every N steps")
-    run_dir: str = _f("runs/pretraining", "TensorBoard and metrics.jsonl go to run_dir/run_name")
-    run_name: str | None = _f(None, "name of this run (default: the resumed checkpoint's run, else a timestamp)")
+    run_dir: str = _f("runs", "each run's folder is run_dir/run_name: its config, metrics.jsonl, TensorBoard "
+                              "events, W&B files and (unless --checkpoint-dir) checkpoints/")
+    run_name: str | None = _f(None, "name of this run, and of its folder (default: the run of the checkpoint given to "
+                                    "--resume, else a timestamp); resuming a run: --run-name NAME --resume latest")
     use_tensorboard: bool = _f(True, "write TensorBoard events")
     use_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project: str = _f("scaletrain", "Weights & Biases project")

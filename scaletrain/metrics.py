@@ -70,12 +70,15 @@ class MetricsLogger:
 
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        jsonl = Path(run_dir) / "metrics.jsonl"
+        _drop_steps_after(jsonl, start_step)  # logged after the checkpoint this run resumes: they happen again
+        self.jsonl = open(jsonl, "a")
         (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         if cfg.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=run_dir)
+            # the same run's events continue; those of steps after the resumed checkpoint are purged
+            self.tb = SummaryWriter(log_dir=run_dir, purge_step=start_step + 1 if start_step else None)
         if cfg.use_wandb:
             self.wandb = _init_wandb(cfg, run_dir, config_dict)
 
@@ -124,6 +127,38 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _drop_steps_after(jsonl: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again)."""
+    if not jsonl.exists():
+        return
+    lines = jsonl.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass  # a torn last line of a killed run, or another writer's: kept as it was
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = jsonl.with_name(jsonl.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, jsonl)
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The W&B run id of this run folder: made once, kept in ``run_dir/wandb_id``, so every start of the run (a
+    resume, a requeued job) continues the same W&B run."""
+    path = Path(run_dir) / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
     """W&B run, or None with a warning: a logging service must never stop training."""
     mode = os.environ.get("WANDB_MODE")
@@ -135,7 +170,7 @@ def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
         import wandb
 
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_name,
-                          config=config_dict, dir=run_dir, mode=mode,
+                          id=wandb_run_id(run_dir), resume="allow", config=config_dict, dir=run_dir, mode=mode,
                           settings=wandb.Settings(init_timeout=60, silent=True))
     except Exception as e:  # network down, bad key, ...
         print(f"warning: Weights & Biases disabled: {e}", file=sys.stderr, flush=True)

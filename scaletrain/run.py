@@ -228,14 +228,36 @@ def _global_batch(config: dict, world_size: int) -> int:
     return int(config["micro_batch_size"]) * int(config["gradient_accumulation_steps"]) * world_size
 
 
-def _run_name(cfg: PreTrainingConfig, world_size: int) -> str:
-    """--run-name, or rank 0's timestamp shared with every rank."""
-    if cfg.run_name:
-        return cfg.run_name
-    name = [time.strftime("%Y%m%d-%H%M%S")]
-    if world_size > 1:
-        dist.broadcast_object_list(name, src=0)
-    return name[0]
+def _run_folder(cfg: PreTrainingConfig, world_size: int) -> PreTrainingConfig:
+    """The run's name and checkpoint folder. The name: --run-name, else that of the run whose checkpoint --resume
+    names (it goes on under its name), else rank 0's timestamp shared with every rank. Checkpoints go to the run's
+    own folder, run_dir/run_name/checkpoints, unless --checkpoint-dir says otherwise; so --resume latest/auto looks
+    only inside its own run."""
+    name = cfg.run_name or _resumed_run_name(cfg)
+    if name is None:
+        if cfg.resume == "latest" and cfg.checkpoint_dir is None:
+            runs = sorted(q.parent.name for q in Path(cfg.run_dir).glob("*/checkpoints"))
+            raise ConfigError(f"--resume latest: which run? Give its name, --run-name NAME (runs with checkpoints in "
+                              f"{cfg.run_dir}/: {', '.join(runs) or 'none'}), or the folder, --checkpoint-dir")
+        name = [time.strftime("%Y%m%d-%H%M%S")]
+        if world_size > 1:
+            dist.broadcast_object_list(name, src=0)
+        name = name[0]
+    changes: dict[str, Any] = {"run_name": name} if name != cfg.run_name else {}
+    if cfg.checkpoint_dir is None:
+        changes["checkpoint_dir"] = str(Path(cfg.run_dir) / name / "checkpoints")
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _resumed_run_name(cfg: PreTrainingConfig) -> str | None:
+    """The name of the run whose checkpoint --resume names (a folder, or latest/auto in a given --checkpoint-dir)."""
+    if not cfg.resume or (cfg.resume in ("auto", "latest") and cfg.checkpoint_dir is None):
+        return None
+    try:
+        candidates = resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        return (read_meta(candidates[0]).get("config") or {}).get("run_name") if candidates else None
+    except ScaletrainError:
+        return None  # reported with its reason where the checkpoint is chosen
 
 
 def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
@@ -253,19 +275,13 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
         from scaletrain.checkpoint.init_from import check_same_shape
 
         check_same_shape(source.model_config, model_cfg, cfg.init_from, env.is_main)
+    cfg = _run_folder(cfg, env.world_size)
     lock, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
     try:
         resume, resume_meta = _choose_resume(cfg, env, group)
         if resume_meta:
             check_model_matches(resume_meta, model_cfg, resume)
             _check_resume(cfg, resume, resume_meta, engine_cls.name, env)
-            if not cfg.run_name and (resume_meta.get("config") or {}).get("run_name"):
-                cfg = cfg.replace(run_name=resume_meta["config"]["run_name"])  # the run goes on under its name
-        name = _run_name(cfg, env.world_size)
-        if name != cfg.run_name:
-            cfg = cfg.replace(run_name=name)
-        if lock is not None:
-            lock.set_run_name(name)
     except BaseException:
         if lock is not None:
             lock.release()

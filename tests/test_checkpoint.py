@@ -181,10 +181,10 @@ def test_a_run_with_default_flags_ends_with_a_final_checkpoint(tmp_path):
                              "2", "--no-use-tensorboard"], tmp_path, cwd=tmp_path)
     assert "schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps; set --warmup-steps to choose), then " \
            "cosine to 3e-05 at step 3" in proc.stdout
-    final = tmp_path / "checkpoints" / "final"
+    final = tmp_path / "runs" / "t" / "checkpoints" / "final"  # the run's own folder
     assert (final / COMPLETE).is_file() and json.loads((final / COMPLETE).read_text())["step"] == 3
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "final"
-    assert "python launch/convert.py checkpoints/final exports/t" in proc.stdout
+    assert (final.parent / "latest").read_text().strip() == "final"
+    assert f"python launch/convert.py {final} exports/t" in proc.stdout
 
 
 def test_best_survives_a_resume_from_an_earlier_step(tmp_path):

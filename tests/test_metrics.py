@@ -191,3 +191,37 @@ def test_throughput_out_of_memory_stops_the_doubling(tmp_path):
     assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom"
     assert rows[-1]["micro_batch"] < 1024  # stopped at the first OOM, larger sizes not tried
     assert "out of memory" in proc.stdout
+
+
+def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monkeypatch):
+    """No --checkpoint-dir: run `a` keeps config, metrics, TensorBoard events, W&B files and checkpoints in
+    runs/a. Restarted from its step-2 checkpoint (a crash after step 6, say), the steps after 2 are logged once,
+    in metrics.jsonl and in TensorBoard, and W&B continues the same run id. Run `b` with --resume auto does not
+    take `a`'s checkpoints; --resume latest without a run name asks which run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = RUN + ["--max-steps", "6", "--log-interval", "1", "--save-interval", "2", "--eval-interval", "0",
+                  "--use-wandb"]
+    launch("python", args, tmp_path, run_name="a", cwd=tmp_path)
+    run = tmp_path / "runs" / "a"
+    assert {"config.json", "metrics.jsonl", "checkpoints", "wandb", "wandb_id"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "final" / "COMPLETE.json").is_file() and list(run.glob("events.out.tfevents.*"))
+    again = launch("python", args + ["--resume", str(run / "checkpoints" / "step_000002")], tmp_path, run_name="a",
+                   cwd=tmp_path)
+    assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    assert [m["step"] for m in read_metrics(tmp_path, "a")] == [1, 2, 3, 4, 5, 6]
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]  # purged, then logged again: once each
+    run_id = (run / "wandb_id").read_text().strip()
+    starts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(p.name.endswith(run_id) for p in starts)  # one W&B run, two starts
+    other = launch("python", args + ["--resume", "auto"], tmp_path, run_name="b", cwd=tmp_path)
+    assert "resumed" not in other.stdout and (tmp_path / "runs" / "b" / "checkpoints" / "final").is_dir()
+    ask = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *RUN, "--resume", "latest",
+                          "--run-dir", str(tmp_path / "runs")], cwd=tmp_path, env=clean_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert ask.returncode == 1 and f"--resume latest: which run? Give its name, --run-name NAME (runs with " \
+        f"checkpoints in {tmp_path / 'runs'}/: a, b), or the folder, --checkpoint-dir" in ask.stderr

@@ -5,6 +5,7 @@ shell variable as 0. Benchmarks run as far as their argparse call. Every block m
 (the CPU ones) is also run, command by command as written, in a temporary folder with ``SCALETRAIN_SMOKE=1``; a
 test checks that each marked block has its test."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -223,17 +224,19 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
     outputs = _run(commands, tmp_path)
     train, resume = (p for c, p in zip(commands, outputs) if "launch/pretrain.py" in c)
     assert "SCALETRAIN_SMOKE is set" in train.stderr and "stopped at step 2 (--stop-at-step)" in train.stdout
-    assert "resumed from checkpoints/mine/step_000002 at step 2" in resume.stdout
+    assert "resumed from runs/mine/checkpoints/step_000002 at step 2" in resume.stdout
     assert (tmp_path / "exports" / "mine" / "model.safetensors").is_file()
     assert outputs[-1].stdout.startswith("The")  # the exported model generated text in transformers
     # what each step tells the user (issue 15): the header names data, schedule and destinations ...
     for p in (train, resume):
         assert "scaletrain: data data/mine (mine 1; packed rows; tokenizer byte-v1, vocab 258)" in p.stdout
-        assert "scaletrain: checkpoints -> checkpoints/mine, logs -> runs/pretraining/mine" in p.stdout
+        assert "scaletrain: checkpoints -> runs/mine/checkpoints, logs -> runs/mine" in p.stdout
         assert "scaletrain: schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps" in p.stdout
     # ... and convert says what it read, what it wrote and how to load it
     convert = next(p for c, p in zip(commands, outputs) if "launch/convert.py" in c)
-    assert "converting checkpoints/mine/final: step 4, fsdp engine, saved by 1 rank" in convert.stdout
+    assert "converting runs/mine/checkpoints/final: step 4, fsdp engine, saved by 1 rank" in convert.stdout
+    steps = [json.loads(x)["step"] for x in (tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # one run, one folder, one log: no step twice
     assert "load it with: AutoModelForCausalLM.from_pretrained('exports/mine')" in convert.stdout
 
 
@@ -283,7 +286,7 @@ def test_the_one_process_block_runs_as_written(tmp_path):
     assert "world 1" in shards.stdout and "scaletrain: data data/sample/pretraining (arxiv 0.3, general 0.7" in \
         shards.stdout
     assert "scaletrain: data synthetic tokens" in synthetic.stdout
-    assert (tmp_path / "checkpoints" / "final" / "COMPLETE.json").is_file()
+    assert len(list((tmp_path / "runs").glob("*/checkpoints/final/COMPLETE.json"))) == 2  # a folder per run
 
 
 def test_the_data_and_checkpoint_blocks_run_as_written(tmp_path):
@@ -314,9 +317,9 @@ def test_the_data_and_checkpoint_blocks_run_as_written(tmp_path):
     assert "packed rows; tokenizer tok.json, vocab " in train.stdout
 
     first, resumed, convert = _run(run_block(CHECKPOINTS), tmp_path)
-    assert "checkpoints -> checkpoints" in first.stdout and (tmp_path / "checkpoints" / "final").is_dir()
-    assert "resumed from checkpoints/final at step 4" in resumed.stdout, resumed.stdout
-    assert "converting checkpoints/final: step 4" in convert.stdout
+    assert "checkpoints -> runs/big/checkpoints" in first.stdout
+    assert "resumed from runs/big/checkpoints/final at step 4" in resumed.stdout, resumed.stdout
+    assert "converting runs/big/checkpoints/final: step 4" in convert.stdout
     assert (tmp_path / "OUT_DIR" / "model.safetensors").is_file()
 
 

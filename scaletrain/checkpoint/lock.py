@@ -100,13 +100,6 @@ class FolderLock:
             holder = None
         return (holder if isinstance(holder, dict) else {"run_name": "(unreadable lock file)"}), age
 
-    def set_run_name(self, name: str) -> None:
-        """Record the run's name once it is known (it may come from the checkpoint resumed)."""
-        self.record["run_name"] = name
-        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.record))
-        os.replace(tmp, self.path)
-
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
