@@ -2,15 +2,14 @@
 
     python benchmarks/signals.py [--model-size small] [--cases python:TERM torchrun:TERM ...]
 
-Each case starts a 2-rank run on CPU (gloo; one rank for ``python``) of the given preset on synthetic data, waits
-for 3 logged steps, sends the signal to the process that was started (never to the workers), and records: the
-launcher's exit code, whether a complete ``step_N`` checkpoint holds every rank's state, and the seconds from
-the signal to the exit of the last process of the run (the launcher, its workers). ``sbatch-fsdp`` and
-``sbatch-deepspeed`` run the templates in ``launch/slurm/`` with the stand-in srun/scontrol/sbatch of
-``tests/slurm/`` and send USR1 to the batch shell (``#SBATCH --signal=B:USR1@...``); their time is to the
-requeue decision (the batch script's first exit), and ``requeued`` says whether the job asked to be started again.
-Writes benchmarks/results/cpu-<N>core/signals_<time>.json and .txt.
-"""
+Each case starts a 2-rank run on CPU (gloo; one rank for ``python``) of the given preset on synthetic data (fp32,
+rows of 128 tokens, micro-batch 1), waits for 3 logged steps, sends the signal to the process that was started
+(never to the workers), and records: the launcher's exit code, whether a complete ``step_N`` checkpoint holds every
+rank's state, and the seconds from the signal to the exit of the last process of the run (the launcher, its
+workers). ``sbatch-fsdp`` and ``sbatch-deepspeed`` run the templates in ``launch/slurm/`` with the stand-in
+srun/scontrol/sbatch of ``tests/slurm/`` and send USR1 to the batch shell (``#SBATCH --signal=B:USR1@...``); their
+time is to the requeue decision (the batch script's first exit), and ``requeued`` says whether the job asked to be
+started again. Writes benchmarks/results/cpu-<N>core/signals_<time>.json and .txt."""
 
 from __future__ import annotations
 
@@ -49,12 +48,15 @@ def _command(launcher: str, train: list[str], tmp: Path) -> tuple[list[str], dic
         return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, "--engine",
                 "deepspeed", *train], env
     template = launcher.split("-", 1)[1]
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["bf16"] = {"enabled": "auto"}  # fp32 here: bf16 matmuls are slow on a CPU
+    (tmp / "zero2.json").write_text(json.dumps(ds))
     (tmp / "standin").mkdir(exist_ok=True)
     flags = [a for a in train if a not in ("--checkpoint-dir", str(tmp / "ck"), "--run-name", "t")]
     env.update(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{env['PATH']}", SLURM_NNODES="1",
                SLURM_STANDIN_DIR=str(tmp / "standin"), PYTHON=sys.executable, RUN_NAME="t",
                CHECKPOINT_DIR=str(tmp / "ck"), RDZV_PORT=str(free_port()), GPUS_PER_NODE="2",
-               DS_CONFIG="ds_configs/zero2_bf16.json", TRAIN_ARGS=" ".join(flags))
+               DS_CONFIG=str(tmp / "zero2.json"), TRAIN_ARGS=" ".join(flags))
     return ["sbatch", f"launch/slurm/{template}.sbatch"], env
 
 
@@ -62,7 +64,8 @@ def run_case(case: str, model_size: str) -> dict:
     launcher, sig = case.split(":")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        train = ["--data-kind", "synthetic", "--model-size", model_size, "--max-seq-length", "256",
+        train = ["--data-kind", "synthetic", "--model-size", model_size, "--max-seq-length", "128",
+                 "--mixed-precision", "fp32",
                  "--micro-batch-size", "1", "--max-steps", "100000", "--log-interval", "1", "--eval-interval", "0",
                  "--no-use-tensorboard", "--checkpoint-dir", str(tmp / "ck"), "--run-dir", str(tmp / "runs"),
                  "--run-name", "t"]
@@ -106,16 +109,18 @@ def main() -> None:
     p.add_argument("--model-size", default="small")
     p.add_argument("--cases", nargs="+", default=CASES, help=f"launcher:SIGNAL items (default: {' '.join(CASES)})")
     a = p.parse_args()
-    rows = []
+    rows, lines = [], [f"{a.model_size} preset, {os.cpu_count()} CPU cores, signal sent {time.strftime('%F %T')}"]
     for case in a.cases:
         row = run_case(case, a.model_size)
         rows.append(row)
-        print(f"{row['case']:<24} exit {row['exit_code']!s:>4}  checkpoint {row['checkpoint']!s:<12} ranks "
-              f"{row['ranks_saved']}  requeued {row['requeued']!s:<5}  {row['seconds_to_exit']:6.1f} s", flush=True)
+        lines.append(f"{row['case']:<24} exit {row['exit_code']!s:>4}  checkpoint {row['checkpoint']!s:<12} ranks "
+                     f"{row['ranks_saved']}  requeued {row['requeued']!s:<5}  {row['seconds_to_exit']:6.1f} s")
+        print(lines[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / f"cpu-{os.cpu_count()}core"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"signals_{stamp}.json").write_text(json.dumps({"model_size": a.model_size, "rows": rows}, indent=2))
+    (out / f"signals_{stamp}.txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / f'signals_{stamp}.json'}")
 
 
