@@ -24,7 +24,7 @@ from scaletrain.faults import poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
-from scaletrain.model.weights import RandomWeights
+from scaletrain.model.weights import RandomWeights, ResumedWeights
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.spikes import SpikeGuard
 from scaletrain.train_state import TrainState
@@ -174,8 +174,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     model = engine_cls.build_model(model_cfg, cfg, env)
     if cfg.document_masking:
         model.set_document_masking(plan.tokenizer.eos_id, cfg.restart_positions, flex=env.device.type == "cuda")
-    # a resumed run loads its checkpoint over these; --init-from is only where a run starts
-    weights = plan.init_source if plan.init_source is not None and not plan.resume else RandomWeights(cfg.seed)
+    # --init-from is only where a run starts; a resumed run's weights come from its checkpoint, loaded below
+    weights = (ResumedWeights() if plan.resume else
+               plan.init_source if plan.init_source is not None else RandomWeights(cfg.seed))
     engine = engine_cls(model, cfg, env, resume_meta=plan.resume_meta, weights=weights)
     loader = build_loader(cfg, env.rank, env.world_size, vocab_size=model_cfg.vocab_size)
     val_loader = build_loader(cfg, env.rank, env.world_size, "val", model_cfg.vocab_size) if cfg.eval_interval \

@@ -37,3 +37,20 @@ class RandomWeights:
                 return full if index is None else full[index]
 
             yield name, get
+
+
+class ResumedWeights:
+    """A run that resumes a checkpoint: loading it writes every parameter, so the parameters are only zeroed
+    (this rank's shard or partition; a memset, where random weights would have every rank draw every whole
+    tensor, minutes at 7B on a host) and nothing is read or drawn."""
+
+    description = "the checkpoint this run resumes"
+
+    def items(self, model) -> Iterator[tuple[str, Getter]]:
+        with torch.no_grad():
+            for p in model.parameters():
+                local = getattr(p, "ds_tensor", None)  # a ZeRO-3 partition
+                if local is None:
+                    local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard, or a whole tensor
+                local.zero_()
+        yield from ()
