@@ -55,6 +55,17 @@ def launch(launcher: str, args: list[str], tmp_path: Path, nproc: int = 2, timeo
     return proc
 
 
+def wait_for(cond, timeout: float = 120) -> None:
+    """Poll ``cond`` every 0.2 s until it holds (TimeoutError after ``timeout`` seconds)."""
+    import time
+
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
 def read_metrics(tmp_path: Path, run_name: str = "t") -> list[dict]:
     lines = (tmp_path / "runs" / run_name / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines]

@@ -12,7 +12,7 @@ import torch
 
 from scaletrain.checkpoint import COMPLETE, newest_checkpoint
 
-from .conftest import ROOT, launch, launch_cmd, read_metrics
+from .conftest import ROOT, launch, launch_cmd, read_metrics, wait_for
 
 BASE = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--max-steps", "6",
         "--warmup-steps", "1", "--learning-rate", "2e-3", "--log-interval", "1", "--eval-interval", "0",
@@ -100,14 +100,6 @@ def test_resume_on_the_same_and_another_world_size(tmp_path, kind, launcher):
         assert abs(a - b) < 2e-4 and abs(ga - gb) < 2e-3 * max(1, ga), (kind, straight, resumed)
 
 
-def _wait_for(cond, timeout=120):
-    t0 = time.time()
-    while not cond():
-        if time.time() - t0 > timeout:
-            raise TimeoutError
-        time.sleep(0.2)
-
-
 def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck)]
@@ -118,7 +110,7 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     env["SCALETRAIN_FAULT"] = "save_pause:60"  # shards written, commit not yet done
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (ck / ".tmp-step_000004").is_dir() and any((ck / ".tmp-step_000004").iterdir()))
+        wait_for(lambda: (ck / ".tmp-step_000004").is_dir() and any((ck / ".tmp-step_000004").iterdir()))
         time.sleep(1)
         proc.kill()
         proc.wait()
@@ -150,7 +142,7 @@ def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, c
         cmd[1:1] = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out[-3000:]
@@ -160,7 +152,7 @@ def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, c
     ranks = 2 if launcher != "python" else 1
     assert len(list(saved.glob("train_state_rank*.pt"))) == ranks
     if launcher == "deepspeed":
-        _wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+        wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
                                if str(ck) in " ".join(p.info["cmdline"] or [])], timeout=60)  # nothing left behind
 
 

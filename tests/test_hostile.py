@@ -15,8 +15,8 @@ from scaletrain.checkpoint.integrity import hash_share, verify_folder
 from scaletrain.checkpoint.lock import LOCK, STALE_S, FolderLock
 from scaletrain.checkpoint.store import CheckpointStore, check_writable, recover, resolve_resume
 
-from .conftest import ROOT, launch, launch_cmd
-from .test_checkpoint import BASE, _wait_for, fp32
+from .conftest import ROOT, launch, launch_cmd, wait_for
+from .test_checkpoint import BASE, fp32
 
 
 def _flip(path: Path, offset: int = 100) -> None:
@@ -37,7 +37,7 @@ def test_a_second_run_on_a_locked_folder_stops_and_a_dead_holder_is_taken_over(t
     env["SCALETRAIN_FAULT"] = "save_pause:60"  # holds the first run inside its first save
     first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (ck / ".tmp-step_000002").is_dir() and any((ck / ".tmp-step_000002").iterdir()))
+        wait_for(lambda: (ck / ".tmp-step_000002").is_dir() and any((ck / ".tmp-step_000002").iterdir()))
         second = launch("python", args, tmp_path, run_name="second", check=False)
         assert second.returncode == 1
         assert f"--checkpoint-dir {ck} is in use by run 'first' (pid {first.pid} on {socket.gethostname()}" \
@@ -266,7 +266,7 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path):
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
     workers = []
     try:
-        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
         workers = psutil.Process(agent.pid).children(recursive=True)
         assert len(workers) == 2 and all(w.pid != agent.pid for w in workers)
         os.killpg(agent.pid, signal.SIGKILL)  # the launcher's whole process group, as `kill -9 -PGID` does
@@ -278,7 +278,7 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path):
             except psutil.NoSuchProcess:
                 return True
 
-        _wait_for(lambda: all(gone(w) for w in workers), timeout=30)
+        wait_for(lambda: all(gone(w) for w in workers), timeout=30)
     finally:
         for w in workers:  # no orphan outlives a failing test
             try:

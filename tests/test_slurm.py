@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from scaletrain.cluster import LaunchError, check_world, first_host, slurm_world
 
-from .conftest import ROOT, clean_env, free_port
+from .conftest import ROOT, clean_env, free_port, wait_for
 
 TINY = ("--data-kind synthetic --model-size tiny --max-seq-length 32 --micro-batch-size 1 --global-batch-size 2 "
         "--log-interval 1 --eval-interval 0 --no-use-tensorboard --mixed-precision fp32 --learning-rate 2e-3")
@@ -61,14 +60,6 @@ def test_two_tasks_with_only_slurm_variables_form_one_world(tmp_path):
                                                                           "train_state_rank1.pt"]
 
 
-def _wait_for(cond, timeout=300):
-    t0 = time.time()
-    while not cond():
-        if time.time() - t0 > timeout:
-            raise TimeoutError
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("template, nodes, extra", [
     ("fsdp.sbatch", "2", {"GPUS_PER_NODE": "1"}),  # two "nodes" of one process: torchrun's c10d rendezvous
     ("deepspeed.sbatch", "1", {"GPUS_PER_NODE": "2", "DS_CONFIG": "ds_configs/zero2_bf16.json"}),
@@ -85,7 +76,7 @@ def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp
     job = subprocess.Popen(["sbatch", f"launch/slurm/{template}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "runs" / "cluster" / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout=300)
     batch = int((standin / "batch.pid").read_text())
     os.kill(batch, signal.SIGUSR1)  # what #SBATCH --signal=B:USR1@300 does before the time limit
     out, _ = job.communicate(timeout=400)
