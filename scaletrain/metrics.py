@@ -99,7 +99,7 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         parts = [f"step {step:>6d}"]
         formats = (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
-                   ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}s"),
+                   ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"), ("step_time_s", "{:.3f}s"), ("data_wait", "{:.1%}"),
                    ("memory_gib", "{:.2f}GiB"))
         for k, fmt in formats:
             if k in metrics:
@@ -178,12 +178,18 @@ def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
 
 
 class Throughput:
-    """Tokens/s over the window since the last report (call ``report`` after a host sync)."""
+    """Tokens/s over the window since the last report (call ``report`` after a host sync), and the share of that
+    window the loop spent waiting for its loader."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.tokens = 0
         self.steps = 0
+        self.wait = 0.0
+
+    def waited(self, seconds: float) -> None:
+        """``seconds`` of the current window went into fetching batches (``next(loader)``)."""
+        self.wait += seconds
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
@@ -193,10 +199,10 @@ class Throughput:
         """Leave ``seconds`` (evaluation, checkpointing) out of the current window."""
         self.t0 += seconds
 
-    def report(self) -> tuple[float, float]:
-        """(tokens/s, seconds per step) over the window, then start a new window."""
+    def report(self) -> tuple[float, float, float]:
+        """(tokens/s, seconds per step, fraction of the window spent waiting for data), then a new window."""
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
-        out = (self.tokens / dt, dt / max(self.steps, 1))
-        self.t0, self.tokens, self.steps = now, 0, 0
+        out = (self.tokens / dt, dt / max(self.steps, 1), min(1.0, self.wait / dt))
+        self.t0, self.tokens, self.steps, self.wait = now, 0, 0, 0.0
         return out

@@ -210,8 +210,11 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     non_blocking = env.device.type == "cuda"
     try:
         while state.step < cfg.max_steps:
+            t_data = time.perf_counter()
+            fetched = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
+            meter.waited(time.perf_counter() - t_data)  # the loader's share of the step (data_wait)
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
-                       for x, y, n in (next(loader) for _ in range(cfg.gradient_accumulation_steps))]
+                       for x, y, n in fetched]
             out = engine.train_step(batches)
             state.record_step(out.skipped, out.num_tokens, out.lr, cfg.max_nonfinite_steps, out.spike,
                               cfg.max_spike_steps)
@@ -233,10 +236,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 # the only host syncs of the loop (apart from the engine's finite check)
                 last_loss = engine.step_loss(out)
-                tok_s, step_time = meter.report()
+                tok_s, step_time, data_wait = meter.report()
                 metrics.update({"loss": last_loss, "lr": out.lr, "grad_norm": float(out.grad_norm),
                                 "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
-                                "step_time_s": step_time, "tokens_seen": state.tokens_seen,
+                                "step_time_s": step_time, "data_wait": data_wait, "tokens_seen": state.tokens_seen,
                                 "skipped_steps": state.skipped_steps, "memory_gib": memory_gib(env.device)})
                 if state.spikes is not None:
                     metrics["spike_steps"] = state.spike_steps

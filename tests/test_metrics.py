@@ -56,7 +56,8 @@ def test_tensorboard_events_hold_the_tags(tmp_path):
     acc = EventAccumulator(str(tmp_path / "runs" / "t"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_gib"} <= tags
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "memory_gib", "data_wait"} <= tags
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("data_wait"))
     assert [e.step for e in acc.Scalars("loss")] == [2, 4]
     # what TensorBoard holds is what metrics.jsonl holds
     jsonl = read_metrics(tmp_path)
@@ -65,6 +66,20 @@ def test_tensorboard_events_hold_the_tags(tmp_path):
     m = jsonl[-1]
     cfg = get_model_config("tiny")
     assert m["mfu"] == pytest.approx(flops_per_token(cfg, 32) * m["tokens_per_s_per_device"] / 1e12)
+
+
+def test_data_wait_is_the_loaders_share_of_the_window(monkeypatch):
+    import scaletrain.metrics as metrics
+
+    clock = iter([100.0, 110.0, 112.0])  # start; report after 10 s; then a window of 2 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Throughput()
+    for _ in range(4):
+        meter.add(1000)
+        meter.waited(0.5)
+    assert meter.report() == pytest.approx((400.0, 2.5, 0.2))  # 4 x 0.5 s of 10 s waited for the loader
+    meter.add(10)
+    assert meter.report() == pytest.approx((5.0, 2.0, 0.0))  # a new window
 
 
 def test_padded_runs_count_real_tokens(tmp_path):
