@@ -213,13 +213,9 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
 
 def resolve_for_world(cfg: PreTrainingConfig, engine_cls, world_size: int, device_type: str) -> PreTrainingConfig:
     """The config on ``world_size`` ranks: the accumulation --global-batch-size derives, then what the engine's own
-    configuration decides (a DeepSpeed file's batch sizes must still give the global batch)."""
+    configuration decides (an engine whose own file sets batch sizes refuses ones that break the global batch)."""
     cfg = engine_cls.resolve_config(cfg.for_world_size(world_size), world_size, device_type)
-    if cfg.global_batch_size is not None and _global_batch(cfg.to_dict(), world_size) != cfg.global_batch_size:
-        raise ConfigError(f"--global-batch-size {cfg.global_batch_size}: {cfg.ds_config} sets micro-batch "
-                          f"{cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x world size "
-                          f"{world_size} = {_global_batch(cfg.to_dict(), world_size)}; set its batch sizes to "
-                          f"\"auto\"")
+    assert cfg.global_batch_size is None or _global_batch(cfg.to_dict(), world_size) == cfg.global_batch_size, cfg
     return cfg
 
 

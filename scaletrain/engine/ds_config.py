@@ -72,6 +72,10 @@ def resolve_ds_config(ds: dict[str, Any], cfg: PreTrainingConfig, world_size: in
     reconcile(ds, "gradient_accumulation_steps", "gradient_accumulation_steps")
     reconcile(ds, "gradient_clipping", "max_grad_norm", float, float)
     global_batch = value("micro_batch_size") * value("gradient_accumulation_steps") * world_size
+    if cfg.global_batch_size is not None and global_batch != cfg.global_batch_size:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size}: {src} sets micro-batch "
+                          f"{value('micro_batch_size')} x accumulation {value('gradient_accumulation_steps')} x world "
+                          f"size {world_size} = {global_batch}; set its batch sizes to \"auto\"")
     if ds.get("train_batch_size", "auto") == "auto":
         ds["train_batch_size"] = global_batch
     elif ds["train_batch_size"] != global_batch:
