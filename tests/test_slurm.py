@@ -90,3 +90,25 @@ def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp
     assert "run cluster is complete" in out and (tmp_path / "ck" / "final" / "COMPLETE.json").is_file()
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, 41))  # one run, one log: every step once
+
+
+@pytest.mark.parametrize("command, restarts, final, said, requeued, code", [
+    ("true", "0", True, "run cluster is complete", False, 0),
+    ("true", "0", False, "stopped before the end of the run without a signal; not requeued", False, 0),
+    ("false", "0", False, "step ended with status 1 before the end of the run; requeueing job 7", True, 0),
+    ("false", "3", False, "step failed with status 1 (restart 3 of 3); not requeued", False, 1),
+])
+def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, command, restarts, final, said,
+                                                                     requeued, code):
+    """launch/slurm/requeue.sh without a signal: a finished run ends, a step stopped on purpose is not requeued, a
+    failed one is requeued up to MAX_RESTARTS times."""
+    if final:
+        (tmp_path / "ck" / "final").mkdir(parents=True)
+        (tmp_path / "ck" / "final" / "COMPLETE.json").write_text("{}")
+    env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7",
+                    SLURM_RESTART_COUNT=restarts, MAX_RESTARTS="3", CHECKPOINT_DIR=str(tmp_path / "ck"),
+                    RUN_NAME="cluster", SLURM_STANDIN_DIR=str(tmp_path))
+    p = subprocess.run(["bash", "-c", f"source launch/slurm/requeue.sh; run_step {command}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == code and said in p.stdout, p.stdout + p.stderr
+    assert (tmp_path / "requeued").exists() == requeued

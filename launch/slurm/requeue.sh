@@ -28,6 +28,10 @@ run_step() {
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    if [ "$status" = 0 ]; then  # it stopped on purpose (--stop-at-step, --epoch-limit stop): not a requeue
+        echo "scaletrain-slurm: step stopped before the end of the run without a signal; not requeued"
+        return 0
+    fi
     echo "scaletrain-slurm: step failed with status $status (restart ${SLURM_RESTART_COUNT:-0} of ${MAX_RESTARTS:-3}); not requeued"
     return "$status"
 }
