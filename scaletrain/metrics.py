@@ -71,7 +71,8 @@ class MetricsLogger:
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         jsonl = Path(run_dir) / "metrics.jsonl"
-        _drop_steps_after(jsonl, start_step)  # logged after the checkpoint this run resumes: they happen again
+        if start_step:  # a resume: the lines logged after its checkpoint are logged again (a fresh start appends)
+            _drop_steps_after(jsonl, start_step)
         self.jsonl = open(jsonl, "a")
         (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         if cfg.use_tensorboard:
