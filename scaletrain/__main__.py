@@ -1,4 +1,4 @@
-"""``scaletrain`` command: ``prepare``, ``train-tokenizer`` and ``train``."""
+"""``scaletrain`` command: ``prepare``, ``train-tokenizer``, ``train``, ``convert``, ``estimate`` and ``plot``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-frequency", type=int, default=2)
     sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
     sub.add_parser("convert", help="checkpoint -> Hugging Face safetensors (launch/convert.py)", add_help=False)
+    sub.add_parser("estimate", help="memory per device of a run (the training flags plus --world-size)",
+                   add_help=False)
+    sub.add_parser("plot", help="loss, val loss per domain, lr and tokens/s of runs into a PNG", add_help=False)
     return p
 
 
@@ -30,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
         from scaletrain.convert import main as convert_main
 
         convert_main(argv[1:])
+        return
+    if argv and argv[0] in ("estimate", "plot"):
+        import importlib
+
+        importlib.import_module(f"scaletrain.{argv[0]}").main(argv[1:])
         return
     if argv and argv[0] == "train":
         from scaletrain.cli import pretrain_main

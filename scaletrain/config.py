@@ -23,6 +23,15 @@ class ConfigError(ScaletrainError):
     """A user mistake in flags or config files; the message names the flag and what is valid."""
 
 
+def parse_steps(text: str) -> tuple[int, int]:
+    """--profile-steps 'A:B' (or 'A') -> (A, B); ValueError unless 1 <= A <= B."""
+    a, _, b = text.partition(":")
+    first, last = int(a), int(b or a)
+    if not 1 <= first <= last:
+        raise ValueError(text)
+    return first, last
+
+
 def _f(default: Any, doc: str, aliases: tuple[str, ...] = (), flag: str | None = None, **kw: Any) -> Any:
     meta: dict[str, Any] = {"doc": doc, "aliases": aliases}
     if flag:  # only --ds_config, spelled as DeepSpeed's own launcher examples spell it
@@ -141,6 +150,18 @@ class PreTrainingConfig:
     use_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project: str = _f("scaletrain", "Weights & Biases project")
     wandb_run_name: str | None = _f(None, "Weights & Biases run name (default: run_name)")
+    profile_steps: str | None = _f(None, "write a torch.profiler trace of optimizer steps A:B (e.g. 5:7) to "
+                                         "run_dir/run_name/profile/ (Perfetto, chrome://tracing, TensorBoard)")
+    profile_rank0_only: bool = _f(False, "with --profile-steps: trace rank 0 only (default: every rank)")
+    memory_snapshot: bool = _f(False, "CUDA: record the allocator's history and dump a snapshot into the run folder "
+                                      "on out-of-memory (and after --memory-snapshot-step); pytorch.org/memory_viz")
+    memory_snapshot_step: int | None = _f(None, "with --memory-snapshot: also dump one after this step")
+    sample_tokens: int = _f(32, "at each evaluation, continue each sample prompt by this many tokens (greedy) and "
+                                "log the text (0: no samples)")
+    sample_prompts: str | None = _f(None, "prompts for the samples: JSON {domain: [prompt, ...]} or a text file, "
+                                          "one prompt a line (default: two built-in prompts per domain)")
+    sample_top_p: float = _f(0.0, "also sample each prompt with this top-p (nucleus) at temperature 1, seeded "
+                                  "(0: greedy only)")
     peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: detected from the GPU name)")
     seed: int = _f(42, "seed for weights and data order")
 
@@ -337,6 +358,22 @@ class PreTrainingConfig:
             raise bad("data_mix_weights", f"weights must be finite and >= 0, got {self.data_mix_weights}")
         if sum(self.data_mix_weights) <= 0:
             raise bad("data_mix_weights", f"weights sum to zero: {self.data_mix_weights}")
+        if self.profile_steps is not None:
+            try:
+                first, last = parse_steps(self.profile_steps)
+            except ValueError:
+                raise bad("profile_steps", f"{self.profile_steps!r}: give A:B, the first and last optimizer step "
+                                           f"to trace, 1 <= A <= B (e.g. 5:7)") from None
+            if first > self.max_steps:
+                raise bad("profile_steps", f"starts at step {first}, after --max-steps {self.max_steps}")
+        if self.profile_rank0_only and not self.profile_steps:
+            raise bad("profile_rank0_only", "needs --profile-steps A:B")
+        if self.memory_snapshot_step is not None and (not self.memory_snapshot or self.memory_snapshot_step <= 0):
+            raise bad("memory_snapshot_step", "needs --memory-snapshot and a step >= 1")
+        if self.sample_tokens < 0:
+            raise bad("sample_tokens", f"must be >= 0 (0: no samples), got {self.sample_tokens}")
+        if not 0 <= self.sample_top_p <= 1:
+            raise bad("sample_top_p", f"must be in [0, 1] (0: greedy only), got {self.sample_top_p}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise bad("peak_tflops", f"must be positive, got {self.peak_tflops}")
         return self

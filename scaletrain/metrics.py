@@ -70,9 +70,11 @@ class MetricsLogger:
 
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(run_dir)
         jsonl = Path(run_dir) / "metrics.jsonl"
         if start_step:  # a resume: the lines logged after its checkpoint are logged again (a fresh start appends)
             _drop_steps_after(jsonl, start_step)
+            _drop_steps_after(Path(run_dir) / "samples.jsonl", start_step)
         self.jsonl = open(jsonl, "a")
         (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         if cfg.use_tensorboard:
@@ -116,6 +118,33 @@ class MetricsLogger:
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def log_samples(self, step: int, samples: dict[str, list[tuple[str, str, str]]]) -> None:
+        """Text samples ({domain: [(prompt, how, continuation)]}): the console, ``samples.jsonl``, TensorBoard's
+        text plugin (``samples/<domain>``) and a W&B table."""
+        if not self.enabled or not samples:
+            return
+        from scaletrain.samples import as_markdown
+
+        lines = []
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for domain, rows in samples.items():
+                for prompt, how, text in rows:
+                    f.write(json.dumps({"step": step, "domain": domain, "prompt": prompt, "decoding": how,
+                                        "text": text}) + "\n")
+                    lines.append(f"sample {domain} ({how}): {prompt!r} -> {text!r}")
+                if self.tb is not None:
+                    self.tb.add_text(f"samples/{domain}", as_markdown(rows), step)
+        if self.tb is not None:
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "domain", "prompt", "decoding", "text"],
+                                data=[[step, d, p, h, t] for d, rows in samples.items() for p, h, t in rows])
+            self.wandb.log({"samples": table}, step=step)
+        for line in lines:
+            (self.bar.write if self.bar is not None else print)(line)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -260,6 +260,9 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     """Resolve everything, then freeze the config (all ranks call this; ``group``: a CPU group for the
     checkpoint checks). Rank 0 holds the checkpoint folder's lock from here: call ``RunPlan.release`` at the end."""
     cfg = resolve_for_world(cfg, engine_cls, env.world_size, env.device.type)
+    if cfg.memory_snapshot and env.device.type != "cuda":
+        raise ConfigError(f"--memory-snapshot: records the CUDA allocator's history; this run is on "
+                          f"{env.device.type} (--profile-steps A:B traces CPU memory per operator)")
     if cfg.warmup_steps is None:  # recorded as a number in the config dump and every checkpoint
         cfg = cfg.replace(warmup_steps=cfg.warmup)
     tokenizer, tokenizer_file = data_tokenizer(cfg)

@@ -20,11 +20,21 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
+from scaletrain.estimate import run_estimate
 from scaletrain.faults import poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
 from scaletrain.model.weights import RandomWeights, ResumedWeights
+from scaletrain.observe import (
+    MemoryHistory,
+    OutOfMemory,
+    Profiler,
+    allocator_metrics,
+    is_oom,
+    oom_message,
+    profile_here,
+)
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.spikes import SpikeGuard
 from scaletrain.train_state import TrainState
@@ -198,8 +208,19 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, cfg.run_name), env.is_main, cfg.to_dict(), state.step)
     fpt = flops_per_token(model_cfg, cfg.max_seq_length)
     peak = _resolve_peak(cfg, env.device)
+    estimate = run_estimate(cfg, model_cfg, env.world_size, env.device.type, resident=env.device.type == "cpu",
+                            ds_config=getattr(engine, "ds_config", None))
     if env.is_main:
         print(_header(plan, engine, env, state.step, loader.global_batch), flush=True)
+        print("scaletrain: " + estimate.table(cfg.micro_batch_size).replace("\n", "\nscaletrain: "), flush=True)
+    run_folder = os.path.join(cfg.run_dir, cfg.run_name)
+    profiler = Profiler(cfg.profile_steps, run_folder, env.rank, profile_here(cfg, env.rank), env.device)
+    history = MemoryHistory(cfg.memory_snapshot, cfg.memory_snapshot_step, run_folder, env.rank)
+    sampler = None
+    if cfg.sample_tokens and val_loader is not None and plan.tokenizer is not None:
+        from scaletrain.samples import Sampler
+
+        sampler = Sampler(cfg, plan.tokenizer, plan.tokenizer_file, env.device)
 
     if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
         ckpt.save("final")
@@ -210,12 +231,18 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     non_blocking = env.device.type == "cuda"
     try:
         while state.step < cfg.max_steps:
+            profiler.before(state.step + 1)
             t_data = time.perf_counter()
             fetched = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
             meter.waited(time.perf_counter() - t_data)  # the loader's share of the step (data_wait)
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in fetched]
-            out = engine.train_step(batches)
+            try:
+                out = engine.train_step(batches)
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                raise OutOfMemory(oom_message(e, cfg, state.step, estimate, history.dump("oom"))) from e
             state.record_step(out.skipped, out.num_tokens, out.lr, cfg.max_nonfinite_steps, out.spike,
                               cfg.max_spike_steps)
             if out.spike and env.is_main:
@@ -223,6 +250,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             meter.add(out.num_tokens)  # real target tokens: padding is not throughput
             logger.advance()
             done = state.step
+            for what, path in (("profiler trace", profiler.after(done)), ("memory snapshot", history.after(done))):
+                if path is not None:
+                    print(f"scaletrain: step {done}: {what} {path}", flush=True)
             metrics: dict[str, float] = {}
             val_loss = None
             if val_loader is not None and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
@@ -230,6 +260,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 metrics.update(evaluate(engine, val_loader, cfg.eval_steps, env.device,
                                         dict(zip(cfg.data_sources, cfg.data_mix_weights))))
                 val_loss = metrics["val_loss"]
+                if sampler is not None:
+                    logger.log_samples(done, sampler.sample(engine.module, done))
                 meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure
             epochs = loader.epochs() if hasattr(loader, "epochs") else {}
             limit = epoch_limit.check(epochs, done)
@@ -240,7 +272,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 metrics.update({"loss": last_loss, "lr": out.lr, "grad_norm": float(out.grad_norm),
                                 "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / env.world_size,
                                 "step_time_s": step_time, "data_wait": data_wait, "tokens_seen": state.tokens_seen,
-                                "skipped_steps": state.skipped_steps, "memory_gib": memory_gib(env.device)})
+                                "skipped_steps": state.skipped_steps, "memory_gib": memory_gib(env.device),
+                                **allocator_metrics(env.device)})
                 if state.spikes is not None:
                     metrics["spike_steps"] = state.spike_steps
                 if out.z_loss_sum is not None:
@@ -257,6 +290,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 break
         ckpt.finish()  # commit a background save still in flight
     finally:
+        profiler.close()
+        history.close()
         logger.close()
     if env.is_main:
         where = ckpt.last_saved or plan.resume  # resumed at --max-steps already: nothing new was written

@@ -1,0 +1,314 @@
+"""Will it fit? Bytes per device of a training run, from its config alone (no torch, no model built).
+
+The peak of a step is the larger of two moments (Megatron's ``report_theoretical_memory`` and DeepSpeed's
+``estimate_zero*_model_states_mem_needs`` cover the first one's model states):
+
+    backward start: states + gathered parameters + activations of every block + the loss's buffers
+    optimizer step: states + gradients + the optimizer's temporaries (+ the engine's gradient buffers)
+
+Symbols: P parameters (a tied embedding counted once), N world size, a bytes of the compute dtype (2 for
+bf16/fp16, 4 for fp32), S = micro-batch x sequence length tokens, D width, F FFN width, H heads, Q head
+dim (H·Q the attention width), L layers, V vocabulary, P_b one block's parameters, P_r the root's
+(embedding, final norm, lm_head).
+
+States (persistent from the first optimizer step on):
+  * FSDP2: fp32 parameter shards 4P/N and AdamW's two moments 8P/N; fp32 gradient shards 4P/N from the
+    backward to the step (``zero_grad(set_to_none=True)`` frees them). Gathered parameters in the compute
+    dtype: at world 1 every block stays gathered from forward to its backward (a·P); above 1 the root, the
+    last block (kept gathered for backward) and the block prefetched next, a·(P_r + 2·P_b).
+    Temporaries of the step: torch's foreach AdamW makes one fp32 tensor list the size of the shards,
+    4P/N (the fused CUDA AdamW makes none).
+  * DeepSpeed ZeRO-1/2: the model's parameters whole in the compute dtype a·P (in a flat buffer), fp32
+    master partition 4P/N, moments 8P/N; the gradients' reduce buckets, a·B each (B = reduce_bucket_size
+    elements, two with overlap_comm), the partition's gradients a·P/N, and at the step their fp32 copy
+    4P/N and the foreach temporary 4P/N.
+  * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, fp32 gradient partition
+    4P/N (grad_accum_dtype fp32); parameters under stage3_param_persistence_threshold elements stay whole
+    (a each); gathered in forward and backward: the block in use and the prefetch bucket,
+    a·(P_b + prefetch); the reduce bucket a·B; the step works sub-group by sub-group (sub_group_size
+    elements G): the foreach temporary 4·min(G, P/N).
+
+Activations, saved for backward, bytes per token of each block (``model/llama.py``):
+  * each RMSNorm (2 a block): its fp32 input 4D, the normalised value a·D, its output a·D, its fp32 rstd 4:
+    (4 + 2a)·D + 4
+  * attention: q, k, v (k and v repeated to H heads for GQA) and the SDPA output, 4a·H·Q (the output
+    projection's input is a view of SDPA's output), SDPA's fp32 log-sum-exp 4H
+  * MLP: gate output, its SiLU, up output and their product: 4a·F
+  -> per block  2(4 + 2a)·D + 8 + 4a·H·Q + 4H + 4a·F, times S tokens, times L blocks.
+  With activation checkpointing each block keeps only its input (a·D per token) and one block's activations
+  are rebuilt at a time in backward.
+Loss: the final norm (4 + 2a)·D + 4, the int64 token ids and labels 16; log-softmax keeps its fp32 output 4V
+per token (``tests/test_estimate.py`` checks these saved bytes against autograd's own, exactly), and its
+backward holds that output, its incoming gradient and its result at once: 12V·S bytes at the start of the
+backward (+4V·S with --z-loss, whose logsumexp keeps the fp32 logits).
+
+``resident=True`` estimates resident memory on a CPU, where a buffer counts only the part written (a reduce
+bucket larger than the gradients it holds is not touched past them); on a GPU the allocator reserves it whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device, by kind, at the run's peak moment, and what it means for a device of ``device_bytes``."""
+
+    engine: str  # fsdp, zero2, zero3 (zero1 counts as zero2: gradients whole until reduced)
+    rows: dict[str, tuple[int, int]]  # kind -> bytes at the backward start and at the optimizer step
+    peak_bytes: int
+    moment: str  # "backward start" or "optimizer step"
+    activation_bytes_per_row: int  # what one more row of micro-batch adds
+    backward_bytes: int  # the two moments' totals
+    step_bytes: int
+    device_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.peak_bytes <= self.device_bytes
+
+    def largest_micro_batch(self, micro_batch: int) -> int | None:
+        """The largest micro-batch whose estimate fits the device (0: not even one row); None without a device."""
+        if self.device_bytes is None or not self.activation_bytes_per_row:
+            return None
+        if self.step_bytes > self.device_bytes:
+            return 0
+        fixed = self.backward_bytes - self.activation_bytes_per_row * micro_batch
+        return max(0, (self.device_bytes - fixed) // self.activation_bytes_per_row)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "rows": dict(self.rows), "peak_bytes": self.peak_bytes, "moment": self.moment,
+                "backward_bytes": self.backward_bytes, "step_bytes": self.step_bytes, "device_bytes": self.device_bytes,
+                "activation_bytes_per_row": self.activation_bytes_per_row, "notes": self.notes}
+
+    def table(self, micro_batch: int) -> str:
+        unit, div = ("GiB", GiB) if self.peak_bytes >= GiB else ("MiB", 2**20)
+        lines = [f"memory per device, estimated ({self.engine}):", f"  {'':<18} {'backward start':>15} "
+                                                                  f"{'optimizer step':>15}"]
+        for k, (bwd, step) in list(self.rows.items()) + [("total", (self.backward_bytes, self.step_bytes))]:
+            lines.append(f"  {k:<18} {bwd / div:11.2f} {unit} {step / div:11.2f} {unit}")
+        lines[-1] += f"   peak {self.peak_bytes / div:.2f} {unit} at the {self.moment}"
+        if self.device_bytes is not None:
+            best = self.largest_micro_batch(micro_batch)
+            verdict = "fits" if self.fits else "does NOT fit"
+            share = self.peak_bytes / self.device_bytes
+            lines.append(f"  {verdict} in {self.device_bytes / GiB:.1f} GiB ({share:.0%}); largest micro-batch that "
+                         f"fits: {best}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _sizes(mc) -> dict[str, int]:
+    """Parameter counts of the model's parts (as ``model/flops.num_params`` counts them, with biases)."""
+    d, q = mc.d_model, mc.head_dim
+    attn = d * mc.n_heads * q + 2 * d * mc.n_kv_heads * q + mc.n_heads * q * d
+    if mc.qkv_bias:
+        attn += mc.n_heads * q + 2 * mc.n_kv_heads * q
+    if mc.out_bias:
+        attn += d
+    block = attn + 3 * d * mc.ffn_dim + 2 * d
+    root = mc.vocab_size * d * (1 if mc.tie_embeddings else 2) + d
+    largest = max(mc.vocab_size * d, mc.ffn_dim * d, d * mc.n_heads * q)  # one tensor
+    return {"block": block, "root": root, "total": mc.n_layers * block + root, "largest": largest,
+            "small": mc.n_layers * 2 * d + d}  # norm weights (ZeRO-3 keeps small ones whole)
+
+
+def activation_bytes_per_token(mc, a: int, checkpointing: bool, z_loss: bool = False) -> tuple[int, int]:
+    """(bytes per token held by the blocks at the start of backward, bytes per token of the loss's peak)."""
+    d, f, h, q = mc.d_model, mc.ffn_dim, mc.n_heads, mc.head_dim
+    block = 2 * (4 + 2 * a) * d + 8 + 4 * a * h * q + 4 * h + 4 * a * f
+    blocks = mc.n_layers * a * d + block if checkpointing else mc.n_layers * block
+    loss = (4 + 2 * a) * d + 4 + 16 + 12 * mc.vocab_size + (4 * mc.vocab_size if z_loss else 0)
+    return blocks, loss
+
+
+def _ds_engine(ds_config: dict | None) -> tuple[str, dict]:
+    zero = (ds_config or {}).get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 2))
+    return ("zero3" if stage == 3 else "zero2"), zero
+
+
+def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, ds_config: dict | None = None,
+                    device_type: str = "cuda", device_memory_gib: float | None = None) -> MemoryEstimate:
+    """The estimate for a resolved run config (``PreTrainingConfig``) and its model shape on ``world_size``
+    ranks. ``ds_config``: the resolved DeepSpeed config for the deepspeed engine (read from --ds_config when
+    not given). See the module doc for every term."""
+    mc, n = model_config, world_size
+    sizes = _sizes(mc)
+    p, pb, pr = sizes["total"], sizes["block"], sizes["root"]
+    a = 4 if cfg.mixed_precision == "fp32" else 2
+    fused = device_type == "cuda"  # torch's fused AdamW on CUDA: no full-size temporaries
+    notes: list[str] = []
+    if cfg.resolved_engine == "fsdp":
+        engine = "fsdp"
+        zero: dict = {}
+    else:
+        if ds_config is None:
+            from scaletrain.engine.ds_config import load_ds_config, resolve_ds_config
+
+            ds_config, _ = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, world_size, device_type=device_type)
+        engine, zero = _ds_engine(ds_config)
+    offload = bool(cfg.fsdp_cpu_offload) if engine == "fsdp" else \
+        (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if offload:
+        notes.append("optimizer offload: the fp32 states live in host memory; the device rows count what stays")
+
+    tokens = cfg.micro_batch_size * cfg.max_seq_length
+    blocks_pt, loss_pt = activation_bytes_per_token(mc, a, cfg.gradient_checkpointing, cfg.z_loss > 0)
+    activations, loss = blocks_pt * tokens, loss_pt * tokens
+
+    def bucket(elements: float, dtype_bytes: int, holds: float) -> int:
+        """A buffer of ``elements``: on a GPU allocated whole; resident on a CPU only where written."""
+        return int(dtype_bytes * (min(elements, holds) if resident else elements))
+
+    shard = math.ceil(p / n)
+    if engine == "fsdp":
+        params = 4 * shard
+        optim = 8 * shard
+        grads = 4 * shard
+        gathered = a * p if n == 1 else a * min(p, pr + 2 * pb)
+        temp = 0 if fused else 4 * shard
+        if cfg.gradient_accumulation_steps > 1:
+            gathered_grads = a * p  # unsharded gradients kept across micro-steps (no reduce until the last)
+        else:
+            gathered_grads = (a + 4) * pb  # one block's, before its reduce-scatter
+        buffers_bwd, buffers_step = gathered + gathered_grads, temp
+        if offload:
+            params, optim, grads, temp = 0, 0, 0, 0
+            buffers_step = 0
+    elif engine == "zero2":
+        b = float(zero.get("reduce_bucket_size", 5e8))
+        n_buckets = 2 if zero.get("overlap_comm", False) else 1
+        params = a * p + 4 * shard  # the model whole in the compute dtype + fp32 master partition
+        optim = 8 * shard
+        grads = a * shard + 4 * shard  # the partition's gradients, and their fp32 copy at the step
+        buckets = sum(bucket(b, a, max(0.0, p - i * b)) for i in range(n_buckets))
+        temp = 0 if fused else 4 * shard
+        buffers_bwd, buffers_step = buckets, buckets + temp
+        if offload:
+            params, optim = a * p, 0
+            grads, buffers_step = a * shard, buckets
+    else:  # zero3
+        b = float(zero.get("reduce_bucket_size", 5e8))
+        prefetch = float(zero.get("stage3_prefetch_bucket_size", 5e7))
+        persist = float(zero.get("stage3_param_persistence_threshold", 1e5))
+        group = float(zero.get("sub_group_size", 1e9))
+        small = _persistent_elements(mc, persist)
+        params = a * shard + a * small * (n - 1) // n + 4 * shard
+        optim = 8 * shard
+        grads = 4 * shard
+        gathered = a * min(p - small, pb + prefetch)
+        temp = 0 if fused else 4 * int(min(group, shard))
+        buffers_bwd = gathered + bucket(b, a, p)
+        buffers_step = temp
+        if offload:
+            params, optim, grads, buffers_step = a * shard + a * small * (n - 1) // n, 0, 0, 0
+
+    # each kind's bytes at the two moments (the gradients of the step do not exist yet when backward starts)
+    rows = {"parameters": (params, params), "gradients": (0, grads), "optimizer state": (optim, optim),
+            "activations": (activations, 0), "loss and logits": (loss, 0),
+            "buffers": (buffers_bwd, buffers_step)}
+    at_backward, at_step = (sum(v[i] for v in rows.values()) for i in (0, 1))
+    moment = "backward start" if at_backward >= at_step else "optimizer step"
+    device_bytes = int(device_memory_gib * GiB) if device_memory_gib else None
+    return MemoryEstimate(engine, rows, max(at_backward, at_step), moment,
+                          (blocks_pt + loss_pt) * cfg.max_seq_length, at_backward, at_step, device_bytes, notes)
+
+
+def _persistent_elements(mc, threshold: float) -> int:
+    """Elements of the parameters ZeRO-3 keeps whole (those with fewer than ``threshold`` elements)."""
+    d, q = mc.d_model, mc.head_dim
+    shapes = [d * mc.n_heads * q, d * mc.n_kv_heads * q, d * mc.n_kv_heads * q, mc.n_heads * q * d,
+              d * mc.ffn_dim, d * mc.ffn_dim, mc.ffn_dim * d, d, d]
+    if mc.qkv_bias:
+        shapes += [mc.n_heads * q, mc.n_kv_heads * q, mc.n_kv_heads * q]
+    if mc.out_bias:
+        shapes.append(d)
+    per_block = sum(s for s in shapes if s < threshold)
+    root = [mc.vocab_size * d] * (1 if mc.tie_embeddings else 2) + [d]
+    return mc.n_layers * per_block + sum(s for s in root if s < threshold)
+
+
+def run_estimate(cfg, model_config, world_size: int, device_type: str, device_memory_gib: float | None = None,
+                 resident: bool = False, ds_config: dict | None = None) -> MemoryEstimate:
+    """The estimate of a resolved run on ``device_type``; the device's memory from ``device_memory_gib`` or, on
+    CUDA, the GPU's."""
+    if device_memory_gib is None and device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            device_memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    return estimate_memory(cfg, model_config, world_size, resident=resident, ds_config=ds_config,
+                           device_type=device_type, device_memory_gib=device_memory_gib)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``scaletrain estimate [training flags] --world-size N [--device-memory-gib G] [--device cuda|cpu]``."""
+    import argparse
+    import sys
+
+    from scaletrain.errors import run_entry
+
+    p = argparse.ArgumentParser(prog="scaletrain estimate", add_help=False,
+                                description="Memory per device of a training run before launching it: the training "
+                                            "flags, plus these")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the run will have (default: 1)")
+    p.add_argument("--device-memory-gib", type=float, help="memory of one device, GiB (default: this machine's GPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="where it runs (default: cuda; cpu counts resident memory)")
+    p.add_argument("-h", "--help", action="store_true")
+    own, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if own.help:
+        p.print_help()
+        print("\nand every training flag (scaletrain train --help): --model-size, --engine/--ds_config, "
+              "--micro-batch-size, --max-seq-length, --mixed-precision, --gradient-checkpointing, ...")
+        return
+
+    def run() -> None:
+        from scaletrain.cli import parse_config
+        from scaletrain.config import ConfigError
+
+        if own.world_size <= 0:
+            raise ConfigError(f"--world-size: must be a positive integer, got {own.world_size}")
+        if own.device_memory_gib is not None and own.device_memory_gib <= 0:
+            raise ConfigError(f"--device-memory-gib: must be positive, got {own.device_memory_gib}")
+        cfg = parse_config(rest).for_world_size(own.world_size)
+        mc, vocab_note = _model_config(cfg)
+        est = run_estimate(cfg, mc, own.world_size, own.device, own.device_memory_gib, resident=own.device == "cpu")
+        from scaletrain.model import num_params
+
+        print(f"scaletrain estimate: {cfg.model_config or cfg.init_from or cfg.model_size} "
+              f"({num_params(mc) / 1e6:,.1f}M params{vocab_note}), {cfg.mixed_precision}, world {own.world_size}, "
+              f"micro-batch {cfg.micro_batch_size} x {cfg.max_seq_length} tokens"
+              + (", activation checkpointing" if cfg.gradient_checkpointing else ""))
+        print(est.table(cfg.micro_batch_size))
+
+    run_entry(run)
+
+
+def _model_config(cfg):
+    """The run's model shape; a preset takes the vocabulary of the prepared data when --data-dir has it."""
+    from scaletrain.run import data_tokenizer, model_config_for
+
+    vocab, note = None, ""
+    if cfg.data_kind == "shards" and not cfg.init_from:
+        try:
+            tok, _ = data_tokenizer(cfg)
+            from scaletrain.data.loader import model_vocab_size
+
+            vocab = model_vocab_size(tok.vocab_size) if not cfg.model_config else tok.vocab_size
+            note = f", vocab {vocab} from {cfg.data_dir}"
+        except Exception:
+            note = ", the preset's vocab (no prepared data at --data-dir)"
+    source = None
+    if cfg.init_from:
+        from scaletrain.checkpoint.init_from import open_init_source
+
+        source = open_init_source(cfg.init_from, cfg.trust_checkpoint).model_config
+    return model_config_for(cfg, vocab, source), note

@@ -1,0 +1,112 @@
+"""`scaletrain estimate`: the activation formula against autograd's saved tensors, the CLI's table and verdict,
+the largest micro-batch that fits, and the out-of-memory stop of a run that hits a memory cap."""
+
+import dataclasses
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scaletrain.cli import parse_config
+from scaletrain.estimate import activation_bytes_per_token, estimate_memory, main
+from scaletrain.model import Llama, get_model_config
+
+from .conftest import ROOT, clean_env
+
+
+def _saved_bytes_per_token(mc, dtype, checkpointing: bool, B: int = 2, T: int = 48) -> float:
+    """Bytes autograd keeps for backward in one forward with loss (parameters and buffers excluded), per token."""
+    torch.manual_seed(0)
+    model = Llama(mc).to(dtype)
+    model.gradient_checkpointing = checkpointing
+    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids, labels = torch.randint(0, mc.vocab_size, (B, T)), torch.randint(0, mc.vocab_size, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=labels, reduction="sum")
+    return sum(v for k, v in seen.items() if k not in kept) / (B * T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["gqa", "mha_tied"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_formula_is_what_autograd_saves(dtype, shape, checkpointing):
+    mc = get_model_config("tiny")  # 4 heads over 2 KV heads
+    if shape == "mha_tied":
+        mc = dataclasses.replace(mc, n_kv_heads=mc.n_heads, tie_embeddings=True, ffn_dim=256)
+    a = 4 if dtype == torch.float32 else 2
+    blocks, loss = activation_bytes_per_token(mc, a, checkpointing)
+    # what forward keeps: the blocks' (with checkpointing their inputs only: the one block rebuilt at a time in
+    # backward is not held in forward) and the loss's, whose backward peak adds 8V (two more fp32 V-vectors)
+    held = blocks - (_block(mc, a) if checkpointing else 0) + loss - 8 * mc.vocab_size
+    assert _saved_bytes_per_token(mc, dtype, checkpointing) == pytest.approx(held, abs=1)  # + a few scalars
+
+
+def _block(mc, a):
+    one_layer = dataclasses.replace(mc, n_layers=1)
+    return activation_bytes_per_token(one_layer, a, False)[0]
+
+
+def _estimate(*flags, world=8, gib=None, device="cuda"):
+    cfg = parse_config(["--data-kind", "synthetic", *flags]).for_world_size(world)
+    return estimate_memory(cfg, get_model_config(cfg.model_size), world, device_type=device,
+                           device_memory_gib=gib)
+
+
+def test_largest_micro_batch_is_the_edge_of_fitting():
+    est = _estimate("--model-size", "base", "--max-seq-length", "2048", "--micro-batch-size", "1", gib=40)
+    best = est.largest_micro_batch(1)
+    assert best and best > 1
+    at = _estimate("--model-size", "base", "--max-seq-length", "2048", "--micro-batch-size", str(best), gib=40)
+    over = _estimate("--model-size", "base", "--max-seq-length", "2048", "--micro-batch-size", str(best + 1), gib=40)
+    assert at.fits and not over.fits
+    # activation checkpointing and more ranks each make room; ZeRO-3 shards what ZeRO-2 keeps whole
+    ckpt = _estimate("--model-size", "base", "--max-seq-length", "2048", "--micro-batch-size", str(best + 1),
+                     "--gradient-checkpointing", gib=40)
+    assert ckpt.fits and ckpt.largest_micro_batch(best + 1) > best
+    assert _estimate("--model-size", "base", world=64).peak_bytes < _estimate("--model-size", "base").peak_bytes
+
+
+def test_the_cli_prints_the_table_and_the_verdict(capsys, tmp_path):
+    ds = ROOT / "ds_configs" / "zero3_bf16.json"
+    main(["--model-size", "large", "--ds_config", str(ds), "--world-size", "8", "--batch-size", "2",
+          "--max-seq-length", "2048", "--gradient-checkpointing", "--device-memory-gib", "80",
+          "--data-kind", "synthetic"])
+    out = capsys.readouterr().out
+    assert "large (6,738.4M params), bf16, world 8, micro-batch 2 x 2048 tokens, activation checkpointing" in out
+    assert "memory per device, estimated (zero3)" in out
+    for row in ("parameters", "gradients", "optimizer state", "activations", "loss and logits", "buffers", "total"):
+        assert f"\n  {row} " in out
+    assert "fits in 80.0 GiB" in out and "largest micro-batch that fits:" in out
+    main(["--model-size", "large", "--engine", "fsdp", "--world-size", "1", "--device-memory-gib", "80",
+          "--max-seq-length", "2048", "--data-kind", "synthetic"])
+    assert "does NOT fit in 80.0 GiB" in capsys.readouterr().out  # 6.7B x 16 bytes of states alone
+
+
+def test_a_run_out_of_memory_stops_with_what_to_change(tmp_path):
+    """A memory cap (RLIMIT_DATA, 1.5 GiB) the first forward passes: the run stops with the message, not a
+    traceback, and writes no checkpoint."""
+    cap = int(1.5 * 2**30)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+    args = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "512", "--micro-batch-size",
+            "256", "--max-steps", "2", "--mixed-precision", "fp32", "--run-dir", str(tmp_path / "runs"),
+            "--run-name", "oom", "--eval-interval", "0"]
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], capture_output=True,
+                          text=True, env=clean_env(), cwd=tmp_path, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory in step 1 (micro-batch 256 x 512 tokens, activation checkpointing "
+                          "off): "), proc.stderr[-3000:]
+    assert "the estimate for this run is" in err and "a smaller --micro-batch-size than 256" in err
+    assert "--gradient-checkpointing" in err and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs" / "oom" / "checkpoints").glob("*/COMPLETE"))

@@ -1,0 +1,94 @@
+"""Seeing inside a run, read back as a user would: the profiler trace parses, the samples are in TensorBoard's
+text plugin and samples.jsonl, `scaletrain plot` draws two runs, and the estimate table is in the run's log."""
+
+import json
+
+import pytest
+
+from scaletrain.data.prepare import prepare_domain
+from scaletrain.data.sample import create_sample_pretraining_data
+
+from .conftest import launch, read_metrics
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("observe")
+    raw = create_sample_pretraining_data(root, scale=0.04)
+    for d in ("arxiv", "general"):
+        prepare_domain(d, [str(raw[d])], str(root / "pre"), quiet=True, shard_tokens=4096, chunk_tokens=1024,
+                       val_fraction=0.1)
+    return root / "pre"
+
+
+def test_profile_samples_and_plot_from_real_runs(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"arxiv": ["\\begin{proof}"], "general": ["Once upon a time"]}))
+    args = ["--data-dir", str(shards), "--model-size", "tiny", "--max-seq-length", "64", "--batch-size", "2",
+            "--max-steps", "4", "--log-interval", "2", "--eval-interval", "2", "--eval-steps", "2",
+            "--profile-steps", "2:3", "--profile-rank0-only", "--sample-tokens", "6", "--sample-top-p", "0.9",
+            "--sample-prompts", str(prompts)]
+    proc = launch("torchrun", args, tmp_path, nproc=2)
+    run = tmp_path / "runs" / "t"
+    # the estimate table is printed at the start
+    assert "scaletrain: memory per device, estimated (fsdp):" in proc.stdout
+    assert "peak" in proc.stdout and "at the backward start" in proc.stdout
+    # the trace of steps 2-3, rank 0 only, is Chrome trace JSON with both profiler steps in it
+    traces = sorted((run / "profile").iterdir())
+    assert [t.name for t in traces] == ["rank0.steps2-3.pt.trace.json"], traces
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 2, steps
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert f"scaletrain: step 3: profiler trace {traces[0]}" in proc.stdout
+    # samples: greedy and top-p for each domain's prompt, at steps 2 and 4, in samples.jsonl and TensorBoard
+    lines = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert {(x["step"], x["domain"], x["prompt"], x["decoding"]) for x in lines} == {
+        (s, d, p, h) for s in (2, 4) for d, p in (("arxiv", "\\begin{proof}"), ("general", "Once upon a time"))
+        for h in ("greedy", "top-p 0.9")}
+    assert all(isinstance(x["text"], str) for x in lines)
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    text_tags = [t for t in acc.Tags()["tensors"] if t.startswith("samples/")]
+    assert sorted(text_tags) == ["samples/arxiv/text_summary", "samples/general/text_summary"]
+    shown = acc.Tensors("samples/general/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "**Once upon a time** _(greedy)_" in shown and "_(top-p 0.9)_" in shown
+    assert "sample general (greedy): 'Once upon a time' -> " in proc.stdout
+    # data_wait is logged; a second run, then the plot of both
+    assert all(0 <= m["data_wait"] <= 1 for m in read_metrics(tmp_path) if "data_wait" in m)
+    launch("python", ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size",
+                      "2", "--max-steps", "4", "--log-interval", "1"], tmp_path, run_name="other")
+    from scaletrain.plot import main as plot_main
+
+    png = tmp_path / "curves.png"
+    plot_main([str(run), str(tmp_path / "runs" / "other"), "--output", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_observe_flags_are_checked(tmp_path):
+    from scaletrain.cli import parse_config
+    from scaletrain.config import ConfigError
+
+    for flags, message in ((["--profile-steps", "3:2"], "--profile-steps: '3:2': give A:B"),
+                           (["--profile-steps", "x"], "give A:B"),
+                           (["--profile-steps", "200:201"], "starts at step 200, after --max-steps 100"),
+                           (["--profile-rank0-only"], "needs --profile-steps"),
+                           (["--memory-snapshot-step", "3"], "needs --memory-snapshot"),
+                           (["--sample-top-p", "1.5"], "--sample-top-p: must be in [0, 1]")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_config(flags)
+    from scaletrain.samples import load_prompts
+
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"arxvi": ["x"]}))
+    with pytest.raises(ConfigError, match="names arxvi, which this run does not train on"):
+        load_prompts(str(bad), ["arxiv", "general"])
+    lines = tmp_path / "p.txt"
+    lines.write_text("one\n\ntwo\n")
+    assert load_prompts(str(lines), ["a", "b"]) == {"a": ["one", "two"], "b": ["one", "two"]}
+    proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "2", "--memory-snapshot"], tmp_path,
+                  check=False)
+    assert proc.returncode == 1
+    assert "error: --memory-snapshot: records the CUDA allocator's history; this run is on cpu" in proc.stderr
