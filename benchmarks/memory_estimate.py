@@ -40,21 +40,28 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _warm_up(precision: str) -> None:
-    """One forward and backward of a small model: the kernels, thread pools and the autograd engine are loaded
-    before the start is taken, so the measure is the run's tensors."""
+def _warm_up(cfg, cls) -> None:
+    """One training step of a throwaway engine (the same engine and settings, the tiny model, a row of 32 tokens):
+    the kernels, thread pools, autograd engine and the engine's one-time set-up (measured: DeepSpeed's first
+    ``initialize`` in a process leaves ~50 MiB of Python objects and code that a second one does not add) are in
+    place before the start is taken, so what is measured is the run's tensors."""
+    import gc
+
     import torch
 
-    from scaletrain.model import Llama, get_model_config
+    from scaletrain.model.weights import RandomWeights
+    from scaletrain.run import model_config_for
 
-    model = Llama(get_model_config("tiny"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model.to(dtype)
-    x = torch.randint(0, 256, (2, 32))
-    model(x, labels=x).backward()
-    opt = torch.optim.AdamW(model.parameters(), foreach=True)
-    opt.step()
-    del model, opt
+    env = cls.init_distributed()
+    small = cfg.replace(model_size="tiny", num_layers=None, micro_batch_size=1, max_seq_length=32,
+                        gradient_accumulation_steps=1, global_batch_size=None)
+    small = cls.resolve_config(small, env.world_size, env.device.type).replace(warmup_steps=1)
+    mc = model_config_for(small, None)
+    engine = cls(cls.build_model(mc, small, env), small, env, weights=RandomWeights(0))
+    x = torch.randint(0, mc.vocab_size, (1, 32), device=env.device)
+    engine.train_step([(x, x, x.numel())])
+    del engine  # not closed: that would end the process group the run goes on with
+    gc.collect()
 
 
 class Peaks:
@@ -95,9 +102,7 @@ def worker(a: argparse.Namespace) -> None:
 
     cfg = parse_config(a.args)
     cls = get_engine_class(cfg.resolved_engine)
-    if cls.name == "deepspeed":
-        import deepspeed  # noqa: F401  (imported before the start is taken)
-    _warm_up(cfg.mixed_precision)
+    _warm_up(cfg, cls)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     peaks = Peaks(device)

@@ -5,10 +5,16 @@
 
 For each engine x activation-checkpointing setting, micro-batch sizes double from
 ``--min-micro-batch`` until the device runs out of memory (caught; the sweep goes on with
-the next configuration) or ``--max-micro-batch``. Each point runs ``--warmup`` then
+the next configuration), ``--max-micro-batch``, a point that ``scaletrain estimate`` says cannot
+fit the device (skipped without running: the device's memory, or ``--max-memory-gib``), or two
+doublings in a row that did not beat the best tokens/s so far. Each point runs ``--warmup`` then
 ``--steps`` measured optimizer steps on synthetic data. ``--num-layers K`` keeps the
 model's width and heads with fewer layers so a large shape fits one GPU: per-layer
 throughput and MFU carry over; memory and the best micro-batch of the full depth differ.
+
+Defaults follow the device: on a GPU the large preset, seq 2048, micro-batches up to 64, 2 warm-up and 3
+measured steps; on a CPU the small preset, seq 256, up to 16, 1 and 2 (a few minutes on 2 cores), fp32.
+Each point's table row holds the estimate beside the measured peak.
 
 Writes to ``--output`` (default benchmarks/results/<timestamp>): results.json, table.txt,
 throughput.png (tokens/s and MFU against micro-batch, one line per configuration),
@@ -131,6 +137,35 @@ def run_point(kind: str, ac: bool, mbs: int, a, env) -> dict:
     raise RuntimeError(f"point {point} failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
 
 
+def device_memory_gib(a, device: torch.device) -> float | None:
+    """What a point may use: --max-memory-gib, else the GPU's memory, else this machine's RAM over its ranks."""
+    if a.max_memory_gib:
+        return a.max_memory_gib
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def estimate_point(kind: str, ac: bool, mbs: int, a, world: int, device: torch.device, memory: float | None):
+    """``scaletrain estimate`` for one point (None for the plain loop, which no engine runs)."""
+    if kind == "plain":
+        return None
+    from common import engine_argv
+
+    from scaletrain.cli import parse_config
+    from scaletrain.estimate import estimate_memory
+
+    argv = ["--model-size", a.model_size, "--micro-batch-size", str(mbs), "--max-seq-length", str(a.seq),
+            "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision, "--data-kind",
+            "synthetic"] + (["--num-layers", str(a.num_layers)] if a.num_layers else []) + \
+        (["--gradient-checkpointing"] if ac else []) + engine_argv(kind)
+    cfg = parse_config(argv)
+    return estimate_memory(cfg, runner_model_cfg(a), world, resident=device.type == "cpu",
+                           device_type=device.type, device_memory_gib=memory)
+
+
 def runner_model_cfg(a):
     return get_model_config(a.model_size, n_layers=a.num_layers)
 
@@ -186,17 +221,19 @@ def best_command(best: dict, a, world: int, ds_path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-size", default="large")
+    p.add_argument("--model-size", help="default: large on a GPU, small on a CPU")
     p.add_argument("--num-layers", type=int, help="fewer layers, same width (to fit one GPU)")
     p.add_argument("--engines", nargs="+", default=["fsdp", "zero2", "zero3"])
     p.add_argument("--activation-checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--micro-batches", type=int, nargs="+", help="explicit list instead of doubling")
     p.add_argument("--min-micro-batch", type=int, default=1)
-    p.add_argument("--max-micro-batch", type=int, default=64)
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--max-micro-batch", type=int, help="default: 64 on a GPU, 16 on a CPU")
+    p.add_argument("--seq", type=int, help="default: 2048 on a GPU, 256 on a CPU")
     p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, help="default: 2 on a GPU, 1 on a CPU")
+    p.add_argument("--steps", type=int, help="default: 3 on a GPU, 2 on a CPU")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop a configuration's sweep after this many doublings without a better tokens/s")
     p.add_argument("--precision", default=None, help="bf16 on CUDA, fp32 on CPU by default")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the GPU name)")
@@ -206,7 +243,11 @@ def main() -> None:
                    help="measure every point in this process (always so under a multi-rank launcher)")
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point and print it
     a = p.parse_args()
-    a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    gpu = torch.cuda.is_available()
+    for name, on_gpu, on_cpu in (("model_size", "large", "small"), ("max_micro_batch", 64, 16), ("seq", 2048, 256),
+                                 ("warmup", 2, 1), ("steps", 3, 2), ("precision", "bf16", "fp32")):
+        if getattr(a, name) is None:
+            setattr(a, name, on_gpu if gpu else on_cpu)
 
     uses_ds = any(k.startswith("zero") for k in a.engines)
     isolate = not a.no_isolate and int(os.environ.get("WORLD_SIZE", "1")) == 1 and a.point is None
@@ -236,22 +277,43 @@ def main() -> None:
     if is_main:
         print(header, flush=True)
     rows = []
+    memory = device_memory_gib(a, device)
+    if is_main:
+        print(f"memory per device for the estimate: {memory:.1f} GiB" if memory else
+              "memory per device for the estimate: unknown (give --max-memory-gib)", flush=True)
     for kind in a.engines:
         for ac in a.activation_checkpointing:
+            best, since_best = 0.0, 0
             for mbs in sweep_sizes(a):
-                r = run_point(kind, ac == "on", mbs, a, env)
-                r.update(engine=kind, activation_checkpointing=ac == "on", micro_batch=mbs,
-                         config=f"{kind}{' +AC' if ac == 'on' else ''}")
+                est = estimate_point(kind, ac == "on", mbs, a, world, device, memory)
+                config = f"{kind}{' +AC' if ac == 'on' else ''}"
+                if est is not None and est.fits is False:
+                    r = {"status": "skipped", "error": f"the estimate, {est.peak_bytes / 2**30:.2f} GiB, does not fit "
+                                                       f"{memory:.1f} GiB"}
+                else:
+                    r = run_point(kind, ac == "on", mbs, a, env)
+                r.update(engine=kind, activation_checkpointing=ac == "on", micro_batch=mbs, config=config,
+                         estimate_gib=est.peak_bytes / 2**30 if est is not None else None)
                 rows.append(r)
                 if is_main:
                     if r["status"] == "ok":
                         m = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "    -"
                         print(f"  {r['config']:<16} mb {mbs:>4}  {r['tokens_per_s']:>12,.0f} tok/s  MFU {m}  "
-                              f"{r['peak_memory_gib']:7.2f} GiB  {r['step_s'] * 1e3:8.1f} ms/step", flush=True)
+                              f"{r['peak_memory_gib']:7.2f} GiB (estimate {r['estimate_gib']:.2f})  "
+                              f"{r['step_s'] * 1e3:8.1f} ms/step", flush=True)
                     else:
-                        print(f"  {r['config']:<16} mb {mbs:>4}  out of memory: {r['error']}", flush=True)
-                if r["status"] == "oom":
+                        what = "skipped" if r["status"] == "skipped" else "out of memory"
+                        print(f"  {r['config']:<16} mb {mbs:>4}  {what}: {r['error']}", flush=True)
+                if r["status"] != "ok":
                     break  # larger micro-batches will not fit either
+                if r["tokens_per_s"] > best:
+                    best, since_best = r["tokens_per_s"], 0
+                else:
+                    since_best += 1
+                    if since_best >= a.patience:
+                        if is_main:
+                            print(f"  {config:<16} stops: no better tokens/s in {a.patience} doublings", flush=True)
+                        break
     if is_main:
         write_outputs(rows, a, world, out, header)
     sys.stdout.flush()
@@ -260,15 +322,18 @@ def main() -> None:
 
 def write_outputs(rows: list[dict], a, world: int, out: Path, header: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    columns = f"{'config':<16}{'micro-batch':>12}{'tokens/s':>14}{'MFU':>8}{'memory GiB':>12}{'ms/step':>10}"
+    columns = (f"{'config':<16}{'micro-batch':>12}{'tokens/s':>14}{'MFU':>8}{'memory GiB':>12}{'estimate':>10}"
+               f"{'ms/step':>10}")
     lines = [header, "", columns]
     for r in rows:
+        est = f"{r['estimate_gib']:.2f}" if r.get("estimate_gib") is not None else "-"
         if r["status"] == "ok":
             m = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             lines.append(f"{r['config']:<16}{r['micro_batch']:>12}{r['tokens_per_s']:>14,.0f}{m:>8}"
-                         f"{r['peak_memory_gib']:>12.2f}{r['step_s'] * 1e3:>10.1f}")
+                         f"{r['peak_memory_gib']:>12.2f}{est:>10}{r['step_s'] * 1e3:>10.1f}")
         else:
-            lines.append(f"{r['config']:<16}{r['micro_batch']:>12}{'OOM':>14}")
+            what = "skipped" if r["status"] == "skipped" else "OOM"
+            lines.append(f"{r['config']:<16}{r['micro_batch']:>12}{what:>14}{'':>8}{'':>12}{est:>10}")
     ok = [r for r in rows if r["status"] == "ok"]
     best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
     if best:

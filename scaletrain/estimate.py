@@ -22,11 +22,14 @@ States (persistent from the first optimizer step on):
     master partition 4P/N, moments 8P/N; the gradients' reduce buckets, a·B each (B = reduce_bucket_size
     elements, two with overlap_comm), the partition's gradients a·P/N, and at the step their fp32 copy
     4P/N and the foreach temporary 4P/N.
-  * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, fp32 gradient partition
-    4P/N (grad_accum_dtype fp32); parameters under stage3_param_persistence_threshold elements stay whole
-    (a each); gathered in forward and backward: the block in use and the prefetch bucket,
-    a·(P_b + prefetch); the reduce bucket a·B; the step works sub-group by sub-group (sub_group_size
-    elements G): the foreach temporary 4·min(G, P/N).
+  * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, the flat fp32 gradient
+    partition 4P/N (allocated at initialisation, so present at both moments) and the reduce bucket a·B;
+    parameters under stage3_param_persistence_threshold elements stay whole (a each); gathered in forward and
+    backward: a parameter is kept while its next use is within stage3_max_reuse_distance elements, up to
+    stage3_max_live_parameters, so with both at or above P (the shipped 1e9 for models below 1B) every
+    parameter stays gathered from its forward to its backward, a·P, else the block in use and the prefetch
+    bucket, a·(P_b + prefetch). The step goes sub-group by sub-group (sub_group_size elements G): the
+    sub-group's gradients flattened into fp32 4·min(G, P/N), and foreach's temporary as much again.
 
 Activations, saved for backward, bytes per token of each block (``model/llama.py``):
   * each RMSNorm (2 a block): its fp32 input 4D, the normalised value a·D, its output a·D, its fp32 rstd 4:
@@ -168,6 +171,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         return int(dtype_bytes * (min(elements, holds) if resident else elements))
 
     shard = math.ceil(p / n)
+    grads_bwd = 0  # gradients that exist when backward starts (ZeRO-3's flat partition buffer)
     if engine == "fsdp":
         params = 4 * shard
         optim = 8 * shard
@@ -199,19 +203,26 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         prefetch = float(zero.get("stage3_prefetch_bucket_size", 5e7))
         persist = float(zero.get("stage3_param_persistence_threshold", 1e5))
         group = float(zero.get("sub_group_size", 1e9))
+        live = float(zero.get("stage3_max_live_parameters", 1e9))
+        reuse = float(zero.get("stage3_max_reuse_distance", 1e9))
         small = _persistent_elements(mc, persist)
         params = a * shard + a * small * (n - 1) // n + 4 * shard
         optim = 8 * shard
-        grads = 4 * shard
-        gathered = a * min(p - small, pb + prefetch)
-        temp = 0 if fused else 4 * int(min(group, shard))
-        buffers_bwd = gathered + bucket(b, a, p)
-        buffers_step = temp
+        grads = grads_bwd = 4 * shard  # the flat fp32 gradient partition, allocated at initialisation
+        # a parameter is not released while its next use is within max_reuse_distance elements (the backward of a
+        # forward it served), up to max_live_parameters: past the model's size, all stay gathered
+        gathered = a * (p - small) if min(live, reuse) >= p else a * min(p - small, pb + prefetch)
+        sub = int(min(group, shard))
+        temp = 4 * sub + (0 if fused else 4 * sub)  # a sub-group's flattened fp32 gradients (+ foreach's temporary)
+        reduce_bucket = bucket(b, a, p)
+        buffers_bwd = gathered + reduce_bucket
+        buffers_step = temp + reduce_bucket
         if offload:
-            params, optim, grads, buffers_step = a * shard + a * small * (n - 1) // n, 0, 0, 0
+            params, optim, grads, grads_bwd = a * shard + a * small * (n - 1) // n, 0, 0, 0
+            buffers_step = reduce_bucket
 
     # each kind's bytes at the two moments (the gradients of the step do not exist yet when backward starts)
-    rows = {"parameters": (params, params), "gradients": (0, grads), "optimizer state": (optim, optim),
+    rows = {"parameters": (params, params), "gradients": (grads_bwd, grads), "optimizer state": (optim, optim),
             "activations": (activations, 0), "loss and logits": (loss, 0),
             "buffers": (buffers_bwd, buffers_step)}
     at_backward, at_step = (sum(v[i] for v in rows.values()) for i in (0, 1))

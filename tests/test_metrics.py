@@ -187,7 +187,9 @@ def test_throughput_sweep_outputs_and_best_config(tmp_path):
     assert ds["zero_optimization"]["stage"] == 2 and isinstance(ds["train_micro_batch_size_per_gpu"], int)
 
 
-def test_throughput_out_of_memory_stops_the_doubling(tmp_path):
+def test_throughput_stops_the_doubling_where_memory_runs_out(tmp_path):
+    """A 0.15 GiB cap: the sweep stops at the first point the estimate says cannot fit (not run) or, had the
+    estimate let one through, at its out-of-memory; larger sizes are not tried."""
     proc = _throughput(
         tmp_path,
         "--engines",
@@ -200,12 +202,19 @@ def test_throughput_out_of_memory_stops_the_doubling(tmp_path):
         "1024",
         "--max-memory-gib",
         "0.15",
+        "--patience",
+        "100",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom"
-    assert rows[-1]["micro_batch"] < 1024  # stopped at the first OOM, larger sizes not tried
-    assert "out of memory" in proc.stdout
+    assert rows[0]["status"] == "ok" and rows[-1]["status"] in ("oom", "skipped")
+    assert rows[-1]["micro_batch"] < 1024  # stopped at the first point that does not fit, larger sizes not tried
+    assert all(r["estimate_gib"] > 0 for r in rows)
+    if rows[-1]["status"] == "skipped":
+        assert f"mb {rows[-1]['micro_batch']:>4}  skipped: the estimate, " in proc.stdout
+        assert rows[-1]["estimate_gib"] > 0.15 and rows[-2]["estimate_gib"] <= 0.15
+    else:
+        assert "out of memory" in proc.stdout
 
 
 def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monkeypatch):
