@@ -113,11 +113,7 @@ def worker(a: argparse.Namespace) -> None:
     def train_step(self, batches):
         if peaks.built is None:
             peaks.built = peaks.now()
-            from scaletrain.estimate import estimate_memory
-
-            est = estimate_memory(self.cfg, self._estimate_model_config, self.env.world_size,
-                                  resident=device.type == "cpu", ds_config=getattr(self, "ds_config", None))
-            estimate.update(est.to_dict())
+            estimate.update(self.memory_estimate(self._estimate_model_config).to_dict())
         return real_step(self, batches)
 
     def after_step(self, *args, **kwargs):

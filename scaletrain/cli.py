@@ -46,8 +46,11 @@ def _metavar(name: str, typ: type) -> str:
         return "N"
     if typ is float:
         return "NUM"
-    if name.endswith("_dir") or name in ("ds_config", "tokenizer", "resume"):
+    if name.endswith("_dir") or name in ("ds_config", "tokenizer", "resume", "sample_prompts", "model_config",
+                                         "init_from"):
         return "PATH"
+    if name == "profile_steps":
+        return "A:B"
     return "NAME"
 
 

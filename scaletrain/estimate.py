@@ -259,12 +259,9 @@ def run_estimate(cfg, model_config, world_size: int, device_type: str, device_me
                            device_type=device_type, device_memory_gib=device_memory_gib)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``scaletrain estimate [training flags] --world-size N [--device-memory-gib G] [--device cuda|cpu]``."""
+def build_parser():
+    """The estimate's own flags; every other flag is a training flag (``scaletrain train --help``)."""
     import argparse
-    import sys
-
-    from scaletrain.errors import run_entry
 
     p = argparse.ArgumentParser(prog="scaletrain estimate", add_help=False,
                                 description="Memory per device of a training run before launching it: the training "
@@ -274,6 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="where it runs (default: cuda; cpu counts resident memory)")
     p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``scaletrain estimate [training flags] --world-size N [--device-memory-gib G] [--device cuda|cpu]``."""
+    import sys
+
+    from scaletrain.errors import run_entry
+
+    p = build_parser()
     own, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if own.help:
         p.print_help()

@@ -81,13 +81,17 @@ def plot(runs: list[str], output: str, title: str | None = None) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaletrain plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/NAME) or metrics.jsonl files")
     p.add_argument("--output", "-o", required=True, metavar="PNG", help="the image to write")
     p.add_argument("--title", help="the figure's title (default: the runs' names)")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from scaletrain.errors import run_entry
 
     run_entry(lambda: print(f"wrote {plot(a.runs, a.output, a.title)}"))

@@ -20,7 +20,6 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
-from scaletrain.estimate import run_estimate
 from scaletrain.faults import poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
@@ -208,8 +207,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, cfg.run_name), env.is_main, cfg.to_dict(), state.step)
     fpt = flops_per_token(model_cfg, cfg.max_seq_length)
     peak = _resolve_peak(cfg, env.device)
-    estimate = run_estimate(cfg, model_cfg, env.world_size, env.device.type, resident=env.device.type == "cpu",
-                            ds_config=getattr(engine, "ds_config", None))
+    estimate = engine.memory_estimate(model_cfg)
     if env.is_main:
         print(_header(plan, engine, env, state.step, loader.global_batch), flush=True)
         print("scaletrain: " + estimate.table(cfg.micro_batch_size).replace("\n", "\nscaletrain: "), flush=True)

@@ -154,6 +154,15 @@ def _check(argv: list[str]) -> None:
 
         if argv[1] in ("train", "convert"):  # handed on to launch/pretrain.py's and launch/convert.py's parsers
             return _check(["python", f"launch/{'pretrain' if argv[1] == 'train' else 'convert'}.py", *argv[2:]])
+        if argv[1] == "estimate":  # its own flags, then the training flags
+            from scaletrain.estimate import build_parser as estimate_parser
+
+            _, rest = estimate_parser().parse_known_args(argv[2:])
+            return _check_pretrain(rest)
+        if argv[1] == "plot":
+            from scaletrain.plot import build_parser as plot_parser
+
+            return plot_parser().parse_args(argv[2:])
         build_parser().parse_args(argv[1:])
     elif prog == "python" and argv[1] == "launch/pretrain.py":
         _check_pretrain(argv[2:])

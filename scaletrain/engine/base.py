@@ -404,6 +404,18 @@ class Engine(ABC):
         restore_optimizer_invariants(self.base_optimizer, self._policy, optimizer_steps)
         self._set_schedule(optimizer_steps)
 
+    def native_config(self) -> dict | None:
+        """The back end's own resolved configuration where it has one (DeepSpeed's JSON), else None."""
+        return None
+
+    def memory_estimate(self, model_cfg: ModelConfig, device_memory_gib: float | None = None):
+        """``scaletrain estimate`` for this engine's run (resident memory on a CPU; the GPU's size on CUDA)."""
+        from scaletrain.estimate import run_estimate
+
+        device = self.env.device.type
+        return run_estimate(self.cfg, model_cfg, self.env.world_size, device, device_memory_gib,
+                            resident=device == "cpu", ds_config=self.native_config())
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.barrier()

@@ -115,6 +115,9 @@ class DeepSpeedEngine(Engine):
     def module(self) -> nn.Module:
         return self.ds
 
+    def native_config(self) -> dict:
+        return self.ds_config
+
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         return self.ds.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimizer
