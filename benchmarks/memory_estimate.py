@@ -2,7 +2,11 @@
 the same flags used, for FSDP2 and ZeRO-2/3 at world 1 and 2 (tiny and small by default), in one run.
 
     python benchmarks/memory_estimate.py [--models tiny small] [--engines fsdp zero2 zero3] [--worlds 1 2]
-                                         [--precision bf16] [--micro-batch-size 8] [--seq 256] [--steps 3]
+                                         [--checkpointing off on] [--precision bf16] [--micro-batch-size 8]
+                                         [--seq 256] [--steps 3] [--output DIR]
+
+A model may be cut to fewer layers as NAME@LAYERS (``large@4``: the large widths with 4 of its 32 layers, to fit
+one GPU).
 
 Measured on CPU as resident memory (RSS) above the start, per rank, the highest rank reported: each case is a
 fresh process (torchrun for world 2) that loads torch and the engine and runs one small forward and backward to
@@ -62,6 +66,17 @@ def _warm_up(cfg, cls) -> None:
     engine.train_step([(x, x, x.numel())])
     del engine  # not closed: that would end the process group the run goes on with
     gc.collect()
+
+
+def _own_mappings() -> None:
+    """glibc: blocks of 64 KiB and up in mappings of their own, unmapped when freed (what MALLOC_MMAP_THRESHOLD_
+    asks at the start; ``deepspeed.py``'s ZeRO-3 build leaves it at 32 MiB, under which freed tensors stay in the
+    heap and in RSS: ZeRO-3 tiny measured 1.4x the estimate that way, a heap's high-water mark, not tensors)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)  # and what the build freed into the heap goes back
 
 
 class Peaks:
@@ -127,6 +142,7 @@ def worker(a: argparse.Namespace) -> None:
     def engine_init(self, model, cfg, env, **kwargs):
         self._estimate_model_config = model.config
         real_engine_init(self, model, cfg, env, **kwargs)
+        _own_mappings()  # the ZeRO-3 build sets glibc's threshold to 32 MiB afterwards (engine/deepspeed.py)
 
     cls.__init__ = engine_init
     trainer.train(cfg)
@@ -147,14 +163,16 @@ def shape(model: str, a: argparse.Namespace) -> tuple[int, int]:
     return a.micro_batch_size or mb, a.seq or seq
 
 
-def run_case(model: str, engine: str, world: int, a: argparse.Namespace, tmp: Path) -> dict:
-    out = tmp / f"{model}_{engine}_{world}"
-    mb, seq = shape(model, a)
-    args = ["--data-kind", "synthetic", "--model-size", model, "--mixed-precision", a.precision,
+def run_case(model: str, engine: str, world: int, ac: bool, a: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / f"{model.replace('@', '_')}_{engine}_{world}{'_ac' if ac else ''}"
+    name, _, layers = model.partition("@")
+    mb, seq = shape(name, a)
+    args = ["--data-kind", "synthetic", "--model-size", name, "--mixed-precision", a.precision,
             "--max-seq-length", str(seq), "--micro-batch-size", str(mb),
             "--max-steps", str(a.steps), "--eval-interval", "0", "--log-interval", "1", "--no-use-tensorboard",
             "--no-save-best", "--run-dir", str(tmp / "runs"), "--run-name", out.name,
-            *(["--gradient-checkpointing"] if a.gradient_checkpointing else []), *engine_argv(engine, str(tmp))]
+            *(["--num-layers", layers] if layers else []), *(["--gradient-checkpointing"] if ac else []),
+            *engine_argv(engine, str(tmp))]
     me = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--", *args]
     cmd = ([sys.executable, *me] if world == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
@@ -168,7 +186,8 @@ def run_case(model: str, engine: str, world: int, a: argparse.Namespace, tmp: Pa
     top = max(ranks, key=lambda r: r["measured_mib"])
     est = top["estimate"]
     predicted = est["peak_bytes"] / 2**20
-    return {"model": model, "engine": engine, "world": world, "rows": f"{mb}x{seq}", "predicted_mib": predicted,
+    return {"model": model, "engine": engine + (" +AC" if ac else ""), "world": world, "rows": f"{mb}x{seq}",
+            "predicted_mib": predicted,
             "measured_mib": top["measured_mib"], "ratio": predicted / top["measured_mib"],
             "built_mib": top["built_mib"], "step_peaks_mib": top["step_peaks_mib"], "estimate": est,
             "seconds": time.perf_counter() - t0, "measure": top["measure"]}
@@ -184,7 +203,9 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, help="default: 16 for tiny, 4 otherwise")
     p.add_argument("--seq", type=int, help="default: 256 for tiny, 128 otherwise")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"],
+                   help="activation checkpointing off and/or on (default: off)")
+    p.add_argument("--output", help="results folder (default: benchmarks/results/<device>)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
@@ -197,16 +218,15 @@ def main() -> None:
         a.precision = "bf16" if torch.cuda.is_available() else "fp32"
     tmp = Path(tempfile.mkdtemp(prefix="memory_estimate_"))
     rows = []
-    head = (f"{'model':6} {'rows':>7} {'engine':6} {'world':>5} {'predicted':>10} {'measured':>10} {'ratio':>6}   "
-            f"(MiB per device; {a.precision}; rows: micro-batch x sequence"
-            f"{'; activation checkpointing' if a.gradient_checkpointing else ''})")
+    head = (f"{'model':8} {'rows':>7} {'engine':10} {'world':>5} {'predicted':>10} {'measured':>10} {'ratio':>6}   "
+            f"(MiB per device; {a.precision}; rows: micro-batch x sequence)")
     print(head, flush=True)
     for model in a.models:
-        for engine in a.engines:
+        for engine, ac in [(e, c == "on") for e in a.engines for c in a.checkpointing]:
             for world in a.worlds:
-                r = run_case(model, engine, world, a, tmp)
+                r = run_case(model, engine, world, ac, a, tmp)
                 rows.append(r)
-                print(f"{model:6} {r['rows']:>7} {engine:6} {world:5d} {r['predicted_mib']:10,.0f} "
+                print(f"{model:8} {r['rows']:>7} {r['engine']:10} {world:5d} {r['predicted_mib']:10,.0f} "
                       f"{r['measured_mib']:10,.0f} {r['ratio']:6.2f}   steps "
                       f"{' '.join(f'{s:,.0f}' for s in r['step_peaks_mib'])}; "
                       f"{r['seconds']:.0f} s", flush=True)
@@ -218,10 +238,10 @@ def main() -> None:
     where = (torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available()
              else f"cpu-{os.cpu_count()}core")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = ROOT / "benchmarks" / "results" / where / f"memory_estimate_{stamp}.json"
+    dest = Path(a.output or ROOT / "benchmarks" / "results" / where) / f"memory_estimate_{stamp}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "summary": summary}, indent=1))
-    lines = [head] + [f"{r['model']:6} {r['rows']:>7} {r['engine']:6} {r['world']:5d} {r['predicted_mib']:10,.0f} "
+    lines = [head] + [f"{r['model']:8} {r['rows']:>7} {r['engine']:10} {r['world']:5d} {r['predicted_mib']:10,.0f} "
                       f"{r['measured_mib']:10,.0f} {r['ratio']:6.2f}" for r in rows] + [summary]
     dest.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")

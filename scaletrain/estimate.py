@@ -21,7 +21,7 @@ States (persistent from the first optimizer step on):
   * DeepSpeed ZeRO-1/2: the model's parameters whole in the compute dtype a·P (in a flat buffer), fp32
     master partition 4P/N, moments 8P/N; the gradients' reduce buckets, a·B each (B = reduce_bucket_size
     elements, two with overlap_comm), the partition's gradients a·P/N, and at the step their fp32 copy
-    4P/N and the foreach temporary 4P/N.
+    4P/N (none in fp32, where ``.to(float32)`` returns the same tensor) and the optimizer's temporary 4P/N.
   * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, the flat fp32 gradient
     partition 4P/N (allocated at initialisation, so present at both moments) and the reduce bucket a·B;
     parameters under stage3_param_persistence_threshold elements stay whole (a each); gathered in forward and
@@ -38,8 +38,9 @@ Activations, saved for backward, bytes per token of each block (``model/llama.py
     projection's input is a view of SDPA's output), SDPA's fp32 log-sum-exp 4H
   * MLP: gate output, its SiLU, up output and their product: 4a·F
   -> per block  2(4 + 2a)·D + 8 + 4a·H·Q + 4H + 4a·F, times S tokens, times L blocks.
-  With activation checkpointing each block keeps only its input (a·D per token) and one block's activations
-  are rebuilt at a time in backward.
+  With activation checkpointing each block keeps only its input (a·D per token); one block's activations
+  are rebuilt at a time in backward, once the loss's buffers are freed, with its MLP's two gradients 2a·F
+  alive at once: the peak holds L·a·D + max(loss, block + 2a·F).
 Loss: the final norm (4 + 2a)·D + 4, the int64 token ids and labels 16; log-softmax keeps its fp32 output 4V
 per token (``tests/test_estimate.py`` checks these saved bytes against autograd's own, exactly), and its
 backward holds that output, its incoming gradient and its result at once: 12V·S bytes at the start of the
@@ -71,6 +72,8 @@ class MemoryEstimate:
     step_bytes: int
     device_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    checkpointing: bool = False  # whether the run recomputes activations
+    other_activation_bytes: int = 0  # the activations with activation checkpointing the other way
 
     @property
     def fits(self) -> bool | None:
@@ -97,6 +100,8 @@ class MemoryEstimate:
         for k, (bwd, step) in list(self.rows.items()) + [("total", (self.backward_bytes, self.step_bytes))]:
             lines.append(f"  {k:<18} {bwd / div:11.2f} {unit} {step / div:11.2f} {unit}")
         lines[-1] += f"   peak {self.peak_bytes / div:.2f} {unit} at the {self.moment}"
+        other = "without" if self.checkpointing else "with --gradient-checkpointing"
+        lines.append(f"  activations {other}: {self.other_activation_bytes / div:.2f} {unit}")
         if self.device_bytes is not None:
             best = self.largest_micro_batch(micro_batch)
             verdict = "fits" if self.fits else "does NOT fit"
@@ -126,9 +131,12 @@ def activation_bytes_per_token(mc, a: int, checkpointing: bool, z_loss: bool = F
     """(bytes per token held by the blocks at the start of backward, bytes per token of the loss's peak)."""
     d, f, h, q = mc.d_model, mc.ffn_dim, mc.n_heads, mc.head_dim
     block = 2 * (4 + 2 * a) * d + 8 + 4 * a * h * q + 4 * h + 4 * a * f
-    blocks = mc.n_layers * a * d + block if checkpointing else mc.n_layers * block
     loss = (4 + 2 * a) * d + 4 + 16 + 12 * mc.vocab_size + (4 * mc.vocab_size if z_loss else 0)
-    return blocks, loss
+    if not checkpointing:
+        return mc.n_layers * block, loss
+    # one block rebuilt in backward (after the loss's buffers are gone) with its MLP's two gradients 2a·F:
+    # whichever of that and the loss's backward is larger is the peak
+    return mc.n_layers * a * d + max(0, block + 2 * a * f - loss), loss
 
 
 def _ds_engine(ds_config: dict | None) -> tuple[str, dict]:
@@ -191,7 +199,8 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         n_buckets = 2 if zero.get("overlap_comm", False) else 1
         params = a * p + 4 * shard  # the model whole in the compute dtype + fp32 master partition
         optim = 8 * shard
-        grads = a * shard + 4 * shard  # the partition's gradients, and their fp32 copy at the step
+        # the partition's gradients, and at the step their fp32 copy (``.to(float32)``: none when they are fp32)
+        grads = a * shard + (4 * shard if a != 4 else 0)
         buckets = sum(bucket(b, a, max(0.0, p - i * b)) for i in range(n_buckets))
         temp = 0 if fused else 4 * shard
         buffers_bwd, buffers_step = buckets, buckets + temp
@@ -228,8 +237,10 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
     at_backward, at_step = (sum(v[i] for v in rows.values()) for i in (0, 1))
     moment = "backward start" if at_backward >= at_step else "optimizer step"
     device_bytes = int(device_memory_gib * GiB) if device_memory_gib else None
+    other = activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing)[0] * tokens
     return MemoryEstimate(engine, rows, max(at_backward, at_step), moment,
-                          (blocks_pt + loss_pt) * cfg.max_seq_length, at_backward, at_step, device_bytes, notes)
+                          (blocks_pt + loss_pt) * cfg.max_seq_length, at_backward, at_step, device_bytes, notes,
+                          cfg.gradient_checkpointing, other)
 
 
 def _persistent_elements(mc, threshold: float) -> int:
