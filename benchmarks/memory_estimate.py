@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,7 @@ def run_case(model: str, engine: str, world: int, ac: bool, a: argparse.Namespac
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
+    shutil.rmtree(tmp / "runs" / out.name, ignore_errors=True)  # its final checkpoint: GiBs per case
     top = max(ranks, key=lambda r: r["measured_mib"])
     est = top["estimate"]
     predicted = est["peak_bytes"] / 2**20
@@ -230,6 +232,7 @@ def main() -> None:
                       f"{r['measured_mib']:10,.0f} {r['ratio']:6.2f}   steps "
                       f"{' '.join(f'{s:,.0f}' for s in r['step_peaks_mib'])}; "
                       f"{r['seconds']:.0f} s", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     worst = max(abs(r["ratio"] - 1) for r in rows)
     summary = f"largest error {worst:.1%} (goal on CPU: 15%); measure: {rows[0]['measure']}"
     print(summary)

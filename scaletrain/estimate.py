@@ -1,9 +1,10 @@
 """Will it fit? Bytes per device of a training run, from its config alone (no torch, no model built).
 
-The peak of a step is the larger of two moments (Megatron's ``report_theoretical_memory`` and DeepSpeed's
+The peak of a step is the largest of three moments (Megatron's ``report_theoretical_memory`` and DeepSpeed's
 ``estimate_zero*_model_states_mem_needs`` cover the first one's model states):
 
     backward start: states + gathered parameters + activations of every block + the loss's buffers
+    backward end:   states + gradients + the root (embedding, lm_head) gathered with its unsharded gradients
     optimizer step: states + gradients + the optimizer's temporaries (+ the engine's gradient buffers)
 
 Symbols: P parameters (a tied embedding counted once), N world size, a bytes of the compute dtype (2 for
@@ -57,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GiB = 2**30
+MOMENTS = ("backward start", "backward end", "optimizer step")
 
 
 @dataclass
@@ -64,11 +66,12 @@ class MemoryEstimate:
     """Bytes per device, by kind, at the run's peak moment, and what it means for a device of ``device_bytes``."""
 
     engine: str  # fsdp, zero2, zero3 (zero1 counts as zero2: gradients whole until reduced)
-    rows: dict[str, tuple[int, int]]  # kind -> bytes at the backward start and at the optimizer step
+    rows: dict[str, tuple[int, int, int]]  # kind -> bytes at each of MOMENTS
     peak_bytes: int
     moment: str  # "backward start" or "optimizer step"
     activation_bytes_per_row: int  # what one more row of micro-batch adds
-    backward_bytes: int  # the two moments' totals
+    backward_bytes: int  # the three moments' totals
+    end_bytes: int
     step_bytes: int
     device_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -83,22 +86,24 @@ class MemoryEstimate:
         """The largest micro-batch whose estimate fits the device (0: not even one row); None without a device."""
         if self.device_bytes is None or not self.activation_bytes_per_row:
             return None
-        if self.step_bytes > self.device_bytes:
+        if max(self.step_bytes, self.end_bytes) > self.device_bytes:
             return 0
         fixed = self.backward_bytes - self.activation_bytes_per_row * micro_batch
         return max(0, (self.device_bytes - fixed) // self.activation_bytes_per_row)
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "rows": dict(self.rows), "peak_bytes": self.peak_bytes, "moment": self.moment,
-                "backward_bytes": self.backward_bytes, "step_bytes": self.step_bytes, "device_bytes": self.device_bytes,
+                "backward_bytes": self.backward_bytes, "end_bytes": self.end_bytes, "step_bytes": self.step_bytes,
+                "device_bytes": self.device_bytes,
                 "activation_bytes_per_row": self.activation_bytes_per_row, "notes": self.notes}
 
     def table(self, micro_batch: int) -> str:
         unit, div = ("GiB", GiB) if self.peak_bytes >= GiB else ("MiB", 2**20)
-        lines = [f"memory per device, estimated ({self.engine}):", f"  {'':<18} {'backward start':>15} "
-                                                                  f"{'optimizer step':>15}"]
-        for k, (bwd, step) in list(self.rows.items()) + [("total", (self.backward_bytes, self.step_bytes))]:
-            lines.append(f"  {k:<18} {bwd / div:11.2f} {unit} {step / div:11.2f} {unit}")
+        lines = [f"memory per device, estimated ({self.engine}):",
+                 f"  {'':<18}" + "".join(f" {m:>15}" for m in MOMENTS)]
+        totals = (self.backward_bytes, self.end_bytes, self.step_bytes)
+        for k, values in list(self.rows.items()) + [("total", totals)]:
+            lines.append(f"  {k:<18}" + "".join(f" {v / div:11.2f} {unit}" for v in values))
         lines[-1] += f"   peak {self.peak_bytes / div:.2f} {unit} at the {self.moment}"
         other = "without" if self.checkpointing else "with --gradient-checkpointing"
         lines.append(f"  activations {other}: {self.other_activation_bytes / div:.2f} {unit}")
@@ -180,6 +185,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
 
     shard = math.ceil(p / n)
     grads_bwd = 0  # gradients that exist when backward starts (ZeRO-3's flat partition buffer)
+    grads_end = None  # at the end of backward (default: those of the step)
     if engine == "fsdp":
         params = 4 * shard
         optim = 8 * shard
@@ -191,6 +197,9 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         else:
             gathered_grads = (a + 4) * pb  # one block's, before its reduce-scatter
         buffers_bwd, buffers_step = gathered + gathered_grads, temp
+        # the backward ends in the root (lm_head first, the embedding last): it is gathered, with its gradients
+        # unsharded before their reduce-scatter (with accumulation, every unsharded gradient until the last one)
+        buffers_end = 2 * a * pr + (a * p if cfg.gradient_accumulation_steps > 1 else 0)
         if offload:
             params, optim, grads, temp = 0, 0, 0, 0
             buffers_step = 0
@@ -203,7 +212,8 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         grads = a * shard + (4 * shard if a != 4 else 0)
         buckets = sum(bucket(b, a, max(0.0, p - i * b)) for i in range(n_buckets))
         temp = 0 if fused else 4 * shard
-        buffers_bwd, buffers_step = buckets, buckets + temp
+        buffers_bwd, buffers_step, buffers_end = buckets, buckets + temp, buckets
+        grads_end = a * shard
         if offload:
             params, optim = a * p, 0
             grads, buffers_step = a * shard, buckets
@@ -224,23 +234,23 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         sub = int(min(group, shard))
         temp = 4 * sub + (0 if fused else 4 * sub)  # a sub-group's flattened fp32 gradients (+ foreach's temporary)
         reduce_bucket = bucket(b, a, p)
-        buffers_bwd = gathered + reduce_bucket
+        buffers_bwd = buffers_end = gathered + reduce_bucket
         buffers_step = temp + reduce_bucket
         if offload:
             params, optim, grads, grads_bwd = a * shard + a * small * (n - 1) // n, 0, 0, 0
             buffers_step = reduce_bucket
 
-    # each kind's bytes at the two moments (the gradients of the step do not exist yet when backward starts)
-    rows = {"parameters": (params, params), "gradients": (grads_bwd, grads), "optimizer state": (optim, optim),
-            "activations": (activations, 0), "loss and logits": (loss, 0),
-            "buffers": (buffers_bwd, buffers_step)}
-    at_backward, at_step = (sum(v[i] for v in rows.values()) for i in (0, 1))
-    moment = "backward start" if at_backward >= at_step else "optimizer step"
+    # each kind's bytes at the three moments (the gradients of the step do not exist yet when backward starts)
+    grads_end = grads if grads_end is None else grads_end
+    rows = {"parameters": (params, params, params), "gradients": (grads_bwd, grads_end, grads),
+            "optimizer state": (optim, optim, optim), "activations": (activations, 0, 0),
+            "loss and logits": (loss, 0, 0), "buffers": (buffers_bwd, buffers_end, buffers_step)}
+    totals = [sum(v[i] for v in rows.values()) for i in range(3)]
+    moment = MOMENTS[totals.index(max(totals))]
     device_bytes = int(device_memory_gib * GiB) if device_memory_gib else None
     other = activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing)[0] * tokens
-    return MemoryEstimate(engine, rows, max(at_backward, at_step), moment,
-                          (blocks_pt + loss_pt) * cfg.max_seq_length, at_backward, at_step, device_bytes, notes,
-                          cfg.gradient_checkpointing, other)
+    return MemoryEstimate(engine, rows, max(totals), moment, (blocks_pt + loss_pt) * cfg.max_seq_length,
+                          *totals, device_bytes, notes, cfg.gradient_checkpointing, other)
 
 
 def _persistent_elements(mc, threshold: float) -> int:
