@@ -35,6 +35,14 @@ def engine_argv(kind: str, tmpdir: str | None = None) -> list[str]:
     raise ValueError(f"unknown engine kind {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 
+def rss_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def free_port() -> int:
     import socket
 

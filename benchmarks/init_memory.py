@@ -29,14 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import child_env, engine_argv, free_port  # noqa: E402
-
-
-def rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from benchmarks.common import child_env, engine_argv, free_port, rss_mib  # noqa: E402
 
 
 def worker(a: argparse.Namespace) -> None:

@@ -35,14 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import child_env, engine_argv, free_port  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from benchmarks.common import child_env, engine_argv, free_port, rss_mib  # noqa: E402
 
 
 def _warm_up(cfg, cls) -> None:
@@ -93,19 +86,19 @@ class Peaks:
             self.start = torch.cuda.memory_allocated(device) / 2**20
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            self.start = _status_mib("VmRSS")
+            self.start = rss_mib("VmRSS")
         self.steps: list[float] = []
         self.built: float | None = None
 
     def now(self) -> float:
         import torch
 
-        return (torch.cuda.memory_allocated(self.device) / 2**20 if self.cuda else _status_mib("VmRSS")) - self.start
+        return (torch.cuda.memory_allocated(self.device) / 2**20 if self.cuda else rss_mib("VmRSS")) - self.start
 
     def peak(self) -> float:
         import torch
 
-        return (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else _status_mib("VmHWM")) \
+        return (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else rss_mib("VmHWM")) \
             - self.start
 
 

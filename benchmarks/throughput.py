@@ -13,7 +13,8 @@ model's width and heads with fewer layers so a large shape fits one GPU: per-lay
 throughput and MFU carry over; memory and the best micro-batch of the full depth differ.
 
 Defaults follow the device: on a GPU the large preset, seq 2048, micro-batches up to 64, 2 warm-up and 3
-measured steps; on a CPU the small preset, seq 256, up to 16, 1 and 2 (a few minutes on 2 cores), fp32.
+measured steps; on a CPU the tiny preset, seq 256, up to 16, 1 and 2, fp32 (small's points take a minute
+each on 2 cores: 25 minutes for the six configurations).
 Each point's table row holds the estimate beside the measured peak.
 
 Writes to ``--output`` (default benchmarks/results/<timestamp>): results.json, table.txt,
@@ -104,7 +105,7 @@ def measure(kind: str, ac: bool, mbs: int, a, env) -> dict:
         dt = (time.perf_counter() - t0) / a.steps
         tokens = mbs * a.accum * a.seq * env.world_size
         mem = (torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda"
-               else _peak_rss_gib())
+               else _peak_rss_gib() - base_rss)  # CPU: what the point added to the process's peak
         row = {"status": "ok", "step_s": dt, "tokens_per_s": tokens / dt,
                "tokens_per_s_per_device": tokens / dt / env.world_size, "peak_memory_gib": mem}
         if a.peak:
@@ -221,7 +222,7 @@ def best_command(best: dict, a, world: int, ds_path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-size", help="default: large on a GPU, small on a CPU")
+    p.add_argument("--model-size", help="default: large on a GPU, tiny on a CPU")
     p.add_argument("--num-layers", type=int, help="fewer layers, same width (to fit one GPU)")
     p.add_argument("--engines", nargs="+", default=["fsdp", "zero2", "zero3"])
     p.add_argument("--activation-checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -244,7 +245,7 @@ def main() -> None:
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point and print it
     a = p.parse_args()
     gpu = torch.cuda.is_available()
-    for name, on_gpu, on_cpu in (("model_size", "large", "small"), ("max_micro_batch", 64, 16), ("seq", 2048, 256),
+    for name, on_gpu, on_cpu in (("model_size", "large", "tiny"), ("max_micro_batch", 64, 16), ("seq", 2048, 256),
                                  ("warmup", 2, 1), ("steps", 3, 2), ("precision", "bf16", "fp32")):
         if getattr(a, name) is None:
             setattr(a, name, on_gpu if gpu else on_cpu)
@@ -271,6 +272,10 @@ def main() -> None:
               + f" ({num_params(mcfg) / 1e6:,.1f}M params, d_model {mcfg.d_model}, {mcfg.n_heads} heads), seq {a.seq}, "
               f"{a.precision}, accumulation {a.accum}, world {world}, device {dev}, "
               f"peak {a.peak or '-'} TFLOP/s; {a.warmup} warm-up + {a.steps} measured steps per point")
+    if device.type == "cpu":
+        header += ("\nnote: on CPU 'memory GiB' is the growth of the peak RSS of the point's fresh process, the "
+                   "libraries' one-time set-up and the whole-model build included; 'estimate' is the run's tensors "
+                   "(benchmarks/memory_estimate.py compares the two like for like)")
     if a.num_layers:
         header += ("\nnote: --num-layers keeps width and heads; per-layer throughput and MFU carry over to the "
                    "full depth, memory and the largest micro-batch that fits do not")
