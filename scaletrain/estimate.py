@@ -117,21 +117,6 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _sizes(mc) -> dict[str, int]:
-    """Parameter counts of the model's parts (as ``model/flops.num_params`` counts them, with biases)."""
-    d, q = mc.d_model, mc.head_dim
-    attn = d * mc.n_heads * q + 2 * d * mc.n_kv_heads * q + mc.n_heads * q * d
-    if mc.qkv_bias:
-        attn += mc.n_heads * q + 2 * mc.n_kv_heads * q
-    if mc.out_bias:
-        attn += d
-    block = attn + 3 * d * mc.ffn_dim + 2 * d
-    root = mc.vocab_size * d * (1 if mc.tie_embeddings else 2) + d
-    largest = max(mc.vocab_size * d, mc.ffn_dim * d, d * mc.n_heads * q)  # one tensor
-    return {"block": block, "root": root, "total": mc.n_layers * block + root, "largest": largest,
-            "small": mc.n_layers * 2 * d + d}  # norm weights (ZeRO-3 keeps small ones whole)
-
-
 def activation_bytes_per_token(mc, a: int, checkpointing: bool, z_loss: bool = False) -> tuple[int, int]:
     """(bytes per token held by the blocks at the start of backward, bytes per token of the loss's peak)."""
     d, f, h, q = mc.d_model, mc.ffn_dim, mc.n_heads, mc.head_dim
@@ -156,8 +141,9 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
     ranks. ``ds_config``: the resolved DeepSpeed config for the deepspeed engine (read from --ds_config when
     not given). See the module doc for every term."""
     mc, n = model_config, world_size
-    sizes = _sizes(mc)
-    p, pb, pr = sizes["total"], sizes["block"], sizes["root"]
+    from scaletrain.model.flops import block_tensor_sizes, num_params, root_tensor_sizes
+
+    p, pb, pr = num_params(mc), sum(block_tensor_sizes(mc)), sum(root_tensor_sizes(mc))
     a = 4 if cfg.mixed_precision == "fp32" else 2
     fused = device_type == "cuda"  # torch's fused AdamW on CUDA: no full-size temporaries
     notes: list[str] = []
@@ -255,16 +241,10 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
 
 def _persistent_elements(mc, threshold: float) -> int:
     """Elements of the parameters ZeRO-3 keeps whole (those with fewer than ``threshold`` elements)."""
-    d, q = mc.d_model, mc.head_dim
-    shapes = [d * mc.n_heads * q, d * mc.n_kv_heads * q, d * mc.n_kv_heads * q, mc.n_heads * q * d,
-              d * mc.ffn_dim, d * mc.ffn_dim, mc.ffn_dim * d, d, d]
-    if mc.qkv_bias:
-        shapes += [mc.n_heads * q, mc.n_kv_heads * q, mc.n_kv_heads * q]
-    if mc.out_bias:
-        shapes.append(d)
-    per_block = sum(s for s in shapes if s < threshold)
-    root = [mc.vocab_size * d] * (1 if mc.tie_embeddings else 2) + [d]
-    return mc.n_layers * per_block + sum(s for s in root if s < threshold)
+    from scaletrain.model.flops import block_tensor_sizes, root_tensor_sizes
+
+    return (mc.n_layers * sum(s for s in block_tensor_sizes(mc) if s < threshold)
+            + sum(s for s in root_tensor_sizes(mc) if s < threshold))
 
 
 def run_estimate(cfg, model_config, world_size: int, device_type: str, device_memory_gib: float | None = None,

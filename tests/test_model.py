@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,9 +35,12 @@ def test_logits_match_hf_llama(tied):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(PRESETS) + ["small+biases"])
 def test_param_count_is_exact(name):
-    cfg = get_model_config(name)
+    if name == "small+biases":  # Qwen2-style q/k/v biases and an output bias
+        cfg = dataclasses.replace(get_model_config("small"), qkv_bias=True, out_bias=True)
+    else:
+        cfg = get_model_config(name)
     with torch.device("meta"):
         model = Llama(cfg)
     assert num_params(cfg) == sum(p.numel() for p in model.parameters())

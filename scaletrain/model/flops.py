@@ -20,16 +20,25 @@ from __future__ import annotations
 from .presets import ModelConfig
 
 
+def block_tensor_sizes(cfg: ModelConfig) -> list[int]:
+    """Elements of each parameter tensor of one transformer block (weights, norms, biases)."""
+    d, q, h, kv, f = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    sizes = [d * h * q, d * kv * q, d * kv * q, h * q * d, d * f, d * f, f * d, d, d]
+    if cfg.qkv_bias:
+        sizes += [h * q, kv * q, kv * q]
+    if cfg.out_bias:
+        sizes.append(d)
+    return sizes
+
+
+def root_tensor_sizes(cfg: ModelConfig) -> list[int]:
+    """Elements of each parameter tensor outside the blocks: the embedding, lm_head unless tied, the final norm."""
+    return [cfg.vocab_size * cfg.d_model] * (1 if cfg.tie_embeddings else 2) + [cfg.d_model]
+
+
 def num_params(cfg: ModelConfig) -> int:
     """Exact number of trainable parameters of ``Llama(cfg)``."""
-    d, q = cfg.d_model, cfg.head_dim
-    attn = d * cfg.n_heads * q + 2 * d * cfg.n_kv_heads * q + cfg.n_heads * q * d
-    mlp = 3 * d * cfg.ffn_dim
-    norms = 2 * d
-    per_layer = attn + mlp + norms
-    embed = cfg.vocab_size * d
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    return cfg.n_layers * per_layer + embed + head + d  # + final norm
+    return cfg.n_layers * sum(block_tensor_sizes(cfg)) + sum(root_tensor_sizes(cfg))
 
 
 def num_matmul_params(cfg: ModelConfig) -> int:
