@@ -67,16 +67,25 @@ class MemoryEstimate:
 
     engine: str  # fsdp, zero2, zero3 (zero1 counts as zero2: gradients whole until reduced)
     rows: dict[str, tuple[int, int, int]]  # kind -> bytes at each of MOMENTS
-    peak_bytes: int
-    moment: str  # "backward start" or "optimizer step"
     activation_bytes_per_row: int  # what one more row of micro-batch adds
-    backward_bytes: int  # the three moments' totals
-    end_bytes: int
-    step_bytes: int
     device_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     checkpointing: bool = False  # whether the run recomputes activations
     other_activation_bytes: int = 0  # the activations with activation checkpointing the other way
+
+    @property
+    def totals(self) -> tuple[int, int, int]:
+        """Bytes at each of MOMENTS (backward start, backward end, optimizer step)."""
+        return tuple(sum(v[i] for v in self.rows.values()) for i in range(3))
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.totals)
+
+    @property
+    def moment(self) -> str:
+        """The moment of the peak."""
+        return MOMENTS[self.totals.index(self.peak_bytes)]
 
     @property
     def fits(self) -> bool | None:
@@ -86,14 +95,15 @@ class MemoryEstimate:
         """The largest micro-batch whose estimate fits the device (0: not even one row); None without a device."""
         if self.device_bytes is None or not self.activation_bytes_per_row:
             return None
-        if max(self.step_bytes, self.end_bytes) > self.device_bytes:
+        backward_start, *after = self.totals
+        if max(after) > self.device_bytes:
             return 0
-        fixed = self.backward_bytes - self.activation_bytes_per_row * micro_batch
+        fixed = backward_start - self.activation_bytes_per_row * micro_batch
         return max(0, (self.device_bytes - fixed) // self.activation_bytes_per_row)
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "rows": dict(self.rows), "peak_bytes": self.peak_bytes, "moment": self.moment,
-                "backward_bytes": self.backward_bytes, "end_bytes": self.end_bytes, "step_bytes": self.step_bytes,
+                **dict(zip(("backward_bytes", "end_bytes", "step_bytes"), self.totals)),
                 "device_bytes": self.device_bytes,
                 "activation_bytes_per_row": self.activation_bytes_per_row, "notes": self.notes}
 
@@ -101,8 +111,7 @@ class MemoryEstimate:
         unit, div = ("GiB", GiB) if self.peak_bytes >= GiB else ("MiB", 2**20)
         lines = [f"memory per device, estimated ({self.engine}):",
                  f"  {'':<18}" + "".join(f" {m:>15}" for m in MOMENTS)]
-        totals = (self.backward_bytes, self.end_bytes, self.step_bytes)
-        for k, values in list(self.rows.items()) + [("total", totals)]:
+        for k, values in list(self.rows.items()) + [("total", self.totals)]:
             lines.append(f"  {k:<18}" + "".join(f" {v / div:11.2f} {unit}" for v in values))
         lines[-1] += f"   peak {self.peak_bytes / div:.2f} {unit} at the {self.moment}"
         other = "without" if self.checkpointing else "with --gradient-checkpointing"
@@ -231,12 +240,10 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
     rows = {"parameters": (params, params, params), "gradients": (grads_bwd, grads_end, grads),
             "optimizer state": (optim, optim, optim), "activations": (activations, 0, 0),
             "loss and logits": (loss, 0, 0), "buffers": (buffers_bwd, buffers_end, buffers_step)}
-    totals = [sum(v[i] for v in rows.values()) for i in range(3)]
-    moment = MOMENTS[totals.index(max(totals))]
     device_bytes = int(device_memory_gib * GiB) if device_memory_gib else None
     other = activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing)[0] * tokens
-    return MemoryEstimate(engine, rows, max(totals), moment, (blocks_pt + loss_pt) * cfg.max_seq_length,
-                          *totals, device_bytes, notes, cfg.gradient_checkpointing, other)
+    return MemoryEstimate(engine, rows, (blocks_pt + loss_pt) * cfg.max_seq_length, device_bytes, notes,
+                          cfg.gradient_checkpointing, other)
 
 
 def _persistent_elements(mc, threshold: float) -> int:
