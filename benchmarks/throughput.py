@@ -58,7 +58,9 @@ def _peak_rss_gib() -> float:
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, OutOfMemory)) or "out of memory" in str(e).lower()
+    from scaletrain.observe import is_oom
+
+    return isinstance(e, OutOfMemory) or is_oom(e) or "out of memory" in str(e).lower()
 
 
 _RESULT = "THROUGHPUT_POINT_RESULT "
@@ -71,14 +73,18 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def point_argv(ac: bool, mbs: int, a) -> list[str]:
+    """The training flags of one point (the engine's are added by whoever builds it)."""
+    return (["--model-size", a.model_size, "--micro-batch-size", str(mbs), "--max-seq-length", str(a.seq),
+             "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision,
+             "--max-steps", "100000", "--warmup-steps", "10", "--seed", "0"]
+            + (["--num-layers", str(a.num_layers)] if a.num_layers else [])
+            + (["--gradient-checkpointing"] if ac else []) + (["--compile"] if a.compile else []))
+
+
 def measure(kind: str, ac: bool, mbs: int, a, env) -> dict:
     """One point of the sweep in this process: build, warm up, time ``a.steps`` optimizer steps."""
-    argv = ["--model-size", a.model_size, "--micro-batch-size", str(mbs), "--max-seq-length", str(a.seq),
-            "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision,
-            "--max-steps", "100000", "--warmup-steps", "10", "--seed", "0"]
-    argv += ["--num-layers", str(a.num_layers)] if a.num_layers else []
-    argv += ["--gradient-checkpointing"] if ac else []
-    argv += ["--compile"] if a.compile else []
+    argv = point_argv(ac, mbs, a)
     base_rss = _peak_rss_gib()
     runner = cfg = None
     try:
@@ -158,11 +164,7 @@ def estimate_point(kind: str, ac: bool, mbs: int, a, world: int, device: torch.d
     from scaletrain.cli import parse_config
     from scaletrain.estimate import estimate_memory
 
-    argv = ["--model-size", a.model_size, "--micro-batch-size", str(mbs), "--max-seq-length", str(a.seq),
-            "--gradient-accumulation-steps", str(a.accum), "--mixed-precision", a.precision, "--data-kind",
-            "synthetic"] + (["--num-layers", str(a.num_layers)] if a.num_layers else []) + \
-        (["--gradient-checkpointing"] if ac else []) + engine_argv(kind)
-    cfg = parse_config(argv)
+    cfg = parse_config(point_argv(ac, mbs, a) + ["--data-kind", "synthetic"] + engine_argv(kind))
     return estimate_memory(cfg, runner_model_cfg(a), world, resident=device.type == "cpu",
                            device_type=device.type, device_memory_gib=memory)
 
