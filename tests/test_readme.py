@@ -117,6 +117,7 @@ def _check_script(path: Path, args: list[str]) -> None:
 
     spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     argv, sys.argv = sys.argv, [str(path), *args]
     argparse.ArgumentParser.parse_args = parse_then_stop
@@ -128,6 +129,7 @@ def _check_script(path: Path, args: list[str]) -> None:
     finally:
         argparse.ArgumentParser.parse_args = parse
         sys.argv = argv
+        sys.modules.pop(spec.name, None)
 
 
 def _check(argv: list[str]) -> None:
