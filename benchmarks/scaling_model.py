@@ -36,9 +36,11 @@ What moves, per micro-batch, for a block of P_b parameters (the root, embedding 
   * FSDP2 (engine/fsdp.py): an all-gather in bf16 before the forward (2 P_b) and again before the backward
     (resharded after the forward; the last block is not), a reduce-scatter of fp32 gradients (4 P_b,
     MixedPrecisionPolicy reduce_dtype) on the last micro-batch of a step only (set_requires_gradient_sync).
-  * ZeRO-3 (ds_configs/zero3_bf16.json): the same all-gathers (past 1e9 parameters stage3_max_reuse_distance keeps
-    nothing gathered until the backward; scaletrain/estimate.py), a reduce-scatter of fp32 gradients
-    (communication_data_type fp32) on every micro-batch, in reduce_bucket_size pieces (latency per piece).
+  * ZeRO-3 (ds_configs/zero3_bf16.json): the same bytes gathered (past 1e9 parameters stage3_max_reuse_distance
+    keeps nothing gathered until the backward; scaletrain/estimate.py), but one all-gather per submodule it fetches
+    (each Linear: 7 a block; norms under stage3_param_persistence_threshold stay whole), and a reduce-scatter of
+    fp32 gradients (communication_data_type fp32) on every micro-batch, in reduce_bucket_size pieces: each
+    collective pays the ring's latency.
 Step time per micro-batch, with overlap (both engines prefetch one block ahead; all-gathers and reduce-scatters
 share the links, so in backward they add):
     forward  = AG_root + AG_1 + sum_i max(F_i, AG_i+1) + F_root
@@ -189,6 +191,7 @@ class Case:
     accum: int = 1
     recompute: str = "none"  # none, full, selective-op (torchtitan's: every second matmul recomputed)
     reduce_bucket: float = 5e7  # ZeRO-3 reduce_bucket_size, elements
+    persistence: float = 1e5  # ZeRO-3 stage3_param_persistence_threshold, elements
 
 
 def step_time(case: Case, eta: float, dev: Device, net: Network, overlap: bool) -> dict:
@@ -196,7 +199,8 @@ def step_time(case: Case, eta: float, dev: Device, net: Network, overlap: bool) 
     mc, n = case.mc, case.gpus
     tokens = case.micro_batch * case.seq
     rate = eta * dev.peak_tflops * 1e12
-    pb, pr = sum(block_tensor_sizes(mc)), sum(root_tensor_sizes(mc))
+    bs, rsz = block_tensor_sizes(mc), root_tensor_sizes(mc)
+    pb, pr = sum(bs), sum(rsz)
     block_matmul = sum(block_tensor_sizes(mc)[:7])
     block_flops = 6 * block_matmul + 12 * mc.n_heads * mc.head_dim * case.seq
     root_flops = 6 * mc.vocab_size * mc.d_model
@@ -204,8 +208,9 @@ def step_time(case: Case, eta: float, dev: Device, net: Network, overlap: bool) 
     f_b, b_b = block_flops / 3 * tokens / rate, (2 * block_flops / 3 + recompute) * tokens / rate
     f_r, b_r = root_flops / 3 * tokens / rate, 2 * root_flops / 3 * tokens / rate
 
-    def ag(p):
-        return net.collective(2 * p, n)
+    def ag(p, sizes):
+        pieces = sum(1 for x in sizes if x >= case.persistence) if case.engine == "zero3" else 1
+        return net.collective(2 * p, n, pieces)
 
     def rs(p):
         pieces = math.ceil(p / case.reduce_bucket) if case.engine == "zero3" else 1
@@ -215,10 +220,10 @@ def step_time(case: Case, eta: float, dev: Device, net: Network, overlap: bool) 
     total = compute = comm = 0.0
     for micro in range(case.accum):
         sync = case.engine == "zero3" or micro == case.accum - 1
-        ag_f = [ag(pb)] * L
-        ag_b = [ag(pb) if i < L - 1 or case.engine == "zero3" else 0.0 for i in range(L)]
+        ag_f = [ag(pb, bs)] * L
+        ag_b = [ag(pb, bs) if i < L - 1 or case.engine == "zero3" else 0.0 for i in range(L)]
         rs_b = [rs(pb) if sync else 0.0] * L
-        ag_r, rs_r = ag(pr), rs(pr) if sync else 0.0
+        ag_r, rs_r = ag(pr, rsz), rs(pr) if sync else 0.0
         comm += ag_r + rs_r + sum(ag_f) + sum(ag_b) + sum(rs_b)
         compute += L * (f_b + b_b) + f_r + b_r
         if not overlap:
@@ -235,7 +240,7 @@ def step_time(case: Case, eta: float, dev: Device, net: Network, overlap: bool) 
     mfu = flops_per_token(mc, case.seq) * tokens_step / total / (dev.peak_tflops * 1e12)
     return {"step_s": total, "compute_s": compute, "comm_s": comm, "optimizer_s": opt,
             "exposed_comm_s": total - compute - opt, "tokens_per_s_per_gpu": tokens_step / total, "mfu": mfu,
-            "block_compute_s": f_b + b_b, "block_allgather_s": ag(pb), "block_reduce_scatter_s": rs(pb)}
+            "block_compute_s": f_b + b_b, "block_allgather_s": ag(pb, bs), "block_reduce_scatter_s": rs(pb)}
 
 
 def implied_eta(case: Case, published: float, dev: Device, net: Network) -> float | None:

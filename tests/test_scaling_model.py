@@ -64,6 +64,9 @@ def test_overlap_is_bounded_and_engines_send_what_they_do():
     assert f4["comm_s"] - f1["comm_s"] == pytest.approx(3 * (2 * L - 1) * ag + 3 * net.collective(2 * root, 64))
     assert z4["comm_s"] == pytest.approx(4 * z1["comm_s"])
     assert z1["comm_s"] > f1["comm_s"] and rs > ag
+    # ZeRO-3 gathers per submodule it fetches (the block's 7 Linears; its norms stay whole), FSDP2 per block
+    assert z1["block_allgather_s"] == pytest.approx(net.collective(2 * pb, 64, pieces=7))
+    assert f1["block_allgather_s"] == pytest.approx(ag)
 
 
 def test_the_script_predicts_and_checks(tmp_path, capsys):
