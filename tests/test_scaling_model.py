@@ -1,6 +1,6 @@
-"""benchmarks/scaling_model.py: the network and step model against what it must reproduce (the measured
-single-GPU step it starts from, the collective formula, overlap bounds, what each engine sends), and the script
-end to end on the recorded measurements."""
+"""benchmarks/step_model.py and scaling_model.py: the network and step model against what it must reproduce
+(the measured single-GPU step it starts from, the collective formula, overlap bounds, what each engine sends),
+and the script end to end on the recorded measurements."""
 
 import json
 import math
@@ -8,18 +8,19 @@ import math
 import pytest
 
 from benchmarks import scaling_model as sm
+from benchmarks import step_model as st
 from scaletrain.model import get_model_config
 from scaletrain.model.flops import block_tensor_sizes
 
 
 def test_collective_time_is_nccls_ring_formula():
-    net = sm.Network()
+    net = st.Network()
     assert net.collective(1e9, 1) == 0.0
     # one node: latency base + 7 NVLink hops, bandwidth over NVLink
     t8 = net.collective(1e9, 8)
     assert t8 == pytest.approx((8.4 + 7 * 3.4) * 1e-6 + 7 / 8 * 1e9 / 360e9)
     # 64 GPUs on 8 nodes: 56 NVLink hops + 7 network hops, the ring at the slower of NVLink and the node's NICs
-    slow = sm.Network(nic_gbps=100, nic_efficiency=1.0)  # 8 x 100 Gb/s = 100 GB/s a node
+    slow = st.Network(nic_gbps=100, nic_efficiency=1.0)  # 8 x 100 Gb/s = 100 GB/s a node
     t64 = slow.collective(1e9, 64)
     assert t64 == pytest.approx((8.4 + 56 * 3.4 + 7 * 9.6) * 1e-6 + 63 / 64 * 1e9 / 100e9)
     assert slow.collective(1e9, 64, pieces=3) - t64 == pytest.approx(2 * (8.4 + 56 * 3.4 + 7 * 9.6) * 1e-6)
@@ -34,32 +35,32 @@ def test_one_gpu_reproduces_the_measured_step():
         data = json.loads(path.read_text())
         a = data["args"]
         mc = get_model_config(a["model_size"], n_layers=a["num_layers"])
-        dev = sm.device("NVIDIA H200")
+        dev = st.device("NVIDIA H200")
         for row in (r for r in data["rows"] if r["status"] == "ok"):
             point = next(m for m in measured if m.source.startswith(f"{path.parent.name} {row['engine']} mb "
                                                                    f"{row['micro_batch']} "))
-            case = sm.Case(mc, row["engine"], 1, row["micro_batch"], a["seq"])
-            got = sm.step_time(case, point.eta, dev, sm.Network(), overlap=True)
+            case = st.Case(mc, row["engine"], 1, row["micro_batch"], a["seq"])
+            got = st.step_time(case, point.eta, dev, st.Network(), overlap=True)
             assert got["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"], rel=1e-9)
             assert got["comm_s"] == 0.0
 
 
 def test_overlap_is_bounded_and_engines_send_what_they_do():
     mc = get_model_config("large")
-    dev = sm.device("H100")
-    slow = sm.Network(nic_gbps=25)  # a network slow enough for communication to matter
+    dev = st.device("H100")
+    slow = st.Network(nic_gbps=25)  # a network slow enough for communication to matter
     for engine in ("fsdp", "zero3"):
-        case = sm.Case(mc, engine, 64, 4, 2048)
-        o, w = (sm.step_time(case, 0.4, dev, slow, x) for x in (True, False))
+        case = st.Case(mc, engine, 64, 4, 2048)
+        o, w = (st.step_time(case, 0.4, dev, slow, x) for x in (True, False))
         assert o["compute_s"] + o["optimizer_s"] < o["step_s"] < w["step_s"]
         assert w["step_s"] == pytest.approx(w["compute_s"] + w["comm_s"] + w["optimizer_s"])
         assert o["step_s"] >= max(o["compute_s"], o["comm_s"])  # neither can hide more than the other's length
     # gradient accumulation: FSDP2 reduce-scatters on the last micro-batch only, ZeRO-3 on each
     pb = sum(block_tensor_sizes(mc))
-    net = sm.Network()
+    net = st.Network()
     ag, rs = net.collective(2 * pb, 64), net.collective(4 * pb, 64, pieces=math.ceil(pb / 5e7))
-    f1, f4 = (sm.step_time(sm.Case(mc, "fsdp", 64, 4, 2048, accum=k), 0.4, dev, net, False) for k in (1, 4))
-    z1, z4 = (sm.step_time(sm.Case(mc, "zero3", 64, 4, 2048, accum=k), 0.4, dev, net, False) for k in (1, 4))
+    f1, f4 = (st.step_time(st.Case(mc, "fsdp", 64, 4, 2048, accum=k), 0.4, dev, net, False) for k in (1, 4))
+    z1, z4 = (st.step_time(st.Case(mc, "zero3", 64, 4, 2048, accum=k), 0.4, dev, net, False) for k in (1, 4))
     L, root = mc.n_layers, 2 * mc.vocab_size * mc.d_model + mc.d_model  # large: lm_head not tied
     assert f4["comm_s"] - f1["comm_s"] == pytest.approx(3 * (2 * L - 1) * ag + 3 * net.collective(2 * root, 64))
     assert z4["comm_s"] == pytest.approx(4 * z1["comm_s"])
