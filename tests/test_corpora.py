@@ -101,6 +101,45 @@ def test_a_large_jsonl_is_cut_into_tasks_that_read_each_line_once(tmp_path, monk
     assert _tokens(tmp_path / "out", "one")[1] == _tokens(tmp_path / "out", "two")[1]
 
 
+def test_workers_run_ahead_of_the_parent_through_the_spill_folder(tmp_path, monkeypatch):
+    """While the parent is held on task 0, the other worker does not wait on a full queue: it tokenizes the next
+    tasks and leaves what does not fit in memory on disk, no further than the lookahead allows. The pieces still
+    come out in input order, and two workers write the shards one writes."""
+    import time
+
+    from scaletrain.data import encode
+    from scaletrain.data.text import plan_tasks
+
+    monkeypatch.setattr(encode, "PIECE_DOCS", 3)  # 30 documents a file: 10 pieces a task
+    monkeypatch.setattr(encode, "QUEUE_PIECES", 1)
+    monkeypatch.setattr(encode, "LOOKAHEAD_TASKS", 2)  # x 2 workers: tasks 0-4 while the parent is on 0
+    files = []
+    for k in range(10):
+        files.append(tmp_path / f"part-{k}.jsonl.gz")
+        files[-1].write_bytes(gzip.compress(_jsonl(TEXTS[30 * k: 30 * k + 30])))
+    tasks = plan_tasks([str(f) for f in files], [])
+    spec = encode.EncodeSpec(ReadOptions(), None, None, None, 0.0, "uint16")
+    spill, spilled = tmp_path / "spill", encode.SpillStats()
+    pieces = encode.encoded_pieces(tasks, spec, 2, ReadStats(), spill, spilled)
+    got = [next(pieces)]  # the parent now holds task 0's first piece and waits
+    counts, deadline = [], time.time() + 60
+    while time.time() < deadline and (len(counts) < 20 or counts[-1] != counts[-20]):
+        counts.append(len(list(spill.glob("*.npz"))))
+        time.sleep(0.05)
+    # tasks 0-4 are 50 pieces: the first is taken, each worker holds at most one in memory, the rest wait on disk;
+    # blocking on a full queue would have left none on disk, no lookahead bound all 100 tasks' worth
+    assert 45 <= counts[-1] <= 49, counts[-5:]
+    got += list(pieces)
+    assert not spill.exists() and spilled.pieces >= counts[-1] and spilled.bytes > 0
+    one = list(encode.encoded_pieces(tasks, spec, 1, ReadStats()))
+    assert np.array_equal(np.concatenate([p.tokens for p in got]), np.concatenate([p.tokens for p in one]))
+    assert np.array_equal(np.concatenate([p.hashes for p in got]), np.concatenate([p.hashes for p in one]))
+    for name, workers in (("one", 1), ("two", 2)):
+        prepare_domain(name, [str(f) for f in files], str(tmp_path / "out"), workers=workers, quiet=True)
+    assert _tokens(tmp_path / "out", "one")[1] == _tokens(tmp_path / "out", "two")[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one", "two"]  # no spill folder left behind
+
+
 def test_documents_over_the_cap_are_skipped_and_counted(tmp_path):
     big = "x" * 5000
     (tmp_path / "a.jsonl.zst").write_bytes(_zst(_jsonl(["small", big, "after"])))

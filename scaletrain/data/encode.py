@@ -1,14 +1,20 @@
 """Tasks -> token pieces, on ``--workers`` processes, in task order; and the exact-duplicate filter.
 
 Each worker reads, cleans and tokenizes whole tasks (``sources.Task``: a file, a byte range of a JSONL file, some
-row groups of a Parquet file) and sends their documents back in pieces of a few MB through its own bounded queue.
-A free worker claims the next unclaimed task (a shared counter; ``owner[i]`` records who took task ``i``), so
-unequal tasks do not leave a worker idle (fixed round-robin measured 1.42x for two workers on 13 tasks split 7/6,
-against 1.84x on 20 equal ones). The parent takes the pieces task by task in order, task ``i`` from its owner's
-queue: a worker claims in increasing order and the parent has consumed its earlier tasks, so the head of that queue
-is task ``i``. The documents thus reach the shard writer in the same order for any number of workers (hence
-byte-identical shards), and a worker that runs ahead blocks on its full queue instead of filling memory: at most
-``workers x QUEUE_PIECES`` pieces are in flight. One worker reads in-process, through the same code.
+row groups of a Parquet file) and sends their documents back in pieces of a few MB. A free worker claims the next
+unclaimed task (a shared counter; ``owner[i]`` records who took task ``i``). The parent takes the pieces task by
+task in order, task ``i`` from its owner's queue: a worker claims in increasing order and the parent has consumed
+its earlier tasks, so the head of that queue is task ``i``. The documents thus reach the shard writer in the same
+order for any number of workers (hence byte-identical shards).
+
+A worker never waits for the parent. While the parent is still on an earlier task (say a 40 MB .json.gz, fifty
+pieces), the others run ahead: each keeps at most ``QUEUE_PIECES`` pieces in memory in flight and writes the rest
+to files in the spill folder, which the parent reads back (and deletes) when their turn comes. Blocking on a full
+queue instead measured 1.23x-1.44x for two workers on 8 MB files where two independent tokenizers get 1.81x
+(``benchmarks/prepare_bench.py``): each worker stalled behind the other's task. What runs ahead is bounded by
+tasks, not bytes: no worker claims a task more than ``LOOKAHEAD_TASKS`` per worker past the one the parent is on,
+so the spill folder holds at most the pieces of that many tasks. Memory: ``workers x QUEUE_PIECES`` pieces. One
+worker reads in-process, through the same code.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +38,7 @@ import xxhash
 from .sources import Reader, ReadOptions, ReadStats, Task
 from .tokenizer import load_tokenizer
 
-PIECE_DOCS, PIECE_CHARS, QUEUE_PIECES = 512, 4 << 20, 4
+PIECE_DOCS, PIECE_CHARS, QUEUE_PIECES, LOOKAHEAD_TASKS = 512, 4 << 20, 4, 4
 
 
 @dataclass
@@ -48,6 +57,28 @@ def is_val(text: str, fraction: float) -> bool:
         return False
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
+
+
+@dataclass
+class SpillStats:
+    """Pieces that waited on disk because their worker ran ahead of the parent."""
+
+    pieces: int = 0
+    bytes: int = 0
+
+
+def _spill(piece: Piece, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.npz"
+    with open(path, "wb") as f:
+        np.savez(f, hashes=piece.hashes, val=piece.val, lengths=piece.lengths, tokens=piece.tokens)
+    return path
+
+
+def _unspill(path: Path) -> Piece:
+    with np.load(path, allow_pickle=False) as z:
+        piece = Piece(z["hashes"], z["val"], z["lengths"], z["tokens"])
+    path.unlink()
+    return piece
 
 
 @dataclass(frozen=True)
@@ -82,21 +113,35 @@ def encode_task(task: Task, reader: Reader, tok, spec: EncodeSpec) -> Iterator[P
         yield _piece(texts, tok, spec)
 
 
-def _worker(w: int, tasks: list[Task], q, spec: EncodeSpec, claim, owner) -> None:
+def _claim(claim, head, n_tasks: int, lookahead: int) -> int | None:
+    """The next task, once it is within ``lookahead`` of the one the parent is on; None when all are taken."""
+    while True:
+        with claim.get_lock():
+            i = claim.value
+            if i >= n_tasks:
+                return None
+            if i <= head.value + lookahead:
+                claim.value = i + 1
+                return i
+        time.sleep(0.005)
+
+
+def _worker(w: int, tasks: list[Task], q, slots, spill_dir: Path, spec: EncodeSpec, claim, head, owner,
+            lookahead: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     try:
         tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
-        while True:
-            with claim.get_lock():
-                i = claim.value
-                if i >= len(tasks):
-                    return
-                claim.value = i + 1
+        n = 0
+        while (i := _claim(claim, head, len(tasks), lookahead)) is not None:
             owner[i] = w
             stats = ReadStats()
             reader = Reader(spec.opts, stats)
             for piece in encode_task(tasks[i], reader, tok, spec):
-                q.put(("piece", piece))
+                if slots.acquire(block=False):  # room in memory: the parent releases the slot when it takes it
+                    q.put(("piece", piece))
+                else:
+                    n += 1
+                    q.put(("spill", str(_spill(piece, spill_dir, f"w{w}-{n}"))))
             q.put(("done", stats))
     except BaseException as e:  # noqa: BLE001 - every failure goes to the parent, which names it
         try:
@@ -128,8 +173,11 @@ def _owner(owner, i: int, procs) -> int:
     return owner[i]
 
 
-def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: ReadStats) -> Iterator[Piece]:
-    """The pieces of every task, in task order; each task's read counts are added to ``stats``."""
+def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: ReadStats,
+                   spill_dir: Path | None = None, spilled: SpillStats | None = None) -> Iterator[Piece]:
+    """The pieces of every task, in task order; each task's read counts are added to ``stats``. ``spill_dir``:
+    where pieces that ran ahead wait (created, and removed at the end; default a temporary folder);
+    ``spilled`` counts them."""
     if workers <= 1 or len(tasks) <= 1:
         tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
         for task in tasks:
@@ -138,20 +186,33 @@ def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: Rea
             stats.add(task_stats)
         return
     workers = min(workers, len(tasks))
+    spilled = spilled if spilled is not None else SpillStats()
+    if spill_dir is None:
+        spill_dir = Path(tempfile.mkdtemp(prefix="scaletrain-prepare-spill-"))
+    spill_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
-    queues = [ctx.Queue(maxsize=QUEUE_PIECES) for _ in range(workers)]
-    claim, owner = ctx.Value("q", 0), ctx.Array("i", [-1] * len(tasks), lock=False)
-    procs = [ctx.Process(target=_worker, args=(w, tasks, queues[w], spec, claim, owner), daemon=True)
-             for w in range(workers)]
+    queues = [ctx.Queue() for _ in range(workers)]  # unbounded: what a worker sends past its slots is a file name
+    slots = [ctx.BoundedSemaphore(QUEUE_PIECES) for _ in range(workers)]
+    claim, head = ctx.Value("q", 0), ctx.Value("q", 0, lock=False)
+    owner = ctx.Array("i", [-1] * len(tasks), lock=False)
+    lookahead = LOOKAHEAD_TASKS * workers
+    procs = [ctx.Process(target=_worker, args=(w, tasks, queues[w], slots[w], spill_dir, spec, claim, head, owner,
+                                               lookahead), daemon=True) for w in range(workers)]
     for p in procs:
         p.start()
     try:
         for i in range(len(tasks)):
+            head.value = i
             w = _owner(owner, i, procs)
             while True:
                 kind, payload = _get(queues[w], procs[w], w)
                 if kind == "piece":
+                    slots[w].release()
                     yield payload
+                elif kind == "spill":
+                    spilled.pieces += 1
+                    spilled.bytes += os.path.getsize(payload)
+                    yield _unspill(Path(payload))
                 elif kind == "done":
                     stats.add(payload)
                     break
@@ -163,6 +224,7 @@ def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: Rea
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 class SeenHashes:

@@ -31,7 +31,7 @@ import numpy as np
 
 from scaletrain.faults import kill_between_renames
 
-from .encode import EncodeSpec, SeenHashes, encoded_pieces
+from .encode import EncodeSpec, SeenHashes, SpillStats, encoded_pieces
 from .latex import STYLES
 from .manifest import MANIFEST, TOKENIZER_FILE, Manifest, Split
 from .sources import SUFFIXES_HELP
@@ -99,9 +99,10 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     eos = np.array([tok.eos_id], dtype=dtype)
     bos = np.array([tok.bos_id] if add_bos else [], dtype=dtype)
     n_docs = n_val = duplicates = 0
+    spilled = SpillStats()
     t0 = last = time.time()
     try:
-        for piece in encoded_pieces(tasks, spec, max(1, workers), stats):
+        for piece in encoded_pieces(tasks, spec, max(1, workers), stats, tmp / "spill", spilled):
             first = seen.add(piece.hashes) if seen is not None else np.ones(len(piece.hashes), dtype=bool)
             duplicates += int((~first).sum())
             ends = np.cumsum(piece.lengths)
@@ -149,7 +150,9 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
             print(f"{domain}: {n_docs:,} documents ({n_val:,} held out), {train.tokens:,} train + {val.tokens:,} "
                   f"validation tokens in {len(shards)} + {len(val_shards)} shards, {elapsed:.1f}s "
                   f"({total / max(elapsed, 1e-9) / max(1, min(workers, len(tasks))):,.0f} tokens/s per worker)"
-                  + (f"; dropped {dropped_text}" if dropped_text else ""), file=sys.stderr)
+                  + (f"; dropped {dropped_text}" if dropped_text else "")
+                  + (f"; {spilled.pieces:,} pieces ({spilled.bytes / 2**20:,.0f} MiB) waited on disk while their "
+                     f"worker ran ahead" if spilled.pieces else ""), file=sys.stderr)
         for name, why in stats.skipped_files if not quiet else ():
             print(f"  skipped {name}: {why}", file=sys.stderr)
         return manifest
