@@ -28,7 +28,7 @@ from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta, res
 from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.data.manifest import TokenizerInfo
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
-from scaletrain.model.config_io import to_hf_config
+from scaletrain.model.config_io import to_hf_config, trained_positions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -141,10 +141,7 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
-    run = meta.get("config", {})
-    max_positions = int(run.get("max_seq_length") or mc.max_seq_len)
-    if run.get("init_from") or run.get("model_config"):  # a shape from a file keeps the positions it declares
-        max_positions = max(max_positions, mc.max_seq_len)
+    max_positions = trained_positions(meta.get("config", {}), mc)
     (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
     written = ["config.json", "generation_config.json"]

@@ -253,6 +253,9 @@ def test_init_from_a_scaletrain_checkpoint_and_the_tokenizer_check(tmp_path):
     first = read_metrics(tmp_path, "p1")[-1]["loss"]
     m = read_metrics(tmp_path, "p2")
     assert math.isclose(m[0]["lr"], 3e-4 / 2) and m[0]["loss"] < first + 0.5  # fresh schedule, trained weights
+    # both phases trained at 32 tokens: the export says so, not the preset's 4096 the first phase's shape carried
+    out = convert(str(tmp_path / "p2"), str(tmp_path / "p2-hf"), quiet=True)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
     # a Hugging Face folder whose tokenizer.json is not the data's
     save_hf("qwen2_tied", tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')

@@ -11,6 +11,7 @@ No Python file of the folder is imported and no code is fetched: its weights and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterator
 import torch
 
 from scaletrain.model import Llama, ModelConfig
-from scaletrain.model.config_io import from_hf_config
+from scaletrain.model.config_io import from_hf_config, trained_positions
 from scaletrain.model.llama import from_hf_state_dict_key
 from scaletrain.model.weights import Getter
 
@@ -147,7 +148,9 @@ class CheckpointWeights:
     def __init__(self, path: str | Path, trust: bool = False) -> None:
         self.path = resolve_resume(str(path), str(path))[0]
         meta = read_meta(self.path)
-        self.model_config = ModelConfig(**meta["model_config"])
+        mc = ModelConfig(**meta["model_config"])
+        # the next phase starts from the length this one trained at (a preset's shape carries a 4096-row RoPE table)
+        self.model_config = dataclasses.replace(mc, max_seq_len=trained_positions(meta.get("config", {}), mc))
         from scaletrain.engine import get_engine_class
 
         self.reader = get_engine_class(meta["engine"]).tensor_reader(str(self.path), trust=trust)

@@ -160,6 +160,16 @@ def check_training_length(path: str | Path, seq_len: int) -> None:
                                f"attends to the whole row, so train at most {window} tokens per row")
 
 
+def trained_positions(run: dict[str, Any], mc: ModelConfig) -> int:
+    """The positions a checkpoint's model was trained for: its run's ``max_seq_length``; a shape from a file
+    (``--model-config``, ``--init-from``) keeps the positions that file declares, when longer (a preset's
+    ``max_seq_len`` is only the size of its RoPE table)."""
+    n = int(run.get("max_seq_length") or mc.max_seq_len)
+    if run.get("init_from") or run.get("model_config"):
+        n = max(n, mc.max_seq_len)
+    return n
+
+
 def to_hf_config(mc: ModelConfig, dtype: str, max_positions: int, bos_id: int | None, eos_id: int | None,
                  pad_id: int | None) -> dict[str, Any]:
     """The Hugging Face config for ``mc``: LlamaForCausalLM, or Qwen2ForCausalLM when only q/k/v have biases."""
