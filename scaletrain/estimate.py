@@ -24,13 +24,19 @@ States (persistent from the first optimizer step on):
     elements, two with overlap_comm), the partition's gradients a·P/N, and at the step their fp32 copy
     4P/N (none in fp32, where ``.to(float32)`` returns the same tensor) and the optimizer's temporary 4P/N.
   * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, the flat fp32 gradient
-    partition 4P/N (allocated at initialisation, so present at both moments) and the reduce bucket a·B;
+    partition 4P/N (allocated at initialisation, so present at both moments) and the reduce bucket c·B (c the
+    bytes of ``communication_data_type``, fp32 in our configs: the bucket is allocated in it);
     parameters under stage3_param_persistence_threshold elements stay whole (a each); gathered in forward and
     backward: a parameter is kept while its next use is within stage3_max_reuse_distance elements, up to
     stage3_max_live_parameters, so with both at or above P (the shipped 1e9 for models below 1B) every
     parameter stays gathered from its forward to its backward, a·P, else the block in use and the prefetch
-    bucket, a·(P_b + prefetch). The step goes sub-group by sub-group (sub_group_size elements G): the
-    sub-group's gradients flattened into fp32 4·min(G, P/N), and foreach's temporary as much again.
+    bucket, a·(P_b + prefetch). Backward ends in a reduce of the bucket (``__avg_scatter_grads``): its
+    gradients are interleaved by rank into one more buffer (``reduce_scatter_coalesced``'s torch.cat,
+    c·min(B, P)) while the gradient that did not fit, up to the largest tensor whole (a·P_max, the
+    embedding), waits; gloo's reduce_scatter_tensor (CPU, N > 1) copies its input and output again,
+    c·min(B, P)·(1 + 1/N) (measured: +288 MiB for a 191 MiB input at N = 2). The step goes sub-group by
+    sub-group (sub_group_size elements G): the sub-group's gradients flattened into fp32 4·min(G, P/N), and
+    foreach's temporary as much again.
 
 Activations, saved for backward, bytes per token of each block (``model/llama.py``):
   * each RMSNorm (2 a block): its fp32 input 4D, the normalised value a·D, its output a·D, its fp32 rstd 4:
@@ -228,8 +234,13 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         gathered = a * (p - small) if min(live, reuse) >= p else a * min(p - small, pb + prefetch)
         sub = int(min(group, shard))
         temp = 4 * sub + (0 if fused else 4 * sub)  # a sub-group's flattened fp32 gradients (+ foreach's temporary)
-        reduce_bucket = bucket(b, a, p)
-        buffers_bwd = buffers_end = gathered + reduce_bucket
+        c = _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)
+        reduce_bucket = bucket(b, c, p)
+        interleaved = int(c * min(b, p))  # reduce_scatter_coalesced's copy, written whole
+        gloo = int(c * min(b, p) * (1 + 1 / n)) if device_type == "cpu" and n > 1 else 0
+        waiting = a * max(block_tensor_sizes(mc) + root_tensor_sizes(mc))
+        buffers_bwd = gathered + reduce_bucket
+        buffers_end = gathered + reduce_bucket + interleaved + gloo + waiting
         buffers_step = temp + reduce_bucket
         if offload:
             params, optim, grads, grads_bwd = a * shard + a * small * (n - 1) // n, 0, 0, 0
@@ -244,6 +255,9 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
     other = activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing)[0] * tokens
     return MemoryEstimate(engine, rows, (blocks_pt + loss_pt) * cfg.max_seq_length, device_bytes, notes,
                           cfg.gradient_checkpointing, other)
+
+
+_COMM_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
 def _persistent_elements(mc, threshold: float) -> int:

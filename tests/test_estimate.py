@@ -69,6 +69,31 @@ def test_largest_micro_batch_is_the_edge_of_fitting():
     assert _estimate("--model-size", "base", world=64).peak_bytes < _estimate("--model-size", "base").peak_bytes
 
 
+def test_zero3_reduce_buffers_follow_the_communication_dtype_and_the_backend(tmp_path):
+    """ZeRO-3 allocates its reduce bucket in communication_data_type (fp32 in our bf16 configs, not the compute
+    dtype), and backward ends in a reduce that interleaves the bucket into one more buffer while the gradient
+    that did not fit (the embedding) waits; on CPU, gloo's reduce-scatter copies the input again (1 + 1/N)."""
+    import json
+
+    from scaletrain.model.flops import block_tensor_sizes, num_params, root_tensor_sizes
+
+    ds = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
+    b, mc = ds["zero_optimization"]["reduce_bucket_size"], get_model_config("base")
+    used, waiting = min(b, num_params(mc)), 2 * max(block_tensor_sizes(mc) + root_tensor_sizes(mc))
+    buffers = {}
+    for comm, c in (("fp32", 4), ("bf16", 2)):
+        ds["communication_data_type"] = comm
+        (tmp_path / f"{comm}.json").write_text(json.dumps(ds))
+        for device, world in (("cuda", 8), ("cpu", 2)):
+            est = _estimate("--model-size", "base", "--ds_config", str(tmp_path / f"{comm}.json"), world=world,
+                            device=device)
+            start, end, _ = est.rows["buffers"]
+            gloo = c * used * (1 + 1 / world) if device == "cpu" else 0
+            assert end - start == pytest.approx(c * used + gloo + waiting, abs=2)
+            buffers[comm, device] = start
+    assert buffers["fp32", "cuda"] - buffers["bf16", "cuda"] == 2 * b  # the bucket: 4 bytes an element, not 2
+
+
 def test_the_cli_prints_the_table_and_the_verdict(capsys, tmp_path):
     ds = ROOT / "ds_configs" / "zero3_bf16.json"
     main(["--model-size", "large", "--ds_config", str(ds), "--world-size", "8", "--batch-size", "2",
