@@ -124,7 +124,7 @@ def test_workers_run_ahead_of_the_parent_through_the_spill_folder(tmp_path, monk
     got = [next(pieces)]  # the parent now holds task 0's first piece and waits
     counts, deadline = [], time.time() + 60
     while time.time() < deadline and (len(counts) < 20 or counts[-1] != counts[-20]):
-        counts.append(len(list(spill.glob("*.npz"))))
+        counts.append(len(list(spill.glob("*.npy"))))
         time.sleep(0.05)
     # tasks 0-4 are 50 pieces: the first is taken, each worker holds at most one in memory, the rest wait on disk;
     # blocking on a full queue would have left none on disk, no lookahead bound all 100 tasks' worth

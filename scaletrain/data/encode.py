@@ -68,15 +68,17 @@ class SpillStats:
 
 
 def _spill(piece: Piece, folder: Path, name: str) -> Path:
-    path = folder / f"{name}.npz"
+    """Four .npy arrays back to back in one file (no zip, no CRC: the file lives seconds, on local disk)."""
+    path = folder / f"{name}.npy"
     with open(path, "wb") as f:
-        np.savez(f, hashes=piece.hashes, val=piece.val, lengths=piece.lengths, tokens=piece.tokens)
+        for a in (piece.hashes, piece.val, piece.lengths, piece.tokens):
+            np.save(f, a, allow_pickle=False)
     return path
 
 
 def _unspill(path: Path) -> Piece:
-    with np.load(path, allow_pickle=False) as z:
-        piece = Piece(z["hashes"], z["val"], z["lengths"], z["tokens"])
+    with open(path, "rb") as f:
+        piece = Piece(*(np.load(f, allow_pickle=False) for _ in range(4)))
     path.unlink()
     return piece
 
