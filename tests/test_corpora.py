@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,38 @@ def test_workers_run_ahead_of_the_parent_through_the_spill_folder(tmp_path, monk
         prepare_domain(name, [str(f) for f in files], str(tmp_path / "out"), workers=workers, quiet=True)
     assert _tokens(tmp_path / "out", "one")[1] == _tokens(tmp_path / "out", "two")[1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one", "two"]  # no spill folder left behind
+
+
+def test_a_full_disk_stops_prepare_with_a_message_and_keeps_the_previous_preparation(tmp_path, monkeypatch):
+    """The disk fills while a shard is written (one worker) or while a worker leaves pieces on disk (two, every
+    piece spilled): one clear error naming --output, the temporary folder gone, the previous domain intact."""
+    import errno
+    import os
+
+    from scaletrain.data import encode, writer
+
+    files = []
+    for k in range(4):
+        files.append(str(tmp_path / f"part-{k}.jsonl.gz"))
+        Path(files[-1]).write_bytes(gzip.compress(_jsonl(TEXTS[75 * k: 75 * k + 75])))
+    out = tmp_path / "out"
+    prepare_domain("d", files, str(out), quiet=True)
+    before = _tokens(out, "d")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / ".d.tmp-1" / "x"))
+
+    monkeypatch.setattr(encode, "PIECE_DOCS", 5)
+    for target, name, workers in ((writer.ShardWriter, "_write_chunk", 1), (encode, "_spill", 2)):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, full)
+            m.setattr(encode, "QUEUE_PIECES", 0)  # two workers: every piece goes to disk
+            with pytest.raises(InputError, match=r"--output .*out: the disk is full \(No space left on device "
+                                                 r"writing .*\) after .* GiB of d's shards; the previous .*/out/d "
+                                                 r"is untouched\. Free space there or choose another --output"):
+                prepare_domain("d", files, str(out), quiet=True, overwrite=True, workers=workers,
+                               chunk_tokens=256, shard_tokens=1024)
+        assert _tokens(out, "d") == before and sorted(p.name for p in out.iterdir()) == ["d"]
 
 
 def test_documents_over_the_cap_are_skipped_and_counted(tmp_path):

@@ -20,6 +20,7 @@ complete (written under a temporary name, then renamed); an existing one is refu
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -156,6 +157,14 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
         for name, why in stats.skipped_files if not quiet else ():
             print(f"  skipped {name}: {why}", file=sys.stderr)
         return manifest
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = (train.tokens + val.tokens) * dtype.itemsize
+        kept = f"the previous {out} is untouched" if out.exists() else f"nothing of {domain} was kept"
+        raise InputError(f"--output {output}: the disk is full ({e.strerror} writing {e.filename}) after "
+                         f"{written / 2**30:.2f} GiB of {domain}'s shards; {kept}. Free space there or choose "
+                         f"another --output") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
