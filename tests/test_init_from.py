@@ -63,6 +63,42 @@ def test_hf_weights_give_hf_logits_in_our_model(tmp_path, variant):
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_pytorch_model_bin_folders_give_hf_logits_and_leave_no_file_mapped(tmp_path):
+    """A folder with only pytorch_model*.bin (two files, as older models ship) gives Hugging Face's logits, and
+    reading half of every tensor (a rank's slices) leaves none of the files' pages in this process: each read
+    maps its file, copies the slice out and unmaps (holding the mappings left the touched half resident)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", **dict(SMALL, hidden_size=256, intermediate_size=512, vocab_size=60000),
+                               tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()  # 2 x 61 MB of embeddings
+    folder = tmp_path / "bin"
+    cfg.save_pretrained(str(folder))
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    first = {k: v for k, v in sd.items() if "embed_tokens" in k}
+    torch.save(first, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: v for k, v in sd.items() if k not in first}, folder / "pytorch_model-00002-of-00002.bin")
+    def file_pages_mib():
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    src = HFWeights(folder)
+    assert src.kind == "pytorch_model.bin"
+    ours = unfilled_model(src.model_config, "cpu")
+    before = file_pages_mib()
+    halves = {name: src._read(name, slice(0, max(1, p.shape[0] // 2))).clone()  # a rank copies its slices
+              for name, p in ours.named_parameters()}
+    grown = file_pages_mib() - before
+    assert grown < 10, f"{grown:.0f} MiB of the files stayed resident"  # the halves: 61 MB of the embeddings alone
+    fill_whole(ours, src)
+    for name, p in ours.named_parameters():
+        assert torch.equal(halves[name], p.detach()[: halves[name].shape[0]])
+    ids = torch.randint(0, 60000, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def zero3_fp32(tmp_path):
     cfg = json.loads(open("ds_configs/zero3_bf16.json").read())
     cfg["bf16"] = {"enabled": "auto"}
