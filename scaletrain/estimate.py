@@ -257,7 +257,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
                           cfg.gradient_checkpointing, other)
 
 
-_COMM_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
+_COMM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # the names DeepSpeed accepts for communication_data_type
 
 
 def _persistent_elements(mc, threshold: float) -> int:

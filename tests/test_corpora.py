@@ -132,7 +132,7 @@ def test_workers_run_ahead_of_the_parent_through_the_spill_folder(tmp_path, monk
     assert 45 <= counts[-1] <= 49, counts[-5:]
     got += list(pieces)
     assert not spill.exists() and spilled.pieces >= counts[-1] and spilled.bytes > 0
-    one = list(encode.encoded_pieces(tasks, spec, 1, ReadStats()))
+    one = list(encode.encoded_pieces(tasks, spec, 1, ReadStats(), spill))
     assert np.array_equal(np.concatenate([p.tokens for p in got]), np.concatenate([p.tokens for p in one]))
     assert np.array_equal(np.concatenate([p.hashes for p in got]), np.concatenate([p.hashes for p in one]))
     for name, workers in (("one", 1), ("two", 2)):

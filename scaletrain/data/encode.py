@@ -25,7 +25,6 @@ import os
 import pickle
 import queue
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -175,11 +174,10 @@ def _owner(owner, i: int, procs) -> int:
     return owner[i]
 
 
-def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: ReadStats,
-                   spill_dir: Path | None = None, spilled: SpillStats | None = None) -> Iterator[Piece]:
+def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: ReadStats, spill_dir: Path,
+                   spilled: SpillStats | None = None) -> Iterator[Piece]:
     """The pieces of every task, in task order; each task's read counts are added to ``stats``. ``spill_dir``:
-    where pieces that ran ahead wait (created, and removed at the end; default a temporary folder);
-    ``spilled`` counts them."""
+    where pieces that ran ahead wait (created, and removed at the end); ``spilled`` counts them."""
     if workers <= 1 or len(tasks) <= 1:
         tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
         for task in tasks:
@@ -189,8 +187,6 @@ def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: Rea
         return
     workers = min(workers, len(tasks))
     spilled = spilled if spilled is not None else SpillStats()
-    if spill_dir is None:
-        spill_dir = Path(tempfile.mkdtemp(prefix="scaletrain-prepare-spill-"))
     spill_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
     queues = [ctx.Queue() for _ in range(workers)]  # unbounded: what a worker sends past its slots is a file name
