@@ -45,9 +45,10 @@ from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config  # n
 _TAG = "deepspeed"
 _UNIVERSAL = "deepspeed_universal"
 
-# DeepSpeed's per-step INFO lines and torch's deprecation notice for the collective it uses
+# DeepSpeed's per-step INFO lines, and torch's deprecation notices for the collectives it calls (printed again and
+# again in a run)
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated")
 
 
 class DeepSpeedEngine(Engine):
