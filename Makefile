@@ -21,14 +21,16 @@ install: $(STAMP)
 
 # Main job: the embedded sample corpus -> WebDataset shards (arxiv 30% / general 70%) -> pretrain
 # the tiny preset on 2 CPU processes (FSDP2, gloo), with validation loss, ending with runs/sample/checkpoints/final
-# and the command that converts it for transformers; about 2 minutes. fp32: a CPU without native bf16
-# emulates it (measured 6.8x slower per step on this 2-core AMD machine).
+# and the command that converts it for transformers; about 2 minutes. Run again, it continues that run (--resume
+# auto: a finished one says so and trains nothing) rather than writing over its checkpoints. fp32: a CPU without
+# native bf16 emulates it (measured 6.8x slower per step on this 2-core AMD machine).
 pretrain: install
 	$(BIN)/python launch/demo.py --prepare-only
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 launch/pretrain.py \
 		--engine fsdp --model-size tiny --data-dir data/sample/pretraining --data-sources arxiv general \
 		--data-mix-weights 0.3 0.7 --max-steps 100 --log-interval 10 --eval-interval 50 --micro-batch-size 8 \
-		--max-seq-length 256 --learning-rate 3e-3 --warmup-steps 10 --mixed-precision fp32 --run-name sample
+		--max-seq-length 256 --learning-rate 3e-3 --warmup-steps 10 --mixed-precision fp32 --run-name sample \
+		--resume auto
 
 # The original design's demo: sample data, shards, the mixing, 20 steps in one process.
 demo: install

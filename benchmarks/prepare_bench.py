@@ -17,7 +17,8 @@ Each run is a fresh process, so its peak RSS is its own (parent, and the largest
   same files with the same readers and only tokenizes (no dedup, no shards), and ``prepare`` with 1 and 2 workers.
 
 Goals (issue 9): peak RSS whole / small <= 1.10; prepare >= 0.8x the baseline's tokens/s; 2 workers >= 1.7x one
-(two workers share a 2-core machine with the parent that dedups and writes shards: 3% of a worker's CPU time). Writes benchmarks/results/cpu-<N>core/prepare_bench_<time>.json.
+(two workers share a 2-core machine with the parent that dedups and writes shards: 3% of a worker's CPU time).
+Writes benchmarks/results/cpu-<N>core/prepare_bench_<time>.json.
 """
 
 from __future__ import annotations

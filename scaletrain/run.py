@@ -19,7 +19,16 @@ from scaletrain.checkpoint import check_model_matches, read_meta, recover, resol
 from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.checkpoint.lock import FolderLock
 from scaletrain.checkpoint.manager import checkpoint_bytes
-from scaletrain.checkpoint.store import COMPLETE, CheckpointError, check_writable, warn
+from scaletrain.checkpoint.store import (
+    COMPLETE,
+    LATEST,
+    CheckpointError,
+    check_writable,
+    complete_checkpoints,
+    delete_checkpoint,
+    newest_checkpoint,
+    warn,
+)
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.data.loader import model_vocab_size
 from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, load_manifest
@@ -135,6 +144,8 @@ def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[F
             if low:
                 warn(low)
             notes = recover(folder)
+            if not cfg.resume:
+                _fresh_start(cfg, folder)
         except ScaletrainError as e:
             error = str(e)
     error = _broadcast(error, env.world_size)
@@ -145,8 +156,31 @@ def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[F
     return lock, notes
 
 
-_NOT_COMPARED = {"resume", "stop_at_step", "run_name", "force_lock", "trust_checkpoint", "verify_checkpoint",
-                 "run_dir", "wandb_run_name"}
+def _fresh_start(cfg: PreTrainingConfig, folder: Path) -> None:
+    """A run that does not resume must not write into another run's checkpoints: its saves would replace that run's
+    ``final`` and ``best`` one by one, and until its own first save ``--resume latest`` would find the other run's.
+    Refused unless --overwrite-checkpoints, which deletes them first (rank 0, holding the folder's lock)."""
+    found = complete_checkpoints(folder, quiet=True)
+    if not found:
+        return
+    newest = newest_checkpoint(folder, quiet=True) or found[-1][1]
+    meta = read_meta(newest)
+    name = (meta.get("config") or {}).get("run_name")
+    if not cfg.overwrite_checkpoints:
+        raise CheckpointError(
+            f"{folder} already holds {len(found)} complete checkpoint(s) of run {name!r} (newest {newest.name}, step "
+            f"{meta['step']}), and this run does not resume: continue that run with --resume latest (or --resume "
+            f"auto), start a separate one with another --run-name or --checkpoint-dir, or give "
+            f"--overwrite-checkpoints to delete them and start over. They are untouched")
+    for _, path in found:
+        delete_checkpoint(path)
+    (folder / LATEST).unlink(missing_ok=True)
+    warn(f"--overwrite-checkpoints: deleted {len(found)} checkpoint(s) of run {name!r} from {folder} (newest "
+         f"{newest.name}, step {meta['step']})")
+
+
+_NOT_COMPARED = {"resume", "stop_at_step", "run_name", "force_lock", "overwrite_checkpoints", "trust_checkpoint",
+                 "verify_checkpoint", "run_dir", "wandb_run_name"}
 
 
 def _choose_resume(cfg: PreTrainingConfig, env, group) -> tuple[Path | None, dict | None]:

@@ -103,7 +103,8 @@ def test_resume_on_the_same_and_another_world_size(tmp_path, kind, launcher):
 def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck)]
-    launch("python", args + ["--save-interval", "0"], tmp_path, run_name="straight")
+    launch("python", args[:-1] + [str(tmp_path / "straight_ck"), "--save-interval", "0"], tmp_path,
+           run_name="straight")
     launch("python", args + ["--stop-at-step", "2"], tmp_path, run_name="first")
     cmd, env = launch_cmd("python", args + ["--resume", "latest", "--save-interval", "2"], tmp_path,
                           run_name="killed")
@@ -197,18 +198,20 @@ def test_best_survives_a_resume_from_an_earlier_step(tmp_path):
 
 
 def test_a_crash_between_the_renames_of_final_loses_nothing(tmp_path):
-    """Re-saving final moves the old copy aside, then renames the new one in: killed in between, the next
-    start puts a complete final back instead of deleting both."""
+    """Re-saving final (a finished run resumed with more steps) moves the old copy aside, then renames the new one
+    in: killed in between, the next start puts a complete final back instead of deleting both."""
     ck = tmp_path / "ck"
     args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--max-steps", "2"]
     launch("python", args, tmp_path, run_name="one")
-    proc = launch("python", args, tmp_path, run_name="two", check=False, extra_env={"SCALETRAIN_FAULT": "swap_kill"})
+    args += ["--max-steps", "3", "--resume", "latest"]
+    proc = launch("python", args, tmp_path, run_name="one", check=False, extra_env={"SCALETRAIN_FAULT": "swap_kill"})
     assert proc.returncode == -signal.SIGKILL
     assert not (ck / "final").exists() and (ck / ".old-final" / COMPLETE).is_file()
     assert (ck / ".tmp-final" / COMPLETE).is_file()
-    proc = launch("python", args + ["--resume", "latest"], tmp_path, run_name="three")
+    proc = launch("python", args, tmp_path, run_name="one")
     assert "final: committed the new copy" in proc.stdout
     assert (ck / "final" / COMPLETE).is_file() and not list(ck.glob(".old-*")) and not list(ck.glob(".tmp-*"))
+    assert json.loads((ck / "final" / COMPLETE).read_text())["step"] == 3  # the new copy, resumed: nothing to train
 
 
 def test_bad_run_state_is_an_error_not_a_traceback(tmp_path):

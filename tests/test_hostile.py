@@ -59,6 +59,31 @@ def test_a_second_run_on_a_locked_folder_stops_and_a_dead_holder_is_taken_over(t
     assert "resuming final with --max-steps 8; the checkpoint was saved with 6" in p.stderr
 
 
+def test_a_fresh_start_on_another_runs_checkpoints_is_refused_unless_told_to_overwrite(tmp_path):
+    """The same --run-name again (or a shared --checkpoint-dir) without --resume used to train from scratch over the
+    finished run's checkpoints: its final and best replaced, and until the new run's first save `--resume latest`
+    would have taken the old run's. Now it stops before writing anything; --overwrite-checkpoints deletes them."""
+    ck = tmp_path / "ck"
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--max-steps", "2"]
+    launch("python", args + ["--save-interval", "1"], tmp_path, run_name="first")
+    before = {p.relative_to(ck): p.read_bytes() for p in ck.rglob("*") if p.is_file() and p.name != LOCK}
+    assert {"final", "step_000001", "latest"} <= {str(p).split("/")[0] for p in before}
+    again = launch("python", args, tmp_path, run_name="second", check=False)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert (f"{ck} already holds 2 complete checkpoint(s) of run 'first' (newest final, step 2), and this run does "
+            f"not resume: continue that run with --resume latest") in again.stderr
+    assert "Traceback" not in again.stderr
+    after = {p.relative_to(ck): p.read_bytes() for p in ck.rglob("*") if p.is_file() and p.name != LOCK}
+    assert after == before  # not a byte changed
+    over = launch("python", args + ["--overwrite-checkpoints"], tmp_path, run_name="second")
+    assert f"--overwrite-checkpoints: deleted 2 checkpoint(s) of run 'first' from {ck}" in over.stderr
+    assert sorted(p.name for p in ck.iterdir() if p.name != LOCK) == ["final", "latest"]  # step_000001 went too
+    assert json.loads((ck / "final" / COMPLETE).read_text())["config"]["run_name"] == "second"
+    # a run that resumes is not concerned: --resume auto continues the second run (finished: nothing to train)
+    done = launch("python", args + ["--resume", "auto"], tmp_path, run_name="second")
+    assert "done, 2 steps" in done.stdout
+
+
 def test_lock_rules(tmp_path, monkeypatch):
     held = FolderLock(tmp_path, "a")
     record = json.loads((tmp_path / LOCK).read_text())

@@ -59,7 +59,8 @@ def test_profile_samples_and_plot_from_real_runs(shards, tmp_path):
     # data_wait is logged; a second run, then the plot of both
     assert all(0 <= m["data_wait"] <= 1 for m in read_metrics(tmp_path) if "data_wait" in m)
     launch("python", ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--batch-size",
-                      "2", "--max-steps", "4", "--log-interval", "1"], tmp_path, run_name="other")
+                      "2", "--max-steps", "4", "--log-interval", "1", "--checkpoint-dir", str(tmp_path / "ck_other")],
+           tmp_path, run_name="other")
     from scaletrain.plot import main as plot_main
 
     png = tmp_path / "curves.png"

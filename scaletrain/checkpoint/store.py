@@ -172,7 +172,7 @@ def _complete(p: Path) -> bool:
     return (p / COMPLETE).is_file()
 
 
-def _delete(folder: Path) -> None:
+def delete_checkpoint(folder: Path) -> None:
     """Remove a checkpoint folder so that a kill midway leaves a ``.trash-*`` folder, never a partial checkpoint."""
     trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
     folder.rename(trash)
@@ -394,4 +394,4 @@ class CheckpointStore:
         newest = newest_checkpoint(self.dir, quiet=True)
         for _, p in steps[: max(0, len(steps) - self.keep_last_n)]:
             if p != newest and p.name not in _KEEP:
-                _delete(p)
+                delete_checkpoint(p)
