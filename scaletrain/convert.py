@@ -165,8 +165,11 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint folder, or a checkpoint_dir (its newest complete checkpoint)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                   help="dtype of the exported weights (default: bf16, what Hugging Face checkpoints ship; fp32 keeps "
+                        "an fp32 run's weights exactly)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; bigger models are split into "
+                                                            "several with an index (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read checkpoint files that name code to run while unpickling (refused by default); only "

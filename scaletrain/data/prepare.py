@@ -221,17 +221,18 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="keep exact-duplicate documents (dropping them holds a content-hash table of 16 bytes per "
                         "document in memory; skip it for a corpus deduplicated upstream, e.g. FineWeb, SlimPajama)")
     p.add_argument("--text-key", default="text", metavar="KEY", help="the text field of JSON lines and the text "
-                                                                      "column of Parquet files")
+                                                                      "column of Parquet files (default: text)")
     p.add_argument("--latex-style", default="source", choices=STYLES,
                    help="source: the paper body as LaTeX (RedPajama/proof-pile-2 recipe: comments, preamble and "
                         "bibliography dropped, the paper's own argument-free macros expanded); text: reading text "
-                        "with all math kept verbatim")
+                        "with all math kept verbatim (default: source)")
     p.add_argument("--max-document-bytes", type=int, default=1 << 30, metavar="BYTES",
                    help="skip (and count) any document, line, archive member or decompressed source larger than "
-                        "this")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for validation")
-    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard")
-    p.add_argument("--chunk-tokens", type=int, default=2**18, help="tokens per tar member")
+                        "this (default: 1 GiB)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of documents held out for validation (default: 0, none: runs then report no val_loss)")
+    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard (default: 2^26)")
+    p.add_argument("--chunk-tokens", type=int, default=2**18, help="tokens per tar member (default: 2^18)")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed JSONL lines")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain folder")
 
