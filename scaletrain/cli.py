@@ -112,7 +112,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     for key, value in data.items():
         name = _ALIASES.get(key.replace("-", "_").lstrip("_"), key.replace("-", "_"))
         if name not in _FIELDS:
-            raise ConfigError(f"--config: {path!r} has unknown setting {key!r}")
+            import difflib
+
+            near = difflib.get_close_matches(name, sorted(_FIELDS), n=1)
+            raise ConfigError(f"--config: {path!r} has unknown setting {key!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else " (the settings are the flags' names "
+                                                                             "with _ for -, e.g. max_steps)"))
         if value is not None:
             value = _typed(value, name, key, path)
         out[name] = value

@@ -77,7 +77,7 @@ def test_config_file_sits_beneath_flags(tmp_path, suffix, text):
 def test_config_file_errors_name_the_file_and_key(tmp_path):
     f = tmp_path / "c.json"
     f.write_text('{"max_stepz": 3}')
-    with pytest.raises(ConfigError, match=r"c.json' has unknown setting 'max_stepz'"):
+    with pytest.raises(ConfigError, match=r"c.json' has unknown setting 'max_stepz'; did you mean 'max_steps'\?"):
         parse_config(["--config", str(f)])
     f.write_text('{"max_steps": 3,}')
     with pytest.raises(ConfigError, match="cannot parse .*c.json.*line 1"):
