@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint import CheckpointManager
 from scaletrain.config import PreTrainingConfig
-from scaletrain.data.loader import build_loader
+from scaletrain.data.loader import build_loader, sources_without_val
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
 from scaletrain.faults import poisoned_step
@@ -60,6 +60,15 @@ def build_model(cfg: PreTrainingConfig | ModelConfig, vocab_size: int | None = N
     model = unfilled_model(model_cfg, device)
     fill_whole(model, RandomWeights(seed))
     return model
+
+
+def _say_validation(val_loader, missing: list[str]) -> None:
+    """Which domains the validation loss covers, when not all (a domain prepared without --val-fraction)."""
+    if val_loader is None:
+        print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
+    elif missing:
+        print(f"scaletrain: validation: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no validation "
+              f"split (prepare with --val-fraction); val_loss is the mix of {', '.join(val_loader)} only", flush=True)
 
 
 def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
@@ -190,8 +199,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     loader = build_loader(cfg, env.rank, env.world_size, vocab_size=model_cfg.vocab_size)
     val_loader = build_loader(cfg, env.rank, env.world_size, "val", model_cfg.vocab_size) if cfg.eval_interval \
         else None
-    if cfg.eval_interval and val_loader is None and env.is_main:
-        print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
+    if cfg.eval_interval and env.is_main:
+        _say_validation(val_loader, sources_without_val(cfg))
     state = TrainState(spikes=SpikeGuard(cfg.spike_sigma, cfg.spike_window) if cfg.spike_sigma else None)
     engine.spike_guard = state.spikes
     poison_at = poisoned_step(env.rank)  # SCALETRAIN_FAULT=spike:STEP[@RANK], for the tests

@@ -70,3 +70,18 @@ def test_epoch_limit_stop_saves_and_stops(tmp_path):
     assert f"stopped at step {steps[-1]} (--epoch-limit stop): arxiv at" in proc.stdout
     done = json.loads((tmp_path / "checkpoints" / step_name(steps[-1]) / "COMPLETE.json").read_text())
     assert done["step"] == steps[-1]
+
+
+def test_a_domain_without_a_validation_split_leaves_the_others_validated(tmp_path):
+    """One domain prepared with --val-fraction, the other without: the validated domain's loss is reported and the
+    run says which domain is left out (it said there was no validation split at all and reported nothing)."""
+    raw = create_sample_pretraining_data(tmp_path / "raw", seed=0, scale=0.02)
+    for d, val in (("arxiv", 0.2), ("general", 0.0)):
+        prepare_domain(d, [str(raw[d])], str(tmp_path / "pre"), quiet=True, shard_tokens=8192, chunk_tokens=1024,
+                       val_fraction=val)
+    proc = launch("python", _args(tmp_path / "pre", "--max-steps", "3"), tmp_path)
+    assert ("validation: general has no validation split (prepare with --val-fraction); val_loss is the mix of "
+            "arxiv only") in proc.stdout
+    evals = [m for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [3]
+    assert evals[0]["val_loss"] == evals[0]["val_loss/arxiv"] and "val_loss/general" not in evals[0]

@@ -315,17 +315,18 @@ def check_tokenizer(path: str, streams: list[DomainStream]) -> None:
                              f"prepare again or pass the matching tokenizer")
 
 
-def has_val_split(cfg) -> bool:
-    """Whether every data source holds validation shards (prepared with --val-fraction)."""
+def sources_without_val(cfg) -> list[str]:
+    """The mixed data sources (weight > 0) that hold no validation shards (prepared without --val-fraction)."""
     if cfg.data_kind == "synthetic":
-        return True
-    return all(load_manifest(Path(cfg.data_dir) / s).val.shards for s in cfg.data_sources)
+        return []
+    return [s for s, w in zip(cfg.data_sources, cfg.data_mix_weights)
+            if w > 0 and not load_manifest(Path(cfg.data_dir) / s).val.shards]
 
 
 def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_size: int | None = None):
     """The configured source for one rank: a ShardLoader over prepared shards, or the synthetic one.
 
-    ``split='val'`` gives the held-out loader (None when a domain has no validation shards)."""
+    ``split='val'`` gives the held-out loaders, one per domain that has validation shards (None when none has)."""
     from .synthetic import SyntheticLoader
 
     gas = cfg.gradient_accumulation_steps if split == "train" else 1
@@ -335,11 +336,11 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
     spec = StreamSpec(cfg.data_dir, tuple(cfg.data_sources), tuple(cfg.data_mix_weights), cfg.max_seq_length,
                       cfg.micro_batch_size, gas, rank, world_size, cfg.seed, cfg.packing, split)
     if split == "val":
-        if not has_val_split(cfg):
-            return None
-        # one held-out stream per domain with weight > 0: val_loss/<domain> for each, val_loss their weighted mean
+        # one held-out stream per domain with weight > 0 and validation shards: val_loss/<domain> for each, val_loss
+        # their weighted mean (the trainer says which domains it leaves out)
+        missing = set(sources_without_val(cfg))
         return {s: ShardLoader(replace(spec, sources=(s,), weights=(1.0,)))
-                for s, w in zip(cfg.data_sources, cfg.data_mix_weights) if w > 0}
+                for s, w in zip(cfg.data_sources, cfg.data_mix_weights) if w > 0 and s not in missing} or None
     loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory, cfg.allow_data_change)
     if cfg.tokenizer:
         check_tokenizer(cfg.tokenizer, loader.streams)
