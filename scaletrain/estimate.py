@@ -105,7 +105,7 @@ class MemoryEstimate:
         if max(after) > self.device_bytes:
             return 0
         fixed = backward_start - self.activation_bytes_per_row * micro_batch
-        return max(0, (self.device_bytes - fixed) // self.activation_bytes_per_row)
+        return max(0, int(self.device_bytes - fixed) // self.activation_bytes_per_row)
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "rows": dict(self.rows), "peak_bytes": self.peak_bytes, "moment": self.moment,
@@ -231,7 +231,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         grads = grads_bwd = 4 * shard  # the flat fp32 gradient partition, allocated at initialisation
         # a parameter is not released while its next use is within max_reuse_distance elements (the backward of a
         # forward it served), up to max_live_parameters: past the model's size, all stay gathered
-        gathered = a * (p - small) if min(live, reuse) >= p else a * min(p - small, pb + prefetch)
+        gathered = a * (p - small) if min(live, reuse) >= p else int(a * min(p - small, pb + prefetch))
         sub = int(min(group, shard))
         temp = 4 * sub + (0 if fused else 4 * sub)  # a sub-group's flattened fp32 gradients (+ foreach's temporary)
         c = _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)

@@ -2,6 +2,7 @@
 the largest micro-batch that fits, and the out-of-memory stop of a run that hits a memory cap."""
 
 import dataclasses
+import re
 import resource
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_the_cli_prints_the_table_and_the_verdict(capsys, tmp_path):
     for row in ("parameters", "gradients", "optimizer state", "activations", "loss and logits", "buffers", "total"):
         assert f"\n  {row} " in out
     assert "fits in 80.0 GiB" in out and "largest micro-batch that fits:" in out
+    assert re.search(r"largest micro-batch that fits: \d+\n", out), out  # a count of rows ("2.0" before)
     main(["--model-size", "large", "--engine", "fsdp", "--world-size", "1", "--device-memory-gib", "80",
           "--max-seq-length", "2048", "--data-kind", "synthetic"])
     assert "does NOT fit in 80.0 GiB" in capsys.readouterr().out  # 6.7B x 16 bytes of states alone
