@@ -6,7 +6,8 @@ import importlib
 
 from scaletrain.config import ConfigError
 
-from .base import DistEnv, Engine, StepOutput
+from .base import Engine, StepOutput
+from .dist import DistEnv
 
 _REGISTRY = {
     "deepspeed": "scaletrain.engine.deepspeed:DeepSpeedEngine",

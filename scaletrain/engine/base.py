@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,23 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaletrain.cluster import check_world, slurm_world
 from scaletrain.config import PreTrainingConfig
 from scaletrain.model import IGNORE_INDEX, Llama, ModelConfig
 from scaletrain.model.weights import RandomWeights, WeightSource
 from scaletrain.spikes import SpikeGuard
 
-
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from .dist import DistEnv
 
 
 @dataclass
@@ -51,53 +38,6 @@ class StepOutput:
 
 
 MicroBatch = Sequence  # (input_ids, labels) or (input_ids, labels, step_tokens)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_dist_env(device: torch.device | None = None) -> bool:
-    """Let a plain ``python launch/pretrain.py`` run as a world of one, without a launcher. Its process group
-    keeps its rendezvous in memory (a HashStore): a launcher's TCPStore listens on every interface, with no
-    authentication, which a one-process run does not need. Returns whether this is such a run. Call
-    ``launch_env`` first."""
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-        return False
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by some libraries; nothing listens on it
-    if device is not None and not dist.is_initialized():
-        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device if device.type == "cuda" else None)
-    return True
-
-
-def launch_env() -> None:
-    """Before anything reads ``LOCAL_RANK``: a task of a multi-task Slurm step started without a launcher takes its
-    place in the step's world from Slurm's variables; a launcher's world smaller than its Slurm step is refused
-    (``cluster.py``)."""
-    check_world()
-    slurm_world()
-
-
-def local_device() -> torch.device:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def dist_env(device: torch.device) -> DistEnv:
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
 
 
 def set_schedule(optimizer, scheduler, optimizer_steps: int) -> None:

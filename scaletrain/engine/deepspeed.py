@@ -29,17 +29,8 @@ from scaletrain.faults import disk_full
 from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
-from .base import (
-    DistEnv,
-    Engine,
-    backend_for,
-    default_dist_env,
-    dist_env,
-    launch_env,
-    local_device,
-    param_groups,
-    set_schedule,
-)
+from .base import Engine, param_groups, set_schedule
+from .dist import DistEnv, backend_for, default_dist_env, dist_env, launch_env, local_device
 from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config  # noqa: F401 - part of this module's API
 
 _TAG = "deepspeed"
