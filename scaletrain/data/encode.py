@@ -34,7 +34,8 @@ from typing import Iterator
 import numpy as np
 import xxhash
 
-from .sources import Reader, ReadOptions, ReadStats, Task
+from .reader import Reader, ReadOptions, ReadStats
+from .sources import Task
 from .tokenizer import load_tokenizer
 
 PIECE_DOCS, PIECE_CHARS, QUEUE_PIECES, LOOKAHEAD_TASKS = 512, 4 << 20, 4, 4

@@ -1,4 +1,5 @@
-"""Input files as streams of documents, in constant memory, in the formats corpora ship in.
+"""Input files as streams of documents, in constant memory, in the formats corpora ship in: which files are
+inputs, how each is cut into ``Task`` s and opened here; ``reader.py`` reads a task into documents.
 
 ===========================================  ====================================================================
 ``.jsonl`` / ``.json`` (+ ``.gz .zst .bz2``)  one JSON object a line, its ``--text-key`` string (C4, SlimPajama)
@@ -25,66 +26,19 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
-import json
 import os
-import tarfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from scaletrain.errors import ScaletrainError
 
-from .latex import STYLES, clean_latex
-from .latex_package import clean_package
-
 CODECS = (".gz", ".zst", ".bz2")
 TASK_BYTES = 64 << 20  # a plain JSONL file is cut every 64 MiB; Parquet row groups are grouped to about this size
-_BOM = "\ufeff"
-NEWLINE = b"\n"
 
 
 class InputError(ScaletrainError):
     """Bad input text: the message names the file (and line, row or member) and what would be right."""
-
-
-@dataclass
-class ReadOptions:
-    text_key: str = "text"
-    latex_style: str = "source"
-    skip_bad_lines: bool = False
-    max_document_bytes: int = 1 << 30
-
-
-@dataclass
-class ReadStats:
-    """What reading found and dropped; summed over tasks (and workers)."""
-
-    documents: int = 0
-    bad_lines: int = 0
-    empty: int = 0
-    oversize: int = 0  # documents over max_document_bytes, skipped
-    link_members: int = 0  # symlink/hardlink tar members, skipped
-    binary_members: int = 0  # archive members with NUL bytes, skipped
-    no_main_file: int = 0  # LaTeX packages without a \documentclass file, skipped
-    latex_degraded: int = 0  # documents that did not parse strictly, cleaned from a tolerant parse
-    latex_latin1: int = 0  # LaTeX sources that were not UTF-8, read as Latin-1
-    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for files found but not read
-
-    def add(self, other: ReadStats) -> None:
-        for f in fields(self):
-            if f.name != "skipped_files":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        self.skipped_files.extend(other.skipped_files)
-
-    def dropped(self) -> dict[str, int]:
-        """The counts a manifest records (documents and skipped files aside)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("documents", "skipped_files")}
-
-
-@dataclass
-class Document:
-    text: str
-    source: str  # file[:line], file:row or archive:member
 
 
 @dataclass(frozen=True)
@@ -155,250 +109,6 @@ def read_capped(f: BinaryIO, cap: int) -> bytes | None:
     """All of ``f`` if it holds at most ``cap`` bytes, else None (having read at most cap + 1)."""
     data = f.read(cap + 1)
     return None if len(data) > cap else data
-
-
-def _decode(data: bytes, where: str, line: bool = False) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = "" if line else f":{data.count(NEWLINE, 0, e.start) + 1}"
-        raise InputError(f"{where}{at}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}"
-                         f"{' of the line' if line else ''}); convert the file to UTF-8") from e
-
-
-def _decode_latex(data: bytes, stats: ReadStats) -> str:
-    """LaTeX predates UTF-8 (``\\usepackage[latin1]{inputenc}`` is common on arXiv): Latin-1 when not UTF-8."""
-    try:
-        return data.decode("utf-8").removeprefix(_BOM)
-    except UnicodeDecodeError:
-        stats.latex_latin1 += 1
-        return data.decode("latin-1")
-
-
-class Reader:
-    """Reads tasks into documents; one per process (it carries the options and counts)."""
-
-    def __init__(self, opts: ReadOptions, stats: ReadStats | None = None) -> None:
-        if opts.latex_style not in STYLES:
-            raise InputError(f"--latex-style {opts.latex_style}: choose one of {', '.join(STYLES)}")
-        if opts.max_document_bytes <= 0:
-            raise InputError(f"--max-document-bytes {opts.max_document_bytes}: must be positive")
-        self.opts = opts
-        self.stats = stats if stats is not None else ReadStats()
-
-    def read(self, task: Task) -> Iterator[Document]:
-        try:
-            yield from getattr(self, "_" + task.kind.replace("-", "_"))(task)
-        except InputError:
-            raise
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # one line naming the file
-            raise InputError(f"{task.path}: cannot read ({e.strerror or e}); was it moved or deleted while "
-                             f"preparing?") from e
-        except _corrupt_errors() as e:  # gzip/bz2/zstd/tar/Parquet decoders on damaged bytes
-            raise InputError(f"{task.path}: corrupt or truncated {task.kind if task.codec is None else task.codec} "
-                             f"data ({type(e).__name__}: {e}); replace the file or remove it from the input") from e
-
-    def _emit(self, text: str, source: str) -> Iterator[Document]:
-        if text.strip():
-            self.stats.documents += 1
-            yield Document(text, source)
-        else:
-            self.stats.empty += 1
-
-    # ---- one document a line ----
-    def _jsonl(self, task: Task) -> Iterator[Document]:
-        """Lines end at \\n only: U+2028, U+0085, \\x0b or \\x0c inside a line are text (``json.dumps(
-        ensure_ascii=False)`` writes them); \\r\\n endings are accepted."""
-        cap, key = self.opts.max_document_bytes, self.opts.text_key
-        content = False
-        with open_stream(task.path, task.codec) as f:
-            pos = task.start
-            if task.start:
-                f.seek(task.start - 1)  # a line starting exactly at start belongs to this task
-                pos = task.start - 1 + len(f.readline())
-            while task.end < 0 or pos < task.end:
-                raw = f.readline(cap + 2)
-                if not raw:
-                    break
-                line_start, pos = pos, pos + len(raw)
-                if len(raw) > cap + 1 or (len(raw) == cap + 2 and not raw.endswith(b"\n")):
-                    while raw and not raw.endswith(b"\n"):  # the rest of an over-long line, not kept
-                        raw = f.readline(1 << 20)
-                        pos += len(raw)
-                    self.stats.oversize += 1
-                    content = True
-                    continue
-                raw = raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw.rstrip(b"\r")
-                if not raw.strip():
-                    continue
-                content = True
-                text = self._json_text(raw, task, line_start, key)
-                if text is not None:
-                    yield from self._emit(text, f"{task.path} byte {line_start}")
-        if not content and task.start == 0 and (task.end < 0 or _whole(task)):
-            raise InputError(f"{task.path}: file is empty (no documents); remove it from the input")
-
-    def _json_text(self, raw: bytes, task: Task, offset: int, key: str) -> str | None:
-        try:
-            line = raw.decode("utf-8")
-            if offset == 0:
-                line = line.removeprefix(_BOM)
-            obj = json.loads(line)
-            if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                raise ValueError(f"expected an object with a string {json.dumps(key)} field"
-                                 + (f" (--text-key; this line has {sorted(obj)[:8]})" if isinstance(obj, dict)
-                                    else ""))
-            return obj[key]
-        except ValueError as e:  # UnicodeDecodeError is a ValueError: bad UTF-8 is a bad line too
-            if self.opts.skip_bad_lines:
-                self.stats.bad_lines += 1
-                return None
-            where = f"{task.path}:{_line_number(task, offset)}"
-            if isinstance(e, UnicodeDecodeError):
-                raise InputError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start} of the "
-                                 f"line); convert the file to UTF-8 or pass --skip-bad-lines") from e
-            raise InputError(f"{where}: malformed JSONL line ({e}); fix it or pass --skip-bad-lines") from e
-
-    # ---- one document a file ----
-    def _whole_file(self, task: Task) -> bytes | None:
-        with open_stream(task.path, task.codec) as f:
-            data = read_capped(f, self.opts.max_document_bytes)
-        if data is None:
-            self.stats.oversize += 1
-            return None
-        if b"\x00" in data:
-            raise InputError(f"{task.path}: binary data (a NUL byte at offset {data.index(0)}), not text; "
-                             f"remove it from the input")
-        if not data.strip():
-            raise InputError(f"{task.path}: file is empty (no documents); remove it from the input")
-        return data
-
-    def _txt(self, task: Task) -> Iterator[Document]:
-        data = self._whole_file(task)
-        if data is not None:
-            yield from self._emit(_decode(data, task.path).removeprefix(_BOM).strip(), task.path)
-
-    def _tex(self, task: Task) -> Iterator[Document]:
-        data = self._whole_file(task)
-        if data is not None:
-            yield from self._latex(clean_latex(_decode_latex(data, self.stats), self.opts.latex_style), task.path)
-
-    def _latex(self, result, source: str) -> Iterator[Document]:
-        if result is None:
-            self.stats.no_main_file += 1
-            return
-        self.stats.latex_degraded += result.degraded
-        yield from self._emit(result.text, source)
-
-    # ---- Parquet ----
-    def _parquet(self, task: Task) -> Iterator[Document]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(task.path)
-        key, cap = self.opts.text_key, self.opts.max_document_bytes
-        names = pf.schema_arrow.names
-        if key not in names:
-            raise InputError(f"{task.path}: no column {key!r} (--text-key); its columns are {names}")
-        kind = pf.schema_arrow.field(key).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise InputError(f"{task.path}: column {key!r} holds {kind}, not text; choose a string column "
-                             f"with --text-key (columns: {names})")
-        row = sum(pf.metadata.row_group(g).num_rows for g in range(task.start))
-        groups = list(range(task.start, task.end))
-        if not groups:
-            return
-        for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[key]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is None:
-                    self.stats.empty += 1
-                elif len(text) * 4 > cap and len(text.encode("utf-8")) > cap:
-                    self.stats.oversize += 1
-                else:
-                    yield from self._emit(text, f"{task.path}:row {row}")
-
-    # ---- arXiv sources ----
-    def _gz_source(self, task: Task) -> Iterator[Document]:
-        with open(task.path, "rb") as f:
-            yield from self._source_bytes(f.read(self.opts.max_document_bytes + 1), task.path)
-
-    def _source_bytes(self, gz: bytes, where: str, depth: int = 0) -> Iterator[Document]:
-        """One paper's gzipped source (a tar of files, or a single .tex), decompressed under the cap."""
-        if len(gz) > self.opts.max_document_bytes:
-            self.stats.oversize += 1
-            return
-        with gzip.GzipFile(fileobj=io.BytesIO(gz)) as f:
-            data = read_capped(f, self.opts.max_document_bytes)
-        if data is None:
-            self.stats.oversize += 1
-            return
-        if len(data) > 262 and data[257:262] == b"ustar":
-            yield from self._package(tarfile.open(fileobj=io.BytesIO(data), mode="r:"), where, depth)
-        elif b"\x00" in data:
-            self.stats.binary_members += 1
-        else:
-            yield from self._latex(clean_latex(_decode_latex(data, self.stats), self.opts.latex_style), where)
-
-    def _tar(self, task: Task) -> Iterator[Document]:
-        with tarfile.open(task.path, mode="r|*") as tf:
-            yield from self._package(tf, task.path)
-
-    def _package(self, tf: tarfile.TarFile, where: str, depth: int = 0) -> Iterator[Document]:
-        """Members ``*.gz`` are papers of their own (arXiv's bulk tars; one level only, so a gzip nested in
-        itself cannot recurse); loose ``.tex`` members are one paper."""
-        cap, files, total = self.opts.max_document_bytes, {}, 0
-        for m in tf:
-            name = m.name.removeprefix("./")
-            if m.issym() or m.islnk():
-                self.stats.link_members += 1
-                continue
-            if not m.isfile():
-                continue
-            lower = name.lower()
-            if not lower.endswith((".gz", ".tgz", ".tex")) or (depth and not lower.endswith(".tex")):
-                continue  # figures, styles, bibliographies
-            if m.size > cap:
-                self.stats.oversize += 1
-                continue
-            data = tf.extractfile(m).read()  # a stream read of this member only, nothing on disk
-            if lower.endswith((".gz", ".tgz")):
-                yield from self._source_bytes(data, f"{where}:{name}", depth + 1)
-            elif b"\x00" in data:
-                self.stats.binary_members += 1
-            elif total + len(data) > cap:
-                self.stats.oversize += 1
-            else:
-                files[name] = _decode_latex(data, self.stats)
-                total += len(data)
-        if files:
-            yield from self._latex(clean_package(files, self.opts.latex_style), where)
-
-
-def _corrupt_errors() -> tuple[type[BaseException], ...]:
-    import zlib
-
-    import zstandard
-
-    return (OSError, EOFError, zlib.error, tarfile.TarError, zstandard.ZstdError, ValueError)
-
-
-def _whole(task: Task) -> bool:
-    return task.end == Path(task.path).stat().st_size
-
-
-def _line_number(task: Task, offset: int) -> int:
-    """The 1-based line at ``offset`` (counted only when a message needs it)."""
-    n = 1
-    with open_stream(task.path, task.codec) as f:
-        left = offset
-        while left > 0:
-            block = f.read(min(left, 16 << 20))
-            if not block:
-                break
-            n += block.count(b"\n")
-            left -= len(block)
-    return n
 
 
 def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:

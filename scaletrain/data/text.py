@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .sources import Document, InputError, Reader, ReadOptions, ReadStats, Task, list_inputs, tasks_for
+from .reader import Document, Reader, ReadOptions, ReadStats
+from .sources import InputError, Task, list_inputs, tasks_for
 
 __all__ = ["Document", "InputError", "ReadOptions", "ReadStats", "iter_documents", "list_inputs", "plan_tasks"]
 
