@@ -1,8 +1,9 @@
 """Peak memory per rank while building and initialising a model: the sharded build (FSDP2 on the meta device,
 ZeRO-3 under ``deepspeed.zero.Init``, each rank filling only its part) against the whole-model build every rank
-did before, from random weights and from ``--init-from`` a Hugging Face folder, all in the same run.
+did before, from random weights and from ``--init-from`` a Hugging Face folder (safetensors, or the older
+pytorch_model*.bin), all in the same run.
 
-    python benchmarks/init_memory.py [--model-size base] [--engines fsdp zero3] [--world 2] [--modes random hf]
+    python benchmarks/init_memory.py [--model-size base] [--engines fsdp zero3] [--world 2] [--modes random hf bin]
 
 Each case is a fresh torchrun of this file's worker on CPU (gloo). A worker resets its peak RSS once torch,
 the engine and the process group are up (``/proc/self/clear_refs``), builds and fills the model, and reports
@@ -11,7 +12,7 @@ its peak RSS above where it started:
     entered; FSDP2: the engine's construction, whose optimizer state is allocated at the first step);
   * ``engine``: once the engine exists (ZeRO-3 adds its fp32 partition copies and buckets).
 against the model's fp32 bytes. Goal: build+init <= 0.6x the full model per rank at world 2 (1.0x or more
-for a whole model per rank). The Hugging Face folder is written once, in bf16 as models ship, into a temp dir.
+for a whole model per rank). The Hugging Face folders are written once, in bf16 as models ship, into a temp dir.
 Writes benchmarks/results/cpu-<N>core/init_memory_<time>.json and .txt.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,11 +104,38 @@ def write_hf_folder(model_size: str, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(to_hf_config(mc, "bf16", mc.max_seq_len, None, None, None)))
 
 
+def write_bin_folder(model_size: str, folder: Path, files: int = 2) -> None:
+    """The same preset as a ``pytorch_model-0000i-of-0000N.bin`` folder (the format older Hugging Face models ship
+    in: torch.save'd state dicts, bf16, with ``pytorch_model.bin.index.json``). Written one file at a time."""
+    import torch
+
+    from scaletrain.model import Llama, get_model_config, hf_state_dict_key
+    from scaletrain.model.config_io import to_hf_config
+
+    mc = get_model_config(model_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = [(hf_state_dict_key(n), tuple(p.shape)) for n, p in Llama(mc).named_parameters()]
+    torch.manual_seed(0)
+    weight_map, total = {}, 0
+    for i in range(files):
+        name = f"pytorch_model-{i + 1:05d}-of-{files:05d}.bin"
+        part = {k: (torch.randn(shape) * 0.02).to(torch.bfloat16) for k, shape in shapes[i::files]}
+        torch.save(part, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+        total += sum(t.numel() * 2 for t in part.values())
+        del part
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(to_hf_config(mc, "bf16", mc.max_seq_len, None, None, None)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-size", default="base")
     p.add_argument("--engines", nargs="+", default=["fsdp", "zero3"])
-    p.add_argument("--modes", nargs="+", default=["random", "hf"], help="random and/or hf (--init-from)")
+    p.add_argument("--modes", nargs="+", default=["random", "hf", "bin"], choices=["random", "hf", "bin"],
+                   help="random weights, --init-from a safetensors folder (hf) or a pytorch_model*.bin one (bin)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -117,11 +146,15 @@ def main() -> None:
     if a.worker:
         return worker(a)
     tmp = Path(tempfile.mkdtemp(prefix="init_memory_"))
-    hf = tmp / "hf"
     if "hf" in a.modes:
         t0 = time.perf_counter()
-        write_hf_folder(a.model_size, hf)
+        write_hf_folder(a.model_size, tmp / "hf")
         print(f"wrote a {a.model_size} Hugging Face folder (bf16) in {time.perf_counter() - t0:.0f} s", flush=True)
+    if "bin" in a.modes:
+        t0 = time.perf_counter()
+        write_bin_folder(a.model_size, tmp / "bin")
+        print(f"wrote a {a.model_size} pytorch_model*.bin folder (bf16) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     rows = []
     for engine in a.engines:
         for source in a.modes:
@@ -133,7 +166,8 @@ def main() -> None:
                     args += ["--model-size", a.model_size]
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.world),
                        "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", "--mode", mode,
-                       "--out", str(out)] + (["--init-from", str(hf)] if source == "hf" else []) + ["--", *args]
+                       "--out", str(out)] + (["--init-from", str(tmp / source)] if source != "random" else [])
+                cmd += ["--", *args]
                 proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -159,6 +193,7 @@ def main() -> None:
     dest.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     dest.with_suffix(".txt").write_text(table + "\n")
     print(f"\n{table}\nwrote {dest}")
+    shutil.rmtree(tmp, ignore_errors=True)  # the Hugging Face folders: gigabytes for base
 
 
 if __name__ == "__main__":
