@@ -136,9 +136,10 @@ class PreTrainingConfig:
                                        "default); only for checkpoints from a source you trust")
     verify_checkpoint: bool = _f(True, "check every file of the checkpoint resumed from against the sizes and "
                                        "checksums recorded at save (--no-verify-checkpoint skips it)")
-    overwrite_checkpoints: bool = _f(False, "start this run afresh although its checkpoint folder holds another "
-                                            "run's complete checkpoints: they are deleted first (without it such "
-                                            "a start is refused, naming the folder and how to resume it)")
+    overwrite_checkpoints: bool = _f(False, "start afresh although the checkpoint folder already holds complete "
+                                            "checkpoints (an earlier run of this name, or another run's): they are "
+                                            "deleted first (without it such a start is refused, naming the run "
+                                            "and how to resume it)")
     force_lock: bool = _f(False, "take the checkpoint folder's lock even when another run seems to hold it (only "
                                  "when you know that run is dead)")
     # evaluation and logging
