@@ -213,6 +213,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         if env.is_main:
             print(f"scaletrain: resumed from {plan.resume} at step {state.step} (saved by "
                   f"{plan.resume_meta['world_size']} ranks, now {env.world_size})", flush=True)
+            if state.step >= cfg.max_steps:
+                print(f"scaletrain: the run is complete at --max-steps {cfg.max_steps}: nothing to train (give a "
+                      f"larger --max-steps to go on)", flush=True)
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, cfg.run_name), env.is_main, cfg.to_dict(), state.step)
     fpt = flops_per_token(model_cfg, cfg.max_seq_length)
     peak = _resolve_peak(cfg, env.device)

@@ -81,7 +81,7 @@ def test_a_fresh_start_on_another_runs_checkpoints_is_refused_unless_told_to_ove
     assert json.loads((ck / "final" / COMPLETE).read_text())["config"]["run_name"] == "second"
     # a run that resumes is not concerned: --resume auto continues the second run (finished: nothing to train)
     done = launch("python", args + ["--resume", "auto"], tmp_path, run_name="second")
-    assert "done, 2 steps" in done.stdout
+    assert "the run is complete at --max-steps 2: nothing to train" in done.stdout and "done, 2 steps" in done.stdout
 
 
 def test_lock_rules(tmp_path, monkeypatch):
