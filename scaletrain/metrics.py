@@ -63,6 +63,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.tb = self.wandb = self.bar = None
         self.jsonl = None
+        self.samples_file = True  # samples.jsonl is opened at each evaluation; None once writing it failed
         if not enabled:
             return
         if sys.stdout.isatty():  # a progress bar with ETA on a terminal; plain lines in logs and pipes
@@ -90,14 +91,35 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
 
+    def _lost(self, sink: str, what: str, e: OSError) -> None:
+        """A file sink failed (a full disk or quota, a vanished mount): say so once, drop it, train on. The logs are
+        not worth the run: training and checkpoints go on, and the console still shows every line."""
+        handle = getattr(self, sink)
+        setattr(self, sink, None)
+        try:
+            if hasattr(handle, "close"):
+                handle.close()
+        except Exception:  # noqa: BLE001 - closing flushes what could not be written: the same failure again
+            pass
+        print(f"scaletrain: warning: writing {what} in {self.run_dir} failed ({type(e).__name__}: {e}); it is not "
+              f"written for the rest of this run, which goes on (free space there and resume to log again)",
+              file=sys.stderr, flush=True)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            try:
+                self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.jsonl.flush()
+            except OSError as e:
+                self._lost("jsonl", "metrics.jsonl", e)
         if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+            try:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(k, v, step)
+            except OSError as e:
+                self._lost("tb", "TensorBoard events", e)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         parts = [f"step {step:>6d}"]
@@ -126,17 +148,24 @@ class MetricsLogger:
             return
         from scaletrain.samples import as_markdown
 
-        lines = []
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            for domain, rows in samples.items():
-                for prompt, how, text in rows:
-                    f.write(json.dumps({"step": step, "domain": domain, "prompt": prompt, "decoding": how,
-                                        "text": text}) + "\n")
-                    lines.append(f"sample {domain} ({how}): {prompt!r} -> {text!r}")
-                if self.tb is not None:
-                    self.tb.add_text(f"samples/{domain}", as_markdown(rows), step)
+        lines = [f"sample {domain} ({how}): {prompt!r} -> {text!r}"
+                 for domain, rows in samples.items() for prompt, how, text in rows]
+        if self.samples_file:
+            try:
+                with open(self.run_dir / "samples.jsonl", "a") as f:
+                    for domain, rows in samples.items():
+                        for prompt, how, text in rows:
+                            f.write(json.dumps({"step": step, "domain": domain, "prompt": prompt, "decoding": how,
+                                                "text": text}) + "\n")
+            except OSError as e:
+                self._lost("samples_file", "samples.jsonl", e)
         if self.tb is not None:
-            self.tb.flush()
+            try:
+                for domain, rows in samples.items():
+                    self.tb.add_text(f"samples/{domain}", as_markdown(rows), step)
+                self.tb.flush()
+            except OSError as e:
+                self._lost("tb", "TensorBoard events", e)
         if self.wandb is not None:
             import wandb
 
@@ -149,10 +178,12 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        for sink, what in (("jsonl", "metrics.jsonl"), ("tb", "TensorBoard events")):
+            if getattr(self, sink) is not None:
+                try:
+                    getattr(self, sink).close()
+                except OSError as e:
+                    self._lost(sink, what, e)
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -129,6 +129,45 @@ def test_a_save_failing_on_one_rank_stops_every_rank_at_once(tmp_path, kind):
     assert (ck / "latest").read_text().strip() == "step_000002" and not list(ck.glob(".tmp-*"))
 
 
+def test_a_full_disk_under_the_logs_warns_and_the_run_trains_on_to_its_checkpoint(tmp_path):
+    """metrics.jsonl on a full disk (/dev/full: every write is ENOSPC) while the checkpoints are elsewhere, as with
+    logs in a home quota and checkpoints on scratch: the run used to die at its first log line with three tracebacks
+    and no checkpoint; now one warning, every step on the console, and its final checkpoint."""
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    p = launch("python", BASE + ["--engine", "fsdp", "--batch-size", "2", "--max-steps", "3"], tmp_path)
+    assert p.stderr.count("scaletrain: warning: writing metrics.jsonl in") == 1, p.stderr[-3000:]
+    assert "failed (OSError: [Errno 28] No space left on device); it is not written for the rest of this run" \
+        in p.stderr and "Traceback" not in p.stderr
+    assert all(f"step {s:>6d} | loss" in p.stdout for s in (1, 2, 3))
+    assert (tmp_path / "checkpoints" / "final" / COMPLETE).is_file()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
+def test_tensorboard_and_samples_on_a_full_disk_are_dropped_with_a_warning(tmp_path, capsys):
+    """The logger's other files: TensorBoard's event file (which its writer thread reopens to append each record)
+    and samples.jsonl fail with ENOSPC, both pointed at /dev/full after the first step; logging goes on without
+    them, close() included."""
+    from scaletrain.cli import parse_config
+    from scaletrain.metrics import MetricsLogger
+
+    log = MetricsLogger(parse_config(["--data-kind", "synthetic"]), str(tmp_path), True, {})
+    log.log(1, {"loss": 2.0})
+    log.tb.flush()
+    [events] = tmp_path.glob("events.out.tfevents.*")
+    events.unlink()
+    events.symlink_to("/dev/full")
+    (tmp_path / "samples.jsonl").symlink_to("/dev/full")
+    log.log_samples(2, {"general": [("Once", "greedy", " upon a time")]})
+    log.log(3, {"loss": 1.5})
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("writing TensorBoard events in") == 1 and err.count("writing samples.jsonl in") == 1, err
+    assert log.tb is None and log.samples_file is None
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+
+
 # ---- 3. know before the first save ------------------------------------------------------------------------------
 def test_an_unwritable_folder_is_found_at_start_and_low_space_is_warned(tmp_path):
     blocker = tmp_path / "file"
