@@ -17,7 +17,9 @@ equal the training ids. The JSON files are written directly, so converting needs
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -94,10 +96,9 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         raise CheckpointError(f"checkpoint {path} is damaged: {bad[0]}" + (f" (and {len(bad) - 1} more)" if
                               len(bad) > 1 else "") + "; convert another checkpoint (or pass --no-verify-checkpoint)")
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
-        shutil.rmtree(out_dir)
+    previous = out_dir.exists() and any(out_dir.iterdir())
+    if previous and not overwrite:
+        raise CheckpointError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
     mc = ModelConfig(**meta["model_config"])
     from scaletrain.engine import get_engine_class
 
@@ -125,30 +126,43 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     if not quiet:
         print(f"converting {path}: step {meta['step']}, {meta['engine']} engine, saved by "
               f"{meta['world_size']} rank(s) -> {out_dir}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(groups)
-    weight_map, total = {}, 0
-    shapes = dict(expected)
-    for i, names in enumerate(groups):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        nbytes = write_safetensors(out_dir / fname, [(hf_state_dict_key(k), shapes[k], k) for k in names],
-                                   lambda k: reader.load([k])[k], DTYPES[dtype])
-        total += nbytes
-        weight_map.update({hf_state_dict_key(k): fname for k in names})
-        if not quiet:
-            print(f"  wrote {fname}: {len(names)} tensors, {nbytes / 2**20:,.1f} MiB", flush=True)
-    if n > 1:
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
-    max_positions = trained_positions(meta.get("config", {}), mc)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
-    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
-    written = ["config.json", "generation_config.json"]
-    if tok is not None:
-        from scaletrain.data.tokenizer import export_hf_tokenizer
+    # written into a sibling folder, renamed into place once complete: a failure (a full disk) leaves no partial
+    # export, and --overwrite replaces the previous one only then
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        n = len(groups)
+        weight_map, total = {}, 0
+        shapes = dict(expected)
+        for i, names in enumerate(groups):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            nbytes = write_safetensors(tmp / fname, [(hf_state_dict_key(k), shapes[k], k) for k in names],
+                                       lambda k: reader.load([k])[k], DTYPES[dtype])
+            total += nbytes
+            weight_map.update({hf_state_dict_key(k): fname for k in names})
+            if not quiet:
+                print(f"  wrote {fname}: {len(names)} tensors, {nbytes / 2**20:,.1f} MiB", flush=True)
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+        max_positions = trained_positions(meta.get("config", {}), mc)
+        (tmp / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
+        written = ["config.json", "generation_config.json"]
+        if tok is not None:
+            from scaletrain.data.tokenizer import export_hf_tokenizer
 
-        written += export_hf_tokenizer(tok, path / TOKENIZER_DIR / "tokenizer.json", out_dir, max_positions)
+            written += export_hf_tokenizer(tok, path / TOKENIZER_DIR / "tokenizer.json", tmp, max_positions)
+        _put_in_place(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            raise CheckpointError(f"{out}: the disk is full ({e.strerror}{where}); nothing was written there"
+                                  f"{' and the previous export is untouched' if previous else ''}. Free space there "
+                                  f"or choose another output folder") from e
+        raise
     if not quiet:
         print(f"  wrote {', '.join(written)}" + (f" (tokenizer {tok.name}: eos {tok.eos_token!r}={tok.eos_id}, pad "
                                                  f"{tok.pad_token!r}={tok.pad_id}"
@@ -160,6 +174,19 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
               f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
               + (f" and AutoTokenizer.from_pretrained({str(out_dir)!r})" if tok else ""), flush=True)
     return out_dir
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished export to ``out_dir``; a previous export there is moved aside first, deleted after."""
+    old = None
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    elif out_dir.exists():
+        out_dir.rmdir()  # an empty folder the user made
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:

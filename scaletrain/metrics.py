@@ -70,14 +70,20 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(run_dir)
         jsonl = Path(run_dir) / "metrics.jsonl"
-        if start_step:  # a resume: the lines logged after its checkpoint are logged again (a fresh start appends)
-            _drop_steps_after(jsonl, start_step)
-            _drop_steps_after(Path(run_dir) / "samples.jsonl", start_step)
-        self.jsonl = open(jsonl, "a")
-        (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        try:  # before the first step, a run folder that cannot be written stops the run (nothing is lost yet)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            if start_step:  # a resume: the lines logged after its checkpoint are logged again (a fresh start appends)
+                _drop_steps_after(jsonl, start_step)
+                _drop_steps_after(Path(run_dir) / "samples.jsonl", start_step)
+            self.jsonl = open(jsonl, "a")
+            (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        except OSError as e:
+            from scaletrain.errors import ScaletrainError
+
+            raise ScaletrainError(f"--run-dir {cfg.run_dir}: the run's folder {run_dir} cannot be written "
+                                  f"({e.strerror or e}); free space there or give another --run-dir") from e
         if cfg.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -74,6 +74,27 @@ def test_bf16_single_file_and_output_rules(checkpoints, tmp_path):
         convert(str(tmp_path), str(tmp_path / "x"), quiet=True)
 
 
+def test_a_full_disk_leaves_the_previous_export_whole(checkpoints, tmp_path, monkeypatch):
+    """--overwrite used to delete the previous export first and write in place: a full disk midway left neither.
+    The export is now written beside it and renamed in once complete (writes go to /dev/full here: ENOSPC)."""
+    import scaletrain.convert as conv
+
+    out = convert(str(checkpoints / "fsdp" / "final"), str(tmp_path / "hf"), quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = conv.write_safetensors
+    monkeypatch.setattr(conv, "write_safetensors", lambda path, *a: real(conv.Path("/dev/full"), *a))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'hf'}: the disk is full \(No space left on device"
+                                              rf".*; nothing was written there and the previous export is untouched"):
+        convert(str(checkpoints / "fsdp" / "final"), str(out), overwrite=True, quiet=True, dtype="fp32")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial folder left beside it
+    monkeypatch.undo()
+    convert(str(checkpoints / "fsdp" / "final"), str(out), overwrite=True, quiet=True, dtype="fp32")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32  # replaced once complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_a_damaged_checkpoint_is_not_exported(checkpoints, tmp_path):
     import shutil
 

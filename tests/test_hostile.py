@@ -142,6 +142,14 @@ def test_a_full_disk_under_the_logs_warns_and_the_run_trains_on_to_its_checkpoin
         in p.stderr and "Traceback" not in p.stderr
     assert all(f"step {s:>6d} | loss" in p.stdout for s in (1, 2, 3))
     assert (tmp_path / "checkpoints" / "final" / COMPLETE).is_file()
+    # before the first step a run folder that cannot be written stops the run, in one line
+    (tmp_path / "runs" / "u").mkdir()
+    (tmp_path / "runs" / "u" / "config.json").symlink_to("/dev/full")
+    p = launch("python", BASE + ["--engine", "fsdp", "--checkpoint-dir", str(tmp_path / "ck_u")], tmp_path,
+               run_name="u", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"error: --run-dir {tmp_path / 'runs'}: the run's folder {tmp_path / 'runs' / 'u'} cannot be written " \
+           f"(No space left on device); free space there or give another --run-dir" in p.stderr
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
