@@ -7,6 +7,7 @@ is a bug and keeps its traceback. ``SCALETRAIN_TRACEBACK=1`` shows tracebacks fo
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -44,6 +45,12 @@ def run_entry(fn: Callable[[], object], hard_exit: bool = False) -> None:
         fn()
     except ScaletrainError as e:
         fail(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk or quota is the machine, not a bug: one line naming the file
+        fail(ScaletrainError(f"the disk is full ({e.strerror}" + (f": {e.filename}" if e.filename else "")
+                             + "); free space there, or write elsewhere, and run again"))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         os._exit(130)

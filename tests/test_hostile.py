@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +175,32 @@ def test_tensorboard_and_samples_on_a_full_disk_are_dropped_with_a_warning(tmp_p
     assert err.count("writing TensorBoard events in") == 1 and err.count("writing samples.jsonl in") == 1, err
     assert log.tb is None and log.samples_file is None
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+
+
+def test_small_outputs_on_a_full_disk_are_whole_or_absent_and_one_line(tmp_path, monkeypatch):
+    """The tokenizer file and the plot are written beside their name and renamed in (a full disk left a torn
+    tokenizer.json and a truncated PNG); any entry point reports ENOSPC in one line (it was a traceback)."""
+    from scaletrain.data.tokenizer import train_bpe
+    from scaletrain.plot import plot
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 400)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "lr": 0.1}\n')
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # names the temporary file: pointed at /dev/full below
+    for name, make in (("tok.json", lambda out: train_bpe([str(corpus)], 300, str(out))),
+                       ("p.png", lambda out: plot([str(tmp_path / "runs" / "a")], str(out)))):
+        (tmp_path / f".{name}.tmp-4242").symlink_to("/dev/full")
+        with pytest.raises(OSError, match="No space left on device"):
+            make(tmp_path / name)
+        assert not (tmp_path / name).exists() and not (tmp_path / f".{name}.tmp-4242").exists()
+        assert make(tmp_path / name) and (tmp_path / name).stat().st_size > 0  # with room, the whole file
+    monkeypatch.undo()
+    p = subprocess.run([sys.executable, "-c", "from pathlib import Path; from scaletrain.errors import run_entry; "
+                        "run_entry(lambda: Path('/dev/full').write_text('x'))"], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 1 and p.stderr == ("error: the disk is full (No space left on device); free space there, "
+                                              "or write elsewhere, and run again\n"), p.stderr
 
 
 # ---- 3. know before the first save ------------------------------------------------------------------------------
