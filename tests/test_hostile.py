@@ -229,6 +229,21 @@ def _save(store: CheckpointStore, name: str, step: int, payload: bytes = b"w" * 
     return store.save(local, lambda tmp, bg: None, name, {"step": step})
 
 
+def test_a_full_disk_that_torch_save_reports_otherwise_still_shows_the_space(tmp_path):
+    """torch.save's zip writer turns ENOSPC into "unexpected pos" (seen with --async-checkpoint on a full tmpfs):
+    the error still gives the free space against the checkpoint's size when the space is short."""
+    store = CheckpointStore(str(tmp_path), keep_last_n=2, rank=0, estimate_bytes=1 << 60)
+    _save(store, "step_000001", 1)
+
+    def collective(tmp, background):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    with pytest.raises(CheckpointError, match=r"saving checkpoint .*step_000002 failed: RuntimeError: \[enforce fail"
+                                              r".* GiB free on .*, this checkpoint needs about 1073741824.00 GiB; the "
+                                              r"previous checkpoint .*step_000001 is intact and latest unchanged"):
+        store.save(lambda tmp: None, collective, "step_000002", {"step": 2})
+
+
 def test_checksums_find_every_kind_of_damage(tmp_path):
     store = _store(tmp_path)
     path = _save(store, "step_000001", 1)

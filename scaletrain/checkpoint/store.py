@@ -378,14 +378,19 @@ class CheckpointStore:
             if len(ranks) > 1:
                 what += f" (and on {len(ranks) - 1} more rank{'s' if len(ranks) > 2 else ''})"
         space = ""
-        if "No space left" in what or _is_enospc(error):
+        try:
             free = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = None
+        # a full disk does not always say so: torch.save's zip writer reports it as "unexpected pos"
+        if free is not None and ("No space left" in what or _is_enospc(error) or free < self.estimate_bytes):
             space = (f"; {free / 2**30:.2f} GiB free on {self.dir}, this checkpoint needs about "
                      f"{self.estimate_bytes / 2**30:.2f} GiB")
         previous = newest_checkpoint(self.dir, quiet=True)
         kept = f"the previous checkpoint {previous} is intact and latest unchanged" if previous else \
             "nothing was committed"
-        return CheckpointError(f"saving checkpoint {final} failed {what}{space}; {kept}")
+        sep = " " if what.startswith("on rank") else ": "
+        return CheckpointError(f"saving checkpoint {final} failed{sep}{what}{space}; {kept}")
 
     def _prune(self) -> None:
         if self.keep_last_n <= 0:
