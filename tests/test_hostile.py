@@ -85,6 +85,37 @@ def test_a_fresh_start_on_another_runs_checkpoints_is_refused_unless_told_to_ove
     assert "the run is complete at --max-steps 2: nothing to train" in done.stdout and "done, 2 steps" in done.stdout
 
 
+def test_a_second_preparation_of_a_domain_stops_instead_of_deleting_the_first(tmp_path, capsys):
+    """Each prepare deleted every `.<domain>.tmp-*` as a crash's leftovers, a live one's too: two preparations of one
+    domain at once crashed the first (FileNotFoundError on its shard). The domain's lock now stops the second,
+    naming the first; once the first is gone, its leftovers are cleaned and the lock taken over."""
+    from scaletrain.data.prepare import prepare_domain
+
+    (tmp_path / "c.txt").write_text("some text to prepare. " * 200)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from scaletrain.checkpoint.lock import FolderLock; "
+                               f"FolderLock(Path({str(out)!r}), 'prepare --domain d', lock_name='.d.lock'); "
+                               "print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        work = out / f".d.tmp-{holder.pid}"
+        work.mkdir()
+        (work / "shard-00000.tar").write_bytes(b"in progress")
+        with pytest.raises(CheckpointError, match=rf"--output {out}, domain d, is in use by run 'prepare --domain d' "
+                                                  rf"\(pid {holder.pid} on .*two preparations of one domain delete "
+                                                  rf"each other's work"):
+            prepare_domain("d", [str(tmp_path / "c.txt")], str(out), quiet=True)
+        assert (work / "shard-00000.tar").read_bytes() == b"in progress" and not (out / "d").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_domain("d", [str(tmp_path / "c.txt")], str(out), quiet=True)
+    assert f"its process {holder.pid} on this host is gone" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["d"]  # the dead one's leftovers and the lock are gone
+
+
 def test_lock_rules(tmp_path, monkeypatch):
     held = FolderLock(tmp_path, "a")
     record = json.loads((tmp_path / LOCK).read_text())

@@ -52,8 +52,11 @@ def _stale(holder: dict, age_s: float) -> str | None:
 class FolderLock:
     """Held by rank 0 from the start of a run to its end."""
 
-    def __init__(self, folder: Path, run_name: str, force: bool = False) -> None:
-        self.path = folder / LOCK
+    def __init__(self, folder: Path, run_name: str, force: bool = False, lock_name: str = LOCK,
+                 subject: str | None = None, advice: str | None = None) -> None:
+        """``lock_name``, ``subject`` and ``advice``: another holder's lock file in ``folder`` (prepare locks one
+        domain), how the refusal names what is locked and what it tells the user to do."""
+        self.path = folder / lock_name
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "run_name": run_name,
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.warning: str | None = None
@@ -66,10 +69,11 @@ class FolderLock:
             why = "--force-lock was given" if force else _stale(holder, age)
             if why is None:
                 raise CheckpointError(
-                    f"--checkpoint-dir {folder} is in use by run {holder.get('run_name')!r} (pid {holder.get('pid')} "
-                    f"on {holder.get('host')}, started {holder.get('started')}, lock refreshed {age:.0f} s ago); "
-                    f"two runs in one folder overwrite each other's checkpoints. Use another --checkpoint-dir, wait "
-                    f"for it to end, or pass --force-lock if that run is dead")
+                    f"{subject or f'--checkpoint-dir {folder}'} is in use by run {holder.get('run_name')!r} (pid "
+                    f"{holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, lock refreshed "
+                    f"{age:.0f} s ago); " + (advice or "two runs in one folder overwrite each other's checkpoints. Use "
+                                             "another --checkpoint-dir, wait for it to end, or pass --force-lock if "
+                                             "that run is dead"))
             self.warning = (f"took over the lock of {self.path} held by run {holder.get('run_name')!r} (pid "
                             f"{holder.get('pid')} on {holder.get('host')}): {why}")
             try:

@@ -68,11 +68,33 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                    bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True) -> Manifest:
     """Prepare one domain; returns its manifest. ``opts`` (text key, LaTeX style, document cap) default to
     ``ReadOptions()``; ``skip_bad_lines`` is folded into them. ``dedup``: drop exact duplicates (memory: the
-    content-hash table, 16 bytes per document, up to about 3x that while it grows)."""
-    opts = opts if opts is not None else ReadOptions()
-    opts = ReadOptions(opts.text_key, opts.latex_style, opts.skip_bad_lines or skip_bad_lines, opts.max_document_bytes)
+    content-hash table, 16 bytes per document, up to about 3x that while it grows).
+
+    One preparation of a domain at a time: ``<output>/.<domain>.lock`` (the checkpoint folders' lock) is held
+    throughout, so a second one stops naming the first instead of deleting its work as a crash's leftovers."""
+    args = dict(locals())
     if not domain or "/" in domain or domain.startswith("."):
         raise InputError(f"--domain {domain!r}: use a plain folder name such as 'arxiv'")
+    from scaletrain.checkpoint.lock import FolderLock
+
+    lock = FolderLock(Path(output), f"prepare --domain {domain}", lock_name=f".{domain}.lock",
+                      subject=f"--output {output}, domain {domain},",
+                      advice=f"two preparations of one domain delete each other's work. Wait for it to end (if its "
+                             f"host died, delete {Path(output) / f'.{domain}.lock'})")
+    if lock.warning:
+        print(f"scaletrain prepare: {lock.warning}", file=sys.stderr)
+    try:
+        return _prepare_domain(**args)
+    finally:
+        lock.release()
+
+
+def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None, eos_token: str | None,
+                    workers: int, val_fraction: float, shard_tokens: int, chunk_tokens: int, skip_bad_lines: bool,
+                    overwrite: bool, quiet: bool, add_bos: bool, bos_token: str | None, opts: ReadOptions | None,
+                    dedup: bool) -> Manifest:
+    opts = opts if opts is not None else ReadOptions()
+    opts = ReadOptions(opts.text_key, opts.latex_style, opts.skip_bad_lines or skip_bad_lines, opts.max_document_bytes)
     if not 0 <= val_fraction < 1:
         raise InputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
@@ -93,7 +115,7 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for stale in Path(output).glob(f".{domain}.tmp-*") if Path(output).exists() else []:
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)  # leftovers of an interrupted run (a live one holds the lock)
     train = ShardWriter(tmp, dtype, chunk_tokens, shard_tokens)
     val = ShardWriter(tmp / "val", dtype, chunk_tokens, shard_tokens)
     seen = SeenHashes() if dedup else None
