@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -75,15 +74,12 @@ def plot(runs: list[str], output: str, title: str | None = None) -> Path:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title or ", ".join(name for name, _ in data))
     fig.tight_layout()
+    from scaletrain.files import whole_or_absent
+
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # the PNG whole or not at all (a full disk)
     try:
-        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with whole_or_absent(out) as tmp:
+            fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return out

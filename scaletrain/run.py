@@ -163,7 +163,7 @@ def _fresh_start(cfg: PreTrainingConfig, folder: Path) -> None:
     found = complete_checkpoints(folder, quiet=True)
     if not found:
         return
-    newest = newest_checkpoint(folder, quiet=True) or found[-1][1]
+    newest = newest_checkpoint(folder, quiet=True)  # what --resume latest would take
     meta = read_meta(newest)
     name = (meta.get("config") or {}).get("run_name")
     if not cfg.overwrite_checkpoints:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint import CheckpointManager
 from scaletrain.config import PreTrainingConfig
-from scaletrain.data.loader import build_loader, sources_without_val
+from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
 from scaletrain.faults import poisoned_step
@@ -62,8 +62,10 @@ def build_model(cfg: PreTrainingConfig | ModelConfig, vocab_size: int | None = N
     return model
 
 
-def _say_validation(val_loader, missing: list[str]) -> None:
+def _say_validation(val_loader, cfg: PreTrainingConfig) -> None:
     """Which domains the validation loss covers, when not all (a domain prepared without --val-fraction)."""
+    missing = [s for s, w in zip(cfg.data_sources, cfg.data_mix_weights) if w > 0 and s not in val_loader] \
+        if isinstance(val_loader, dict) else []
     if val_loader is None:
         print("scaletrain: no validation split in the data (prepare with --val-fraction); no val_loss", flush=True)
     elif missing:
@@ -200,7 +202,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     val_loader = build_loader(cfg, env.rank, env.world_size, "val", model_cfg.vocab_size) if cfg.eval_interval \
         else None
     if cfg.eval_interval and env.is_main:
-        _say_validation(val_loader, sources_without_val(cfg))
+        _say_validation(val_loader, cfg)
     state = TrainState(spikes=SpikeGuard(cfg.spike_sigma, cfg.spike_window) if cfg.spike_sigma else None)
     engine.spike_guard = state.spikes
     poison_at = poisoned_step(env.rank)  # SCALETRAIN_FAULT=spike:STEP[@RANK], for the tests

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -170,15 +169,10 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
                                   special_tokens=["<|endoftext|>", "<pad>", "<|begin_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((doc.text for doc in iter_documents(files)), trainer=trainer)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # complete or absent: a full disk leaves no torn file
-    try:
+    from scaletrain.files import whole_or_absent
+
+    with whole_or_absent(Path(output)) as tmp:
         tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")  # the bytes tok.save writes, failing as OSError
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return output, tok.get_vocab_size(with_added_tokens=True)
 
 
