@@ -216,9 +216,9 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
         how = get_engine_class(meta["engine"]).selected_by
         raise CheckpointError(
             f"checkpoint {path} was written by the {meta['engine']} engine and this run uses {engine_name}; resume it "
-            f"with the engine that wrote it ({how}). "
-            f"Its weights can go to Hugging Face format with: python launch/convert.py {path} <out>; starting "
-            f"another engine from them is not supported yet")
+            f"with the engine that wrote it ({how}). A checkpoint's optimizer state does not pass between engines; "
+            f"its weights do: start a new run from them with --init-from {path} (fresh optimizer, schedule and "
+            f"data position; another --run-name), or export them with: python launch/convert.py {path} <out>")
     if step > cfg.max_steps:
         raise CheckpointError(f"checkpoint {path} is at step {step}, past --max-steps {cfg.max_steps}: nothing to "
                               f"train. Give --max-steps above {step} to go on (the schedule follows --max-steps)")

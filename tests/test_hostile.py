@@ -389,7 +389,8 @@ def test_impossible_resumes_are_one_line_errors(tmp_path):
          "--stop-at-step 5 is not after the resumed step 6"),
         (fp32("zero2", tmp_path) + ["--max-steps", "9"],
          "was written by the fsdp engine and this run uses deepspeed; resume it with the engine that wrote it "
-         "(--engine fsdp)"),
+         "(--engine fsdp). A checkpoint's optimizer state does not pass between engines; its weights do: start a "
+         "new run from them with --init-from"),
     ]
     for extra, expected in cases:
         p = launch("python", args + ["--resume", "latest"] + extra, tmp_path, check=False)
