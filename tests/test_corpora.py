@@ -288,3 +288,64 @@ def test_a_decompression_bomb_in_an_arxiv_package_keeps_memory_bounded(tmp_path)
     docs, oversize, peak_mib = json.loads(out.stdout)
     assert (docs, oversize) == (1, 1)
     assert peak_mib < 150, peak_mib  # measured 48 MiB: the interpreter, imports and the 16 MB cap, not 512 MB
+
+
+GOLDEN_HF = Path(__file__).parent / "golden" / "hf_datasets"  # written by the datasets library: see make.py there
+
+
+def test_hugging_face_datasets_folders_are_read_as_saved(tmp_path):
+    """A folder that `datasets`' save_to_disk wrote (its .arrow shards beside dataset_info.json and state.json)
+    gives the documents of the rows it was made from; the metadata is listed as skipped, not read as JSON lines
+    (which stopped prepare before), and a DatasetDict's folder, whose splits would all land in one domain, is
+    refused naming the split's folder to give."""
+    rows = [json.loads(line)["text"] for line in (GOLDEN_HF / "rows.jsonl").read_text().splitlines()]
+    texts = [t for t in rows if t is not None]
+    (tmp_path / "rows.jsonl").write_bytes(_jsonl(texts))
+    out = tmp_path / "out"
+    prepare_domain("hf", [str(GOLDEN_HF / "saved")], str(out), quiet=True)
+    prepare_domain("plain", [str(tmp_path / "rows.jsonl")], str(out), quiet=True)
+    manifest, tokens = _tokens(out, "hf")
+    assert tokens == _tokens(out, "plain")[1]
+    assert (manifest["documents"], manifest["dropped"]["empty"]) == (len(texts), 1)
+    assert {Path(f).name: why for f, why in manifest["reading"]["skipped_files"]} == {
+        name: "the datasets library's metadata of the .arrow files beside it"
+        for name in ("dataset_info.json", "state.json")}
+    with pytest.raises(InputError, match=r"saved_dict is a Hugging Face DatasetDict \(save_to_disk\) whose splits "
+                                         r"are its sub-folders \(train, validation\): give the folder of the split "
+                                         r"to train on, e.g. --input .*saved_dict/train"):
+        list(iter_documents([GOLDEN_HF / "saved_dict"]))
+    assert [d.text for d in iter_documents([GOLDEN_HF / "saved_dict" / "train"])] == [t for t in rows[:30] if t]
+
+
+def test_arrow_files_are_cut_by_record_batches_in_either_ipc_format(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    table = pa.table({"content": TEXTS, "id": list(range(len(TEXTS)))})
+    with pa.ipc.new_stream(tmp_path / "stream.arrow", table.schema) as w:  # what the datasets library writes
+        w.write_table(table, max_chunksize=16)
+    with pa.ipc.new_file(tmp_path / "file.arrow", table.schema) as w:  # Arrow's random-access format
+        w.write_table(table, max_chunksize=16)
+    monkeypatch.setattr(sources, "TASK_BYTES", 2000)
+    opts = ReadOptions(text_key="content")
+    for name in ("stream.arrow", "file.arrow"):
+        tasks = sources.tasks_for(tmp_path / name)
+        assert len(tasks) > 3 and tasks[0].start == 0 and tasks[-1].end == -(-len(TEXTS) // 16), name
+        docs = list(iter_documents([tmp_path / name], opts=opts))
+        assert [d.text for d in docs] == TEXTS and docs[17].source.endswith(f"{name}:row 18"), name
+        for workers in (1, 2):
+            prepare_domain(f"{name[:4]}{workers}", [str(tmp_path / name)], str(tmp_path / "out"), workers=workers,
+                           quiet=True, opts=opts)
+    (tmp_path / "rows.jsonl").write_bytes(_jsonl(TEXTS))
+    prepare_domain("plain", [str(tmp_path / "rows.jsonl")], str(tmp_path / "out"), quiet=True)
+    for domain in ("stre1", "stre2", "file1", "file2"):
+        assert _tokens(tmp_path / "out", domain)[1] == _tokens(tmp_path / "out", "plain")[1], domain
+    with pytest.raises(InputError, match=r"stream.arrow: no column 'text' \(--text-key\); its columns are "
+                                         r"\['content', 'id'\]"):
+        list(iter_documents([tmp_path / "stream.arrow"]))
+    data = (tmp_path / "stream.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(InputError, match=r"cut.arrow: corrupt or truncated arrow data"):
+        list(iter_documents([tmp_path / "cut.arrow"], opts=opts))
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(InputError, match=r"junk.arrow: not a readable Arrow IPC file"):
+        sources.tasks_for(tmp_path / "junk.arrow")

@@ -1,5 +1,5 @@
-"""Reading a ``Task`` of an input file (``sources.py``) into documents: JSON lines, Parquet rows, text and LaTeX
-files, arXiv packages and tars, each document capped at ``max_document_bytes`` and counted in ``ReadStats``;
+"""Reading a ``Task`` of an input file (``sources.py``) into documents: JSON lines, Parquet and Arrow rows, text
+and LaTeX files, arXiv packages and tars, each document capped at ``max_document_bytes`` and counted in ``ReadStats``;
 bad input names ``file:line``, ``file:row`` or ``archive:member``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Iterator
 
 from .latex import STYLES, clean_latex
 from .latex_package import clean_package
-from .sources import InputError, Task, open_stream, read_capped
+from .sources import InputError, Task, arrow_batches, open_stream, read_capped
 
 _BOM = "\ufeff"
 NEWLINE = b"\n"
@@ -195,31 +195,53 @@ class Reader:
 
     # ---- Parquet ----
     def _parquet(self, task: Task) -> Iterator[Document]:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(task.path)
-        key, cap = self.opts.text_key, self.opts.max_document_bytes
-        names = pf.schema_arrow.names
-        if key not in names:
-            raise InputError(f"{task.path}: no column {key!r} (--text-key); its columns are {names}")
-        kind = pf.schema_arrow.field(key).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise InputError(f"{task.path}: column {key!r} holds {kind}, not text; choose a string column "
-                             f"with --text-key (columns: {names})")
+        self._text_column(pf.schema_arrow, task.path)
         row = sum(pf.metadata.row_group(g).num_rows for g in range(task.start))
         groups = list(range(task.start, task.end))
         if not groups:
             return
-        for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[key]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is None:
-                    self.stats.empty += 1
-                elif len(text) * 4 > cap and len(text.encode("utf-8")) > cap:
-                    self.stats.oversize += 1
-                else:
-                    yield from self._emit(text, f"{task.path}:row {row}")
+        for batch in pf.iter_batches(batch_size=1024, row_groups=groups, columns=[self.opts.text_key]):
+            yield from self._rows(batch.column(0), task.path, row)
+            row += batch.num_rows
+
+    # ---- Arrow (Hugging Face datasets) ----
+    def _arrow(self, task: Task) -> Iterator[Document]:
+        row = 0
+        for i, batch in enumerate(arrow_batches(task.path)):
+            if i == 0:
+                self._text_column(batch.schema, task.path)
+            if i >= task.end:
+                break
+            if i >= task.start:
+                yield from self._rows(batch.column(self.opts.text_key), task.path, row)
+            row += batch.num_rows
+
+    def _text_column(self, schema, path: str) -> None:
+        """The --text-key column must exist and hold strings."""
+        import pyarrow as pa
+
+        key, names = self.opts.text_key, schema.names
+        if key not in names:
+            raise InputError(f"{path}: no column {key!r} (--text-key); its columns are {names}")
+        kind = schema.field(key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(f"{path}: column {key!r} holds {kind}, not text; choose a string column "
+                             f"with --text-key (columns: {names})")
+
+    def _rows(self, column, path: str, row: int) -> Iterator[Document]:
+        """One document per value of a string column whose first value is row ``row + 1`` of the file."""
+        cap = self.opts.max_document_bytes
+        for text in column.to_pylist():
+            row += 1
+            if text is None:
+                self.stats.empty += 1
+            elif len(text) * 4 > cap and len(text.encode("utf-8")) > cap:
+                self.stats.oversize += 1
+            else:
+                yield from self._emit(text, f"{path}:row {row}")
 
     # ---- arXiv sources ----
     def _gz_source(self, task: Task) -> Iterator[Document]:

@@ -4,21 +4,25 @@ inputs, how each is cut into ``Task`` s and opened here; ``reader.py`` reads a t
 ===========================================  ====================================================================
 ``.jsonl`` / ``.json`` (+ ``.gz .zst .bz2``)  one JSON object a line, its ``--text-key`` string (C4, SlimPajama)
 ``.parquet``                                  the ``--text-key`` column, read a row group at a time (FineWeb, HF)
+``.arrow``                                    the ``--text-key`` column, a record batch at a time: Hugging Face
+                                              ``datasets`` folders (``save_to_disk``, its cache), Arrow IPC files
 ``.txt`` / ``.tex`` (+ ``.gz .zst .bz2``)      one document a file (``.tex`` cleaned, see ``latex.py``)
 ``.tar`` / ``.tar.gz`` / ``.tgz``              arXiv: a package of one paper's files, or a bulk tar of papers
                                               (members ``*.gz``: each a package or a gzipped single ``.tex``)
 ``.gz`` (any other)                            arXiv: one paper's source, a gzipped tar or a gzipped ``.tex``
 ===========================================  ====================================================================
 
-Nothing is read whole: JSON lines and compressed streams go line by line, Parquet by record batches, tars member
+Nothing is read whole: JSON lines and compressed streams go line by line, Parquet and Arrow by record batches
+(Arrow memory-mapped), tars member
 by member (``tarfile``'s stream mode: never extracted, never a path on disk). One document is the unit held in
 memory, and ``max_document_bytes`` caps it: a longer line, file, member or decompressed source is skipped and
 counted (a decompression bomb cannot exhaust memory). Symlink and hardlink members of tars are skipped and counted.
 Errors name ``file:line``, ``file:row`` or ``archive:member``.
 
 A file is cut into ``Task`` s, the unit of parallel work: a plain ``.jsonl`` by byte ranges (a line belongs to the
-range its first byte is in), a ``.parquet`` by row groups, anything else whole. The cut depends on the files only,
-never on the number of workers, so the concatenated output is the same for any worker count.
+range its first byte is in), a ``.parquet`` by row groups, an ``.arrow`` by record batches, anything else whole.
+The cut depends on the files only, never on the number of workers, so the concatenated output is the same for any
+worker count.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ class InputError(ScaletrainError):
 @dataclass(frozen=True)
 class Task:
     path: str
-    kind: str  # jsonl, txt, tex, parquet, tar, gz-source
+    kind: str  # jsonl, txt, tex, parquet, arrow, tar, gz-source
     codec: str | None = None  # .gz/.zst/.bz2 around a jsonl/txt/tex
-    start: int = 0  # byte offset (plain jsonl) or first row group (parquet)
-    end: int = -1  # end byte offset / row group (exclusive); -1: to the end
+    start: int = 0  # byte offset (plain jsonl), first row group (parquet) or first record batch (arrow)
+    end: int = -1  # end byte offset / row group / record batch (exclusive); -1: to the end
 
 
 def kind_of(path: Path) -> tuple[str, str | None] | None:
@@ -57,6 +61,8 @@ def kind_of(path: Path) -> tuple[str, str | None] | None:
         return "tar", None
     if name.endswith(".parquet"):
         return "parquet", None
+    if name.endswith(".arrow"):
+        return "arrow", None
     codec = next((c for c in CODECS if name.endswith(c)), None)
     stem = name[: -len(codec)] if codec else name
     for suffix, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt"), (".tex", "tex")):
@@ -65,7 +71,10 @@ def kind_of(path: Path) -> tuple[str, str | None] | None:
     return ("gz-source", None) if codec == ".gz" else None
 
 
-SUFFIXES_HELP = ".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet, .tar/.tar.gz/.tgz or arXiv .gz"
+SUFFIXES_HELP = ".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet, .arrow, .tar/.tar.gz/.tgz or arXiv .gz"
+# What the datasets library writes beside its .arrow files (save_to_disk, its cache): not documents
+HF_DATASETS_METADATA = ("dataset_info.json", "state.json")
+HF_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's save_to_disk folder: one sub-folder per split
 
 
 def tasks_for(path: Path) -> list[Task]:
@@ -80,14 +89,47 @@ def tasks_for(path: Path) -> list[Task]:
             meta = pq.ParquetFile(path).metadata
         except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError kinds
             raise InputError(f"{path}: not a readable Parquet file ({e})") from e
-        tasks, first, size = [], 0, 0
-        for g in range(meta.num_row_groups):
-            size += meta.row_group(g).total_byte_size
-            if size >= TASK_BYTES or g == meta.num_row_groups - 1:
-                tasks.append(Task(str(path), kind, None, first, g + 1))
-                first, size = g + 1, 0
-        return tasks or [Task(str(path), kind, None, 0, 0)]
+        sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+        return _grouped(str(path), kind, sizes) or [Task(str(path), kind, None, 0, 0)]
+    if kind == "arrow":
+        try:
+            sizes = [b.nbytes for b in arrow_batches(path)]  # memory-mapped: reads batch headers, copies no data
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except (ValueError, OSError) as e:  # pyarrow: ArrowInvalid, or an OSError for a cut-off file
+            raise InputError(f"{path}: corrupt or truncated arrow data ({e}); replace the file or remove it from "
+                             f"the input") from e
+        return _grouped(str(path), kind, sizes) or [Task(str(path), kind, None, 0, 0)]
     return [Task(str(path), kind, codec)]
+
+
+def _grouped(path: str, kind: str, sizes: list[int]) -> list[Task]:
+    """Consecutive parts (row groups, record batches) of ``sizes`` bytes grouped into tasks of about TASK_BYTES."""
+    tasks, first, size = [], 0, 0
+    for g, n in enumerate(sizes):
+        size += n
+        if size >= TASK_BYTES or g == len(sizes) - 1:
+            tasks.append(Task(path, kind, None, first, g + 1))
+            first, size = g + 1, 0
+    return tasks
+
+
+def arrow_batches(path: str | Path):
+    """The record batches of an Arrow IPC file, memory-mapped (zero-copy): the streaming format the datasets
+    library writes (``data-00000-of-00004.arrow``) or the random-access file format (``ARROW1`` magic)."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path), "r")
+        if source.read(6) == b"ARROW1":
+            reader = pa.ipc.open_file(source)
+            return (reader.get_batch(i) for i in range(reader.num_record_batches))
+        source.seek(0)
+        return iter(pa.ipc.open_stream(source))
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable Arrow IPC file ({e})") from e
 
 
 def open_stream(path: str, codec: str | None) -> BinaryIO:
@@ -124,9 +166,16 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
             continue
         seen.add(real)
         dirs.sort()
+        if HF_DATASET_DICT in files:  # every split would be read into one domain, validation and test too
+            raise InputError(f"{root} is a Hugging Face DatasetDict (save_to_disk) whose splits are its sub-folders "
+                             f"({', '.join(dirs)}): give the folder of the split to train on, e.g. --input "
+                             f"{Path(root) / ('train' if 'train' in dirs or not dirs else dirs[0])}")
+        arrow = any(kind_of(Path(name)) == ("arrow", None) for name in files)
         for name in sorted(files):
             f = Path(root) / name
-            if not f.is_file():
+            if arrow and name in HF_DATASETS_METADATA:
+                skipped.append((str(f), "the datasets library's metadata of the .arrow files beside it"))
+            elif not f.is_file():
                 skipped.append((str(f), "a broken link or not a regular file"))
             elif kind_of(f) is None:
                 skipped.append((str(f), f"not a {SUFFIXES_HELP} file"))
