@@ -349,3 +349,37 @@ def test_arrow_files_are_cut_by_record_batches_in_either_ipc_format(tmp_path, mo
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(InputError, match=r"junk.arrow: not a readable Arrow IPC file"):
         sources.tasks_for(tmp_path / "junk.arrow")
+
+
+def test_evaluation_splits_found_in_a_folder_are_left_out_and_listed(tmp_path):
+    """Downloaded corpora ship their evaluation splits beside the training one (SlimPajama's train/ validation/
+    test/, the Pile's val.jsonl.zst, a snapshot's test-00000-of-00001.parquet, C4's c4-validation.*): a folder's
+    walk used to read them all into the training domain. Named as inputs of their own they are read."""
+    raw = tmp_path / "corpus"
+    for path, texts in {"train/chunk1/a.jsonl.zst": TEXTS[:100], "validation/chunk1/a.jsonl.zst": TEXTS[100:150],
+                        "test/chunk1/a.jsonl.zst": TEXTS[150:200], "val.jsonl.zst": TEXTS[200:220],
+                        "en/c4-train.00000-of-00002.json.gz": TEXTS[220:260],
+                        "en/c4-validation.00000-of-00001.json.gz": TEXTS[260:270],
+                        "intervals_and_values.txt": None}.items():  # "val" inside a word is no split
+        (raw / path).parent.mkdir(parents=True, exist_ok=True)
+        data = _jsonl(texts) if texts else b"notes"
+        (raw / path).write_bytes(_zst(data) if path.endswith(".zst") else gzip.compress(data) if
+                                 path.endswith(".gz") else data)
+    (raw / "hf").mkdir()
+    _parquet(raw / "hf" / "train-00000-of-00001.parquet", TEXTS[270:290])
+    _parquet(raw / "hf" / "test-00000-of-00001.parquet", TEXTS[290:300])
+    stats = ReadStats()
+    docs = [d.text for d in iter_documents([raw], stats=stats)]
+    assert sorted(docs) == sorted(TEXTS[:100] + TEXTS[220:260] + TEXTS[270:290] + ["notes"])
+    left_out = {str(Path(f).relative_to(raw)): why for f, why in stats.skipped_files}
+    assert set(left_out) == {"validation", "test", "val.jsonl.zst", "en/c4-validation.00000-of-00001.json.gz",
+                             "hf/test-00000-of-00001.parquet"}
+    assert left_out["val.jsonl.zst"] == ("an evaluation split of the dataset by its name (val): held out, not "
+                                         "trained on (give it as an --input of its own to train on it)")
+    assert [d.text for d in iter_documents([raw / "val.jsonl.zst", raw / "validation"])] == TEXTS[200:220] + \
+        TEXTS[100:150]
+    with pytest.raises(InputError, match=r"folder .*only holds only evaluation splits \(.*only/test\), which a "
+                                         r"folder's walk leaves out"):
+        (tmp_path / "only" / "test").mkdir(parents=True)
+        (tmp_path / "only" / "test" / "a.jsonl").write_bytes(_jsonl(TEXTS[:3]))
+        list(iter_documents([tmp_path / "only"]))

@@ -226,7 +226,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", metavar="NAME", help="domain name, e.g. arxiv (one folder under --output); without "
                                                      "it, each sub-folder of each --input folder is a domain")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=f"files or folders (searched recursively): {SUFFIXES_HELP}")
+                   help=f"files or folders (searched recursively; below a folder, files and folders named as an "
+                        f"evaluation split, test/ or val.jsonl say, are left out): {SUFFIXES_HELP}")
     p.add_argument("--output", required=True, help="data folder, e.g. data/pretraining")
     p.add_argument("--tokenizer", help="a local Hugging Face tokenizer.json, or a model folder that has one (its "
                    "tokenizer_config.json names the EOS/BOS tokens; default: byte-level)")

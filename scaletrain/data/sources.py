@@ -31,6 +31,7 @@ import bz2
 import gzip
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -75,6 +76,16 @@ SUFFIXES_HELP = ".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet, .a
 # What the datasets library writes beside its .arrow files (save_to_disk, its cache): not documents
 HF_DATASETS_METADATA = ("dataset_info.json", "state.json")
 HF_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's save_to_disk folder: one sub-folder per split
+EVAL_SPLITS = ("test", "validation", "valid", "val", "dev")
+_EVAL_SKIP = ("an evaluation split of the dataset by its name ({}): held out, not trained on (give it as an --input "
+              "of its own to train on it)")
+
+
+def eval_split(name: str) -> str | None:
+    """The evaluation split a file or folder name marks, in the layouts corpora ship in: ``test/`` and
+    ``validation/`` (SlimPajama), ``val.jsonl.zst`` (the Pile), ``test-00000-of-00001.parquet`` (Hugging Face
+    snapshots), ``c4-validation.00000-of-00008.json.gz`` (C4); None for any other name."""
+    return next((t for t in re.split(r"[-_.]", name.lower()) if t in EVAL_SPLITS), None)
 
 
 def tasks_for(path: Path) -> list[Task]:
@@ -155,7 +166,10 @@ def read_capped(f: BinaryIO, cap: int) -> bytes | None:
 
 def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     """Every file under ``folder``, following symlinked folders once each (a link back up is reported, not
-    followed); files that are not inputs are reported in ``skipped`` with the reason."""
+    followed); files that are not inputs are reported in ``skipped`` with the reason. Below ``folder``, files and
+    folders named as a dataset's evaluation split are skipped (and reported): a downloaded corpus often ships its
+    validation and test splits beside the training one, and training on them makes every later evaluation on them
+    meaningless."""
     found: list[Path] = []
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -170,6 +184,9 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
             raise InputError(f"{root} is a Hugging Face DatasetDict (save_to_disk) whose splits are its sub-folders "
                              f"({', '.join(dirs)}): give the folder of the split to train on, e.g. --input "
                              f"{Path(root) / ('train' if 'train' in dirs or not dirs else dirs[0])}")
+        for d in [d for d in dirs if eval_split(d)]:
+            skipped.append((os.path.join(root, d), _EVAL_SKIP.format(eval_split(d))))
+            dirs.remove(d)
         arrow = any(kind_of(Path(name)) == ("arrow", None) for name in files)
         for name in sorted(files):
             f = Path(root) / name
@@ -179,6 +196,8 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
                 skipped.append((str(f), "a broken link or not a regular file"))
             elif kind_of(f) is None:
                 skipped.append((str(f), f"not a {SUFFIXES_HELP} file"))
+            elif eval_split(name):
+                skipped.append((str(f), _EVAL_SKIP.format(eval_split(name))))
             else:
                 found.append(f)
     return found
@@ -192,7 +211,13 @@ def list_inputs(inputs: list[str], skipped: list[tuple[str, str]] | None = None)
     for item in inputs:
         p = Path(item)
         if p.is_dir():
+            before = len(skipped)
             found = _walk(p, skipped)
+            splits = [f for f, why in skipped[before:] if why.startswith("an evaluation split")]
+            if not found and splits:
+                raise InputError(f"--input: folder {item} holds only evaluation splits ({', '.join(splits[:3])}), "
+                                 f"which a folder's walk leaves out; give them as inputs of their own to train on "
+                                 f"them")
             if not found:
                 raise InputError(f"--input: folder {item} holds no {SUFFIXES_HELP} files")
             files.extend(found)
