@@ -383,3 +383,55 @@ def test_evaluation_splits_found_in_a_folder_are_left_out_and_listed(tmp_path):
         (tmp_path / "only" / "test").mkdir(parents=True)
         (tmp_path / "only" / "test" / "a.jsonl").write_bytes(_jsonl(TEXTS[:3]))
         list(iter_documents([tmp_path / "only"]))
+
+
+def test_text_files_of_separated_documents_are_split_streamed_and_cut_into_tasks(tmp_path, monkeypatch):
+    """TinyStories ships 2.2 GB of stories in one .txt, each ended by <|endoftext|>: as one document a file it was
+    skipped whole as over the 1 GiB cap (or, the cap raised, trained as one document without an EOS between
+    stories). --document-separator splits it, streamed, in byte-range tasks like JSON lines."""
+    import random
+
+    from scaletrain.data import reader
+
+    rng = random.Random(0)
+    stories = [f"Once upon a time, story {i}. " + "Lily went to the park. " * rng.randint(0, 30) for i in range(400)]
+    stories[123] = "x" * 5000  # over the cap below: skipped and counted, its neighbours whole
+    body = "".join(s + "\n<|endoftext|>\n" for s in stories)
+    (tmp_path / "TinyStories-train.txt").write_text(body)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "stories.txt.gz").write_bytes(gzip.compress(body.encode()))
+    want = [s.strip() for s in stories if len(s) < 4000]
+    monkeypatch.setattr(reader, "_READ_BYTES", 61)  # separators and the cap fall across reads
+    monkeypatch.setattr(sources, "TASK_BYTES", 997)  # and across task boundaries
+    opts = ReadOptions(document_separator="<|endoftext|>", max_document_bytes=4000)
+    for path in (tmp_path / "TinyStories-train.txt", tmp_path / "gz" / "stories.txt.gz"):
+        stats = ReadStats()
+        assert [d.text for d in iter_documents([path], opts=opts, stats=stats)] == want, path
+        assert (stats.oversize, stats.empty) == (1, 0)  # blank pieces (the last newline) are no documents
+    assert len(sources.tasks_for(tmp_path / "TinyStories-train.txt", separated=True)) == -(-len(body) // 997)
+    for workers in (1, 2):
+        prepare_domain(f"w{workers}", [str(tmp_path / "TinyStories-train.txt")], str(tmp_path / "out"),
+                       workers=workers, quiet=True, opts=opts)
+    m, tokens = _tokens(tmp_path / "out", "w1")
+    assert tokens == _tokens(tmp_path / "out", "w2")[1]
+    assert m["documents"] == len(want) and m["reading"]["document_separator"] == "<|endoftext|>"
+    (tmp_path / "stories.jsonl").write_bytes(_jsonl(want))
+    prepare_domain("plain", [str(tmp_path / "stories.jsonl")], str(tmp_path / "out"), quiet=True)
+    assert tokens == _tokens(tmp_path / "out", "plain")[1]
+    for data in (b"a||b|||c||", b"||", b"abc", b"", b"x|" * 40):  # what bytes.split gives, read by any size
+        for cap in (3, 100):
+            got = list(reader._pieces(io.BytesIO(data), b"||", 0, cap))
+            parts = data.split(b"||")
+            assert [p for _, p in got] == [p if len(p) <= cap else None for p in parts], (data, cap)
+            assert [o for o, _ in got] == [sum(len(q) + 2 for q in parts[:k]) for k in range(len(parts))]
+
+
+def test_document_separator_flag_reads_escapes(tmp_path):
+    (tmp_path / "lines.txt").write_text("one\ntwo\n\nthree\n")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "scaletrain", "prepare", "--domain", "d", "--input",
+                        str(tmp_path / "lines.txt"), "--output", str(out), "--document-separator", "\\n"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "d" / "manifest.json").read_text())
+    assert (m["documents"], m["reading"]["document_separator"], m["dropped"]["empty"]) == (3, "\n", 0)

@@ -20,8 +20,10 @@ complete (written under a temporary name, then renamed); an existing one is refu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
+import re
 import shutil
 import sys
 import time
@@ -94,7 +96,9 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                     overwrite: bool, quiet: bool, add_bos: bool, bos_token: str | None, opts: ReadOptions | None,
                     dedup: bool) -> Manifest:
     opts = opts if opts is not None else ReadOptions()
-    opts = ReadOptions(opts.text_key, opts.latex_style, opts.skip_bad_lines or skip_bad_lines, opts.max_document_bytes)
+    opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
+    if opts.document_separator == "":
+        raise InputError("--document-separator: an empty separator; give the string that ends each document")
     if not 0 <= val_fraction < 1:
         raise InputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
@@ -110,7 +114,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
-    tasks = plan_tasks(inputs, stats.skipped_files)
+    tasks = plan_tasks(inputs, stats.skipped_files, opts)
     spec = EncodeSpec(opts, tokenizer, eos_token, bos_token, val_fraction, dtype.name)
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +158,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                             empty_documents=stats.empty, val_fraction=val_fraction, dropped=dropped,
                             reading={"text_key": opts.text_key, "latex_style": opts.latex_style,
                                      "max_document_bytes": opts.max_document_bytes, "dedup": dedup,
+                                     "document_separator": opts.document_separator,
                                      "skipped_files": [list(x) for x in stats.skipped_files]})
         if tok.path:
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
@@ -257,7 +262,17 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard (default: 2^26)")
     p.add_argument("--chunk-tokens", type=int, default=2**18, help="tokens per tar member (default: 2^18)")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed JSONL lines")
+    p.add_argument("--document-separator", metavar="SEP",
+                   help="a .txt file holds many documents, each ended by SEP (TinyStories: '<|endoftext|>'; "
+                        "'\\n' for one a line, '\\n\\n' for one a paragraph); default: one document a file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain folder")
+
+
+def _unescape(text: str | None) -> str | None:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a flag, as the characters (a newline is awkward to type)."""
+    if text is None:
+        return None
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
@@ -275,7 +290,8 @@ def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> list[Manifest]:
-    opts = ReadOptions(args.text_key, args.latex_style, args.skip_bad_lines, args.max_document_bytes)
+    opts = ReadOptions(args.text_key, args.latex_style, args.skip_bad_lines, args.max_document_bytes,
+                       _unescape(args.document_separator))
     domains = {args.domain: list(args.input)} if args.domain else domains_under(args.input)
     manifests = []
     for domain, inputs in domains.items():

@@ -10,7 +10,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .latex import STYLES, clean_latex
 from .latex_package import clean_package
@@ -18,6 +18,7 @@ from .sources import InputError, Task, arrow_batches, open_stream, read_capped
 
 _BOM = "\ufeff"
 NEWLINE = b"\n"
+_READ_BYTES = 1 << 20  # separated text files are read in pieces of this size
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ReadOptions:
     latex_style: str = "source"
     skip_bad_lines: bool = False
     max_document_bytes: int = 1 << 30
+    document_separator: str | None = None  # .txt: documents end at this string (TinyStories' <|endoftext|>)
 
 
 @dataclass
@@ -181,6 +183,31 @@ class Reader:
         if data is not None:
             yield from self._emit(_decode(data, task.path).removeprefix(_BOM).strip(), task.path)
 
+    def _txt_docs(self, task: Task) -> Iterator[Document]:
+        """A text file of many documents, each ending at --document-separator (a byte range of a plain file, or
+        the whole of a compressed one): the documents whose first byte lies in the range, streamed in 1 MiB reads
+        with at most one document (capped) in memory."""
+        sep = self.opts.document_separator.encode("utf-8")
+        content = False
+        with open_stream(task.path, task.codec) as f:
+            first = max(0, task.start - len(sep))  # a separator ending exactly at start opens this range's first
+            f.seek(first)
+            for start, data in _pieces(f, sep, first, self.opts.max_document_bytes):
+                if task.start and start < task.start:
+                    continue  # the tail of the previous range's last document
+                if task.end >= 0 and start >= task.end:
+                    break
+                if data is None:
+                    self.stats.oversize += 1
+                    content = True
+                    continue
+                text = _decode(data, f"{task.path} byte {start}").removeprefix(_BOM if start == 0 else "").strip()
+                content = content or bool(text)
+                if text:
+                    yield from self._emit(text, f"{task.path} byte {start}")
+        if not content and task.start == 0 and (task.end < 0 or _whole(task)):
+            raise InputError(f"{task.path}: file is empty (no documents); remove it from the input")
+
     def _tex(self, task: Task) -> Iterator[Document]:
         data = self._whole_file(task)
         if data is not None:
@@ -298,6 +325,31 @@ class Reader:
                 total += len(data)
         if files:
             yield from self._latex(clean_package(files, self.opts.latex_style), where)
+
+
+def _pieces(f: BinaryIO, sep: bytes, offset: int, cap: int) -> Iterator[tuple[int, bytes | None]]:
+    """(file offset, bytes) of each piece of ``f`` between separators, from ``offset`` (where ``f`` stands) to the
+    end, as ``bytes.split(sep)`` gives them; None for a piece over ``cap`` bytes (never held whole)."""
+    buf, base, start, over, scan = bytearray(), offset, offset, False, 0  # base: the file offset of buf[0]
+    while True:
+        i = buf.find(sep, scan)
+        if i >= 0:
+            yield start, None if over or i > cap else bytes(buf[:i])
+            base += i + len(sep)
+            del buf[:i + len(sep)]
+            start, over, scan = base, False, 0
+            continue
+        chunk = f.read(_READ_BYTES)
+        if not chunk:
+            yield start, None if over else bytes(buf)
+            return
+        scan = max(0, len(buf) - len(sep) + 1)
+        buf += chunk
+        if buf.find(sep, scan) < 0 and len(buf) > cap + len(sep):  # no end in sight: keep only a separator's start
+            over, drop = True, len(buf) - len(sep) + 1
+            base += drop
+            del buf[:drop]
+            scan = 0
 
 
 def _corrupt_errors() -> tuple[type[BaseException], ...]:

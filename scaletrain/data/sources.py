@@ -6,7 +6,8 @@ inputs, how each is cut into ``Task`` s and opened here; ``reader.py`` reads a t
 ``.parquet``                                  the ``--text-key`` column, read a row group at a time (FineWeb, HF)
 ``.arrow``                                    the ``--text-key`` column, a record batch at a time: Hugging Face
                                               ``datasets`` folders (``save_to_disk``, its cache), Arrow IPC files
-``.txt`` / ``.tex`` (+ ``.gz .zst .bz2``)      one document a file (``.tex`` cleaned, see ``latex.py``)
+``.txt`` / ``.tex`` (+ ``.gz .zst .bz2``)      one document a file (``.tex`` cleaned, see ``latex.py``), or a
+                                              ``.txt`` of many ended by ``--document-separator`` (TinyStories)
 ``.tar`` / ``.tar.gz`` / ``.tgz``              arXiv: a package of one paper's files, or a bulk tar of papers
                                               (members ``*.gz``: each a package or a gzipped single ``.tex``)
 ``.gz`` (any other)                            arXiv: one paper's source, a gzipped tar or a gzipped ``.tex``
@@ -20,9 +21,9 @@ counted (a decompression bomb cannot exhaust memory). Symlink and hardlink membe
 Errors name ``file:line``, ``file:row`` or ``archive:member``.
 
 A file is cut into ``Task`` s, the unit of parallel work: a plain ``.jsonl`` by byte ranges (a line belongs to the
-range its first byte is in), a ``.parquet`` by row groups, an ``.arrow`` by record batches, anything else whole.
-The cut depends on the files only, never on the number of workers, so the concatenated output is the same for any
-worker count.
+range its first byte is in; a plain ``.txt`` of separated documents likewise), a ``.parquet`` by row groups, an
+``.arrow`` by record batches, anything else whole. The cut depends on the files only, never on the number of
+workers, so the concatenated output is the same for any worker count.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class InputError(ScaletrainError):
 @dataclass(frozen=True)
 class Task:
     path: str
-    kind: str  # jsonl, txt, tex, parquet, arrow, tar, gz-source
+    kind: str  # jsonl, txt, txt-docs, tex, parquet, arrow, tar, gz-source
     codec: str | None = None  # .gz/.zst/.bz2 around a jsonl/txt/tex
     start: int = 0  # byte offset (plain jsonl), first row group (parquet) or first record batch (arrow)
     end: int = -1  # end byte offset / row group / record batch (exclusive); -1: to the end
@@ -88,9 +89,12 @@ def eval_split(name: str) -> str | None:
     return next((t for t in re.split(r"[-_.]", name.lower()) if t in EVAL_SPLITS), None)
 
 
-def tasks_for(path: Path) -> list[Task]:
+def tasks_for(path: Path, separated: bool = False) -> list[Task]:
+    """``separated``: text files hold many documents (``--document-separator``), cut like JSON lines."""
     kind, codec = kind_of(path)
-    if kind == "jsonl" and codec is None:
+    if kind == "txt" and separated:
+        kind = "txt-docs"
+    if kind in ("jsonl", "txt-docs") and codec is None:
         size = path.stat().st_size
         return [Task(str(path), kind, None, a, min(a + TASK_BYTES, size)) for a in range(0, max(size, 1), TASK_BYTES)]
     if kind == "parquet":

@@ -12,16 +12,17 @@ from .sources import InputError, Task, list_inputs, tasks_for
 __all__ = ["Document", "InputError", "ReadOptions", "ReadStats", "iter_documents", "list_inputs", "plan_tasks"]
 
 
-def _tasks(path: Path) -> list[Task]:
+def _tasks(path: Path, opts: ReadOptions | None = None) -> list[Task]:
     try:
-        return tasks_for(path)
+        return tasks_for(path, separated=bool(opts and opts.document_separator))
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); was it moved or deleted while preparing?") from e
 
 
-def plan_tasks(inputs: Sequence[str | Path], skipped: list[tuple[str, str]]) -> list[Task]:
+def plan_tasks(inputs: Sequence[str | Path], skipped: list[tuple[str, str]],
+               opts: ReadOptions | None = None) -> list[Task]:
     """Every input file cut into tasks, in input order (folders sorted)."""
-    return [t for path in list_inputs([str(i) for i in inputs], skipped) for t in _tasks(path)]
+    return [t for path in list_inputs([str(i) for i in inputs], skipped) for t in _tasks(path, opts)]
 
 
 def iter_documents(inputs: Sequence[str | Path], skip_bad_lines: bool = False, stats: ReadStats | None = None,
@@ -29,5 +30,5 @@ def iter_documents(inputs: Sequence[str | Path], skip_bad_lines: bool = False, s
     opts = opts if opts is not None else ReadOptions(skip_bad_lines=skip_bad_lines)
     reader = Reader(opts, stats)
     for path in list_inputs([str(i) for i in inputs], reader.stats.skipped_files):
-        for task in _tasks(path):  # listed lazily: a file deleted after the walk is named when reached
+        for task in _tasks(path, opts):  # listed lazily: a file deleted after the walk is named when reached
             yield from reader.read(task)
