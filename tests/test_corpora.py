@@ -409,6 +409,10 @@ def test_text_files_of_separated_documents_are_split_streamed_and_cut_into_tasks
         assert [d.text for d in iter_documents([path], opts=opts, stats=stats)] == want, path
         assert (stats.oversize, stats.empty) == (1, 0)  # blank pieces (the last newline) are no documents
     assert len(sources.tasks_for(tmp_path / "TinyStories-train.txt", separated=True)) == -(-len(body) // 997)
+    with pytest.raises(InputError, match=r"hold no documents \(dropped: 1 over --max-document-bytes \(a .txt file "
+                                         r"is one document unless --document-separator splits it"):
+        prepare_domain("whole", [str(tmp_path / "TinyStories-train.txt")], str(tmp_path / "out"), quiet=True,
+                       opts=ReadOptions(max_document_bytes=4000))
     for workers in (1, 2):
         prepare_domain(f"w{workers}", [str(tmp_path / "TinyStories-train.txt")], str(tmp_path / "out"),
                        workers=workers, quiet=True, opts=opts)

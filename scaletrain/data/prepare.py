@@ -143,10 +143,13 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                 done = train.tokens + train.buffered + val.tokens + val.buffered
                 print(f"  {domain}: {n_docs:,} documents, {done:,} tokens, {done / (last - t0):,.0f} tokens/s",
                       file=sys.stderr, flush=True)
+        whole_txt = stats.oversize and any(t.kind == "txt" for t in tasks)
+        hint = (" (a .txt file is one document unless --document-separator splits it; TinyStories ends its stories "
+                "with '<|endoftext|>')") if whole_txt else ""
         if n_docs == 0:
             raise InputError(f"--domain {domain}: the inputs {list(inputs)} hold no documents"
-                             + (f" (dropped: {_dropped_text(stats, duplicates)})" if _dropped_text(stats, duplicates)
-                                else ""))
+                             + (f" (dropped: {_dropped_text(stats, duplicates)}{hint})"
+                                if _dropped_text(stats, duplicates) else ""))
         shards, val_shards = train.finish(), val.finish()
         if not shards:
             raise InputError(f"--domain {domain}: every document went to validation; lower --val-fraction")
@@ -178,7 +181,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
             print(f"{domain}: {n_docs:,} documents ({n_val:,} held out), {train.tokens:,} train + {val.tokens:,} "
                   f"validation tokens in {len(shards)} + {len(val_shards)} shards, {elapsed:.1f}s "
                   f"({total / max(elapsed, 1e-9) / max(1, min(workers, len(tasks))):,.0f} tokens/s per worker)"
-                  + (f"; dropped {dropped_text}" if dropped_text else "")
+                  + (f"; dropped {dropped_text}{hint}" if dropped_text else "")
                   + (f"; {spilled.pieces:,} pieces ({spilled.bytes / 2**20:,.0f} MiB) waited on disk while their "
                      f"worker ran ahead" if spilled.pieces else ""), file=sys.stderr)
         for name, why in stats.skipped_files if not quiet else ():
