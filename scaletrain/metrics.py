@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -89,6 +90,7 @@ class MetricsLogger:
 
             # the same run's events continue; those of steps after the resumed checkpoint are purged
             self.tb = SummaryWriter(log_dir=run_dir, purge_step=start_step + 1 if start_step else None)
+            _quiet_tensorboard_thread()
         if cfg.use_wandb:
             self.wandb = _init_wandb(cfg, run_dir, config_dict)
 
@@ -187,11 +189,31 @@ class MetricsLogger:
         for sink, what in (("jsonl", "metrics.jsonl"), ("tb", "TensorBoard events")):
             if getattr(self, sink) is not None:
                 try:
+                    getattr(self, sink).flush()  # TensorBoard's close would drop its writer thread's failure unsaid
                     getattr(self, sink).close()
                 except OSError as e:
                     self._lost(sink, what, e)
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes its events from a thread that, when a write fails (a full disk), keeps the error to raise
+    it at the next write or flush from the training thread, where ``MetricsLogger._lost`` reports it in one line,
+    and also re-raises it, so that threading prints a traceback through TensorBoard's code on top. Leave that copy
+    out; any other thread's exception is printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "scaletrain", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError) and \
+                getattr(args.thread, "exception", None) is args.exc_value:
+            return
+        previous(args)
+
+    hook.scaletrain = True
+    threading.excepthook = hook
 
 
 def _drop_steps_after(jsonl: Path, step: int) -> None:
