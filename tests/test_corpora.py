@@ -78,6 +78,10 @@ def test_text_key_and_format_errors_name_the_place(tmp_path):
         list(iter_documents([tmp_path / "p.parquet"], opts=ReadOptions(text_key="body")))
     with pytest.raises(InputError, match=r"p.parquet: column 'id' holds int64, not text"):
         list(iter_documents([tmp_path / "p.parquet"], opts=ReadOptions(text_key="id")))
+    (tmp_path / "array.json").write_text('\n[\n  {"text": "a"},\n  {"text": "b"}\n]\n')  # json.dump(rows, f, indent)
+    with pytest.raises(InputError, match=r"array.json: one JSON array, not JSON lines \(an object a line\); convert "
+                                         r"it, e.g. jq -c '.\[\]' .*array.json > array.jsonl"):
+        list(iter_documents([tmp_path / "array.json"], skip_bad_lines=True))  # not 4 lines skipped as bad
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(_jsonl(TEXTS))[:-200])  # truncated download
     with pytest.raises(InputError, match=r"cut.jsonl.gz: corrupt or truncated .gz data"):
         list(iter_documents([tmp_path / "cut.jsonl.gz"]))

@@ -136,6 +136,9 @@ class Reader:
                 raw = raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw.rstrip(b"\r")
                 if not raw.strip():
                     continue
+                if not content and task.start == 0 and raw.lstrip().lstrip(_BOM.encode())[:1] == b"[":
+                    raise InputError(f"{task.path}: one JSON array, not JSON lines (an object a line); convert it, "
+                                     f"e.g. jq -c '.[]' {task.path} > {Path(task.path).name.split('.')[0]}.jsonl")
                 content = True
                 text = self._json_text(raw, task, line_start, key)
                 if text is not None:
