@@ -8,6 +8,7 @@ Models, loaders and engines are built from the result and nothing changes it aft
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,14 @@ def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path |
         raise ShardError(f"--data-sources were prepared with different tokenizers or BOS settings ({detail}); "
                          f"prepare them all the same way")
     file = Path(cfg.data_dir) / cfg.data_sources[0] / TOKENIZER_FILE
-    if first.kind == "hf" and not file.is_file():
-        raise ShardError(f"{file.parent} was prepared with {first.name} but {file} is missing; prepare it again")
+    if first.kind == "hf":
+        if not file.is_file():
+            raise ShardError(f"{file.parent} was prepared with {first.name} but {file} is missing; prepare it again")
+        have = "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+        if have != first.identity:  # it goes into every checkpoint and the export: the shards' ids would not match
+            raise ShardError(f"{file} is not the tokenizer {file.parent} was prepared with (the manifest records "
+                             f"{first.identity[:19]}..., the file is {have[:19]}...): it was changed or damaged "
+                             f"since. Put back the file prepare copied from {first.name}, or prepare the domain again")
     return first, (file if first.kind == "hf" else None)
 
 

@@ -1,6 +1,7 @@
 """Data pipeline: prepare, shards, mixing, packing/padding, exact resume on any world size, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,16 @@ def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_pa
     assert (tmp_path / "bpe" / "arxiv" / "tokenizer.json").exists()
     with pytest.raises(ShardError, match="is not the one .* was prepared with"):
         build_loader(parse_config(argv + ["--tokenizer", other]), 0, 1)
+    # the tokenizer.json beside the shards goes into every checkpoint and the export: a changed one is refused
+    from scaletrain.run import data_tokenizer
+
+    cfg = parse_config(argv + ["--data-sources", "arxiv", "general", "--data-mix-weights", "0.5", "0.5"])
+    assert data_tokenizer(cfg)[1] == tmp_path / "bpe" / "arxiv" / "tokenizer.json"
+    shutil.copyfile(other, tmp_path / "bpe" / "arxiv" / "tokenizer.json")
+    with pytest.raises(ShardError, match=r"bpe/arxiv/tokenizer.json is not the tokenizer .*bpe/arxiv was prepared "
+                                         r"with \(the manifest records sha256:.*, the file is sha256:.*\): it was "
+                                         r"changed or damaged since"):
+        data_tokenizer(cfg)
 
 
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
