@@ -155,6 +155,13 @@ def test_raw_text_folder_says_which_prepare_command_to_run(tmp_path):
     assert "it holds raw text (part-000.jsonl), not prepared shards" in msg
     assert f"scaletrain prepare --domain arxiv --input {raw} --output {tmp_path / 'data' / 'pretraining_prepared'}" \
         in msg and f"--data-dir {tmp_path / 'data' / 'pretraining_prepared'}" in msg
+    # a prepared domain that lost its manifest is no raw text (its tokenizer.json was taken for one)
+    prepared = tmp_path / "prepared" / "a"
+    prepare_domain("a", [str(raw / "part-000.jsonl")], str(prepared.parent), quiet=True)
+    (prepared / "manifest.json").unlink()
+    with pytest.raises(ShardError, match=r"a has no manifest.json: it holds shards \(shard-00000.tar\) but not their "
+                                         r"manifest \(deleted, or left out of a copy\): copy manifest.json back"):
+        DomainStream(prepared)
 
 
 def test_format_1_manifest_is_read(data, tmp_path):

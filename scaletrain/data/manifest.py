@@ -133,6 +133,11 @@ def _upgrade_tokenizer_v1(tok: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _raw_text_hint(d: Path) -> str:
+    shards = sorted(p.name for p in d.glob("shard-*.tar"))
+    if shards:  # prepare writes the manifest last and renames the folder in whole: this one lost its manifest
+        return (f"it holds shards ({shards[0]}{f' and {len(shards) - 1} more' if len(shards) > 1 else ''}) but "
+                f"not their manifest (deleted, or left out of a copy): copy {MANIFEST} back from where the shards "
+                f"came from, or prepare the domain again (--overwrite)")
     raw = sorted(p.name for p in d.iterdir() if p.is_file() and p.name.endswith(RAW_SUFFIXES))
     if not raw:
         return "not a prepared domain, or its preparation did not finish"
