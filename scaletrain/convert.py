@@ -96,9 +96,17 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         raise CheckpointError(f"checkpoint {path} is damaged: {bad[0]}" + (f" (and {len(bad) - 1} more)" if
                               len(bad) > 1 else "") + "; convert another checkpoint (or pass --no-verify-checkpoint)")
     out_dir = Path(out)
+    if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
+        raise CheckpointError(f"output folder {out} holds the checkpoint being converted ({path}); choose an output "
+                              f"folder outside it")
     previous = out_dir.exists() and any(out_dir.iterdir())
     if previous and not overwrite:
         raise CheckpointError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
+    others = _not_an_export(out_dir) if previous else []
+    if others:  # --overwrite deletes the folder: a run folder given by mistake would lose its logs and checkpoints
+        raise CheckpointError(f"output folder {out} holds more than a Hugging Face export ({', '.join(others[:4])}"
+                              f"{' ...' if len(others) > 4 else ''}), and --overwrite replaces only an earlier export; "
+                              f"choose another output folder. Nothing was changed")
     mc = ModelConfig(**meta["model_config"])
     from scaletrain.engine import get_engine_class
 
@@ -176,6 +184,16 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     return out_dir
 
 
+EXPORT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".md", ".jinja", ".gitattributes")
+
+
+def _not_an_export(folder: Path) -> list[str]:
+    """What in ``folder`` no Hugging Face model folder holds (sub-folders, logs, checkpoint files): a folder with
+    any of it is not an earlier export for --overwrite to replace."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                  if p.is_dir() or not p.name.endswith(EXPORT_SUFFIXES))
+
+
 def _put_in_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished export to ``out_dir``; a previous export there is moved aside first, deleted after."""
     old = None
@@ -197,7 +215,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                         "an fp32 run's weights exactly)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; bigger models are split into "
                                                             "several with an index (default: 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in the output folder (a "
+                   "folder holding anything else, a run folder say, is refused)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read checkpoint files that name code to run while unpickling (refused by default); only "
                         "for checkpoints from a source you trust")

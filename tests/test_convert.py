@@ -74,6 +74,32 @@ def test_bf16_single_file_and_output_rules(checkpoints, tmp_path):
         convert(str(tmp_path), str(tmp_path / "x"), quiet=True)
 
 
+def test_overwrite_replaces_only_an_earlier_export(checkpoints, tmp_path):
+    """--overwrite deletes the output folder: given the run's folder by mistake it deleted the run, its checkpoints
+    and logs with it. It now replaces only what an export holds, never a folder holding the checkpoint."""
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(checkpoints / "fsdp" / "final", run / "checkpoints" / "final")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "config.json").write_text("{}")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out in (run, run / "checkpoints", run / "checkpoints" / "final", tmp_path):
+        with pytest.raises(CheckpointError, match=rf"output folder {out} holds the checkpoint being converted"):
+            convert(str(run / "checkpoints" / "final"), str(out), overwrite=True, quiet=True)
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    with pytest.raises(CheckpointError, match=rf"output folder {other} holds more than a Hugging Face export "
+                                              rf"\(checkpoints/, metrics.jsonl\), and --overwrite replaces only an "
+                                              rf"earlier export; choose another output folder. Nothing was changed"):
+        convert(str(run / "checkpoints" / "final"), str(other), overwrite=True, quiet=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "other_run" not in str(p)) == before
+    export = convert(str(run / "checkpoints" / "final"), str(tmp_path / "hf"), quiet=True)
+    (export / "README.md").write_text("# my model\n")  # an export the user added a model card to
+    convert(str(run / "checkpoints" / "final"), str(export), overwrite=True, quiet=True)
+    assert not (export / "README.md").exists() and (export / "model.safetensors").is_file()
+
+
 def test_a_full_disk_leaves_the_previous_export_whole(checkpoints, tmp_path, monkeypatch):
     """--overwrite used to delete the previous export first and write in place: a full disk midway left neither.
     The export is now written beside it and renamed in once complete (writes go to /dev/full here: ENOSPC)."""
