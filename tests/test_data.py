@@ -319,6 +319,28 @@ def test_existing_output_is_refused_then_replaced_only_when_complete(tmp_path):
     assert (tmp_path / "out" / "d" / "manifest.json").read_text() != before
 
 
+def test_prepare_never_replaces_its_inputs_or_reads_its_output(tmp_path):
+    """Raw text in data/web prepared with --domain web --output data: the domain folder was the input folder, the
+    refusal without --overwrite advised --overwrite, and that replaced the corpus with its shards."""
+    raw = tmp_path / "data" / "web"
+    raw.mkdir(parents=True)
+    (raw / "corpus.jsonl").write_text('{"text": "the only copy"}\n')
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=rf"--input {raw} is inside the domain folder {raw} that prepare "
+                                             rf"writes \(and replaces with --overwrite\); give an --output outside "
+                                             rf"the inputs, e.g. --output {tmp_path / 'data_prepared'}"):
+            prepare_domain("web", [str(raw)], str(raw.parent), quiet=True, overwrite=overwrite)
+    with pytest.raises(InputError, match=rf"the domain folder {tmp_path / 'data' / 'out' / 'web'} is inside --input "
+                                         rf"{raw.parent}, whose walk would read earlier preparations back in"):
+        prepare_domain("web", [str(raw.parent)], str(raw.parent / "out"), quiet=True)
+    (tmp_path / "in.jsonl").write_text('{"text": "another corpus"}\n')
+    with pytest.raises(InputError, match=rf"--output: {raw} holds files that no preparation writes \(corpus.jsonl\)"
+                                         rf"; .* Nothing was changed"):
+        prepare_domain("web", [str(tmp_path / "in.jsonl")], str(raw.parent), quiet=True, overwrite=True)
+    assert [p.name for p in raw.iterdir()] == ["corpus.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in.jsonl"]
+
+
 def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
     import shutil
 

@@ -104,10 +104,16 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
         raise InputError(f"--chunk-tokens {chunk_tokens} / --shard-tokens {shard_tokens}: need 0 < chunk <= shard")
     out = Path(output) / domain
+    _check_apart(inputs, out)
     for line in _recover_domain(Path(output), domain):
         print(f"scaletrain prepare: {line}", file=sys.stderr)
+    others = _not_a_preparation(out) if out.exists() else []
+    if others:  # --overwrite replaces the folder: whatever else is there would be lost
+        raise InputError(f"--output: {out} holds files that no preparation writes ({', '.join(others[:4])}"
+                         f"{' ...' if len(others) > 4 else ''}); the domain's shards go to --output/--domain, so "
+                         f"give another --output (or --domain). Nothing was changed")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        state = "a complete preparation" if (out / MANIFEST).exists() else "files but no manifest (incomplete)"
+        state = "a complete preparation" if (out / MANIFEST).exists() else "shards but no manifest (incomplete)"
         raise InputError(f"--output: {out} already holds {state}; pass --overwrite to replace it "
                          f"(it is kept until the new one is complete)")
     tok = load_tokenizer(tokenizer, eos_token, bos_token)
@@ -203,6 +209,35 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
 _DROPPED = {"duplicates": "exact duplicates", "empty": "empty", "bad_lines": "bad lines", "oversize":
             "over --max-document-bytes", "link_members": "link members", "binary_members": "binary members",
             "no_main_file": "LaTeX packages without a main file"}
+
+
+def _check_apart(inputs: Sequence[str], out: Path) -> None:
+    """The domain folder is replaced as a whole: an input inside it would be deleted, and an input folder around it
+    would read earlier preparations' shards back in as documents."""
+    target = out.resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == target or target in src.parents:
+            elsewhere = out.parent.parent / (out.parent.name + "_prepared") if out.parent.name else "prepared"
+            raise InputError(f"--input {item} is inside the domain folder {out} that prepare writes (and replaces "
+                             f"with --overwrite); give an --output outside the inputs, e.g. --output {elsewhere}")
+        if src in target.parents and src.is_dir():
+            raise InputError(f"--output: the domain folder {out} is inside --input {item}, whose walk would read "
+                             f"earlier preparations back in as documents; give an --output outside the inputs")
+
+
+_PREPARATION = re.compile(r"(manifest\.json|tokenizer\.json|shard-\d+\.tar)$")
+
+
+def _not_a_preparation(folder: Path) -> list[str]:
+    """What in a domain folder prepare never writes (its manifest, tokenizer, shards and val/ of shards)."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and p.name == "val":
+            found += [f"val/{q.name}" for q in sorted(p.iterdir()) if q.is_dir() or not _PREPARATION.match(q.name)]
+        elif p.is_dir() or not _PREPARATION.match(p.name):
+            found.append(p.name + ("/" if p.is_dir() else ""))
+    return found
 
 
 def _dropped_text(stats: ReadStats, duplicates: int) -> str:
