@@ -356,11 +356,14 @@ def test_leftovers_of_every_kind_are_cleaned_at_start(tmp_path):
     (partial / COMPLETE).unlink()
     (tmp_path / ".trash-step_000000-123").mkdir()  # a kill in the middle of a delete
     (tmp_path / ".tmp-step_000003").mkdir()  # a save that never finished
+    for other in (".tmp-build", ".old-notes", ".trash-x-1"):  # another tool's, in a shared --checkpoint-dir
+        (tmp_path / other).mkdir()
     done = recover(tmp_path)
     assert any(f"{partial} (0 MiB) has no COMPLETE.json: not a checkpoint" in d and f"rm -r {partial}" in d
                for d in done)  # reported at every start, never deleted: it may not be ours
     assert any(".trash-step_000000-123" in d for d in done) and any(".tmp-step_000003" in d for d in done)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-notes", ".tmp-build", ".trash-x-1", "latest",
+                                                          "step_000001", "step_000002"]
 
 
 def test_prepare_overwrite_killed_between_renames_leaves_nothing_behind(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -179,13 +180,20 @@ def delete_checkpoint(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _leftovers(ckpt_dir: Path, prefix: str, tail: str = "") -> list[Path]:
+    """The ``prefix<checkpoint name>`` folders a save or deletion of ours leaves, and nothing else: a
+    --checkpoint-dir shared with other tools (a scratch folder, $HOME) may hold their own ``.tmp-*``."""
+    pattern = re.compile(re.escape(prefix) + r"(step_\d+|" + "|".join(_KEEP) + ")" + tail)
+    return sorted(p for p in ckpt_dir.glob(prefix + "*") if pattern.fullmatch(p.name))
+
+
 def recover(ckpt_dir: Path) -> list[str]:
     """Finish or undo what a crash interrupted (rank 0, at start, holding the folder's lock); returns what it
     did, for the log. Leftovers of every kind are cleaned: saves that never finished (``.tmp-*``), swaps
     (``.old-*``), interrupted deletions (``.trash-*``); checkpoint-named folders without ``COMPLETE.json`` are
     reported (with their size), not deleted."""
     done = []
-    for old in sorted(ckpt_dir.glob(".old-*")):  # a re-save of best/final, between its renames
+    for old in _leftovers(ckpt_dir, ".old-"):  # a re-save of best/final, between its renames
         name = old.name[len(".old-"):]
         final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
         if not _complete(final):
@@ -202,7 +210,7 @@ def recover(ckpt_dir: Path) -> list[str]:
                 continue
         shutil.rmtree(old, ignore_errors=True)
     latest = newest_checkpoint(ckpt_dir, quiet=True)
-    for tmp in sorted(ckpt_dir.glob(".tmp-*")):
+    for tmp in _leftovers(ckpt_dir, ".tmp-"):
         name = tmp.name[len(".tmp-"):]
         final = ckpt_dir / name
         if _complete(tmp) and not final.exists():  # every rank had written: only the rename was missing
@@ -213,7 +221,7 @@ def recover(ckpt_dir: Path) -> list[str]:
         else:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that never finished
             done.append(f"removed {tmp.name}, a save that never finished")
-    for trash in sorted(ckpt_dir.glob(".trash-*")):
+    for trash in _leftovers(ckpt_dir, ".trash-", r"-\d+"):
         shutil.rmtree(trash, ignore_errors=True)
         done.append(f"removed {trash.name}, a deletion that was interrupted")
     for p in sorted(ckpt_dir.iterdir()):  # not ours to delete: it may be a folder someone put there
