@@ -5,6 +5,7 @@ import bz2
 import gzip
 import io
 import json
+import lzma
 import subprocess
 import sys
 import tarfile
@@ -47,15 +48,16 @@ def test_every_format_gives_the_tokens_of_plain_jsonl(tmp_path):
     raw.mkdir()
     plain = _jsonl(TEXTS)
     files = {"plain.jsonl": plain, "c4.json.gz": gzip.compress(plain), "slim.jsonl.zst": _zst(plain),
-             "old.jsonl.bz2": bz2.compress(plain), "keyed.jsonl": _jsonl(TEXTS, "content")}
+             "old.jsonl.bz2": bz2.compress(plain), "owt.jsonl.xz": lzma.compress(plain),
+             "keyed.jsonl": _jsonl(TEXTS, "content")}
     for name, data in files.items():
         (raw / name).write_bytes(data)
     _parquet(raw / "fineweb.parquet", TEXTS)  # 5 row groups
     _parquet(raw / "keyed.parquet", TEXTS, key="content")
     out = tmp_path / "out"
     want_manifest, want = None, None
-    for name in ["plain.jsonl", "c4.json.gz", "slim.jsonl.zst", "old.jsonl.bz2", "fineweb.parquet", "keyed.jsonl",
-                 "keyed.parquet"]:
+    for name in ["plain.jsonl", "c4.json.gz", "slim.jsonl.zst", "old.jsonl.bz2", "owt.jsonl.xz", "fineweb.parquet",
+                 "keyed.jsonl", "keyed.parquet"]:
         domain = name.replace(".", "_")
         key = "content" if name.startswith("keyed") else "text"
         prepare_domain(domain, [str(raw / name)], str(out), quiet=True, opts=ReadOptions(text_key=key))
@@ -82,6 +84,9 @@ def test_text_key_and_format_errors_name_the_place(tmp_path):
     with pytest.raises(InputError, match=r"array.json: one JSON array, not JSON lines \(an object a line\); convert "
                                          r"it, e.g. jq -c '.\[\]' .*array.json > array.jsonl"):
         list(iter_documents([tmp_path / "array.json"], skip_bad_lines=True))  # not 4 lines skipped as bad
+    (tmp_path / "cut.jsonl.xz").write_bytes(lzma.compress(_jsonl(TEXTS))[:-200])
+    with pytest.raises(InputError, match=r"cut.jsonl.xz: corrupt or truncated .xz data"):
+        list(iter_documents([tmp_path / "cut.jsonl.xz"]))
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(_jsonl(TEXTS))[:-200])  # truncated download
     with pytest.raises(InputError, match=r"cut.jsonl.gz: corrupt or truncated .gz data"):
         list(iter_documents([tmp_path / "cut.jsonl.gz"]))

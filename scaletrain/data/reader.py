@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import lzma
 import tarfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -360,7 +361,7 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
 
     import zstandard
 
-    return (OSError, EOFError, zlib.error, tarfile.TarError, zstandard.ZstdError, ValueError)
+    return (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError, zstandard.ZstdError, ValueError)
 
 
 def _whole(task: Task) -> bool:

@@ -1,17 +1,17 @@
 """Input files as streams of documents, in constant memory, in the formats corpora ship in: which files are
 inputs, how each is cut into ``Task`` s and opened here; ``reader.py`` reads a task into documents.
 
-===========================================  ====================================================================
-``.jsonl`` / ``.json`` (+ ``.gz .zst .bz2``)  one JSON object a line, its ``--text-key`` string (C4, SlimPajama)
-``.parquet``                                  the ``--text-key`` column, read a row group at a time (FineWeb, HF)
-``.arrow``                                    the ``--text-key`` column, a record batch at a time: Hugging Face
-                                              ``datasets`` folders (``save_to_disk``, its cache), Arrow IPC files
-``.txt`` / ``.tex`` (+ ``.gz .zst .bz2``)      one document a file (``.tex`` cleaned, see ``latex.py``), or a
-                                              ``.txt`` of many ended by ``--document-separator`` (TinyStories)
-``.tar`` / ``.tar.gz`` / ``.tgz``              arXiv: a package of one paper's files, or a bulk tar of papers
-                                              (members ``*.gz``: each a package or a gzipped single ``.tex``)
-``.gz`` (any other)                            arXiv: one paper's source, a gzipped tar or a gzipped ``.tex``
-===========================================  ====================================================================
+================================================  ===================================================================
+``.jsonl`` / ``.json`` (+ ``.gz .zst .bz2 .xz``)  one JSON object a line, its ``--text-key`` string (C4, SlimPajama)
+``.parquet``                                      the ``--text-key`` column, read a row group at a time (FineWeb, HF)
+``.arrow``                                        the ``--text-key`` column, a record batch at a time: Hugging Face
+                                                  ``datasets`` folders (``save_to_disk``, its cache), Arrow IPC files
+``.txt`` / ``.tex`` (+ ``.gz .zst .bz2 .xz``)     one document a file (``.tex`` cleaned, see ``latex.py``), or a
+                                                  ``.txt`` of many ended by ``--document-separator`` (TinyStories)
+``.tar`` / ``.tar.gz`` / ``.tgz``                 arXiv: a package of one paper's files, or a bulk tar of papers
+                                                  (members ``*.gz``: each a package or a gzipped single ``.tex``)
+``.gz`` (any other)                               arXiv: one paper's source, a gzipped tar or a gzipped ``.tex``
+================================================  ===================================================================
 
 Nothing is read whole: JSON lines and compressed streams go line by line, Parquet and Arrow by record batches
 (Arrow memory-mapped), tars member
@@ -31,6 +31,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import lzma
 import os
 import re
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import BinaryIO
 
 from scaletrain.errors import ScaletrainError
 
-CODECS = (".gz", ".zst", ".bz2")
+CODECS = (".gz", ".zst", ".bz2", ".xz")
 TASK_BYTES = 64 << 20  # a plain JSONL file is cut every 64 MiB; Parquet row groups are grouped to about this size
 
 
@@ -51,7 +52,7 @@ class InputError(ScaletrainError):
 class Task:
     path: str
     kind: str  # jsonl, txt, txt-docs, tex, parquet, arrow, tar, gz-source
-    codec: str | None = None  # .gz/.zst/.bz2 around a jsonl/txt/tex
+    codec: str | None = None  # .gz/.zst/.bz2/.xz around a jsonl/txt/tex
     start: int = 0  # byte offset (plain jsonl), first row group (parquet) or first record batch (arrow)
     end: int = -1  # end byte offset / row group / record batch (exclusive); -1: to the end
 
@@ -73,7 +74,8 @@ def kind_of(path: Path) -> tuple[str, str | None] | None:
     return ("gz-source", None) if codec == ".gz" else None
 
 
-SUFFIXES_HELP = ".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet, .arrow, .tar/.tar.gz/.tgz or arXiv .gz"
+SUFFIXES_HELP = (".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2/.xz), .parquet, .arrow, .tar/.tar.gz/.tgz or "
+                 "arXiv .gz")
 # What the datasets library writes beside its .arrow files (save_to_disk, its cache): not documents
 HF_DATASETS_METADATA = ("dataset_info.json", "state.json")
 HF_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's save_to_disk folder: one sub-folder per split
@@ -153,6 +155,8 @@ def open_stream(path: str, codec: str | None) -> BinaryIO:
         return gzip.open(path, "rb")
     if codec == ".bz2":
         return bz2.open(path, "rb")
+    if codec == ".xz":
+        return lzma.open(path, "rb")
     if codec == ".zst":
         import zstandard
 
