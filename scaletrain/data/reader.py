@@ -195,7 +195,8 @@ class Reader:
         content = False
         with open_stream(task.path, task.codec) as f:
             first = max(0, task.start - len(sep))  # a separator ending exactly at start opens this range's first
-            f.seek(first)
+            if first:
+                f.seek(first)  # a plain file's range (compressed streams are read whole)
             for start, data in _pieces(f, sep, first, self.opts.max_document_bytes):
                 if task.start and start < task.start:
                     continue  # the tail of the previous range's last document
