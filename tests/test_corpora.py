@@ -384,7 +384,8 @@ def test_evaluation_splits_found_in_a_folder_are_left_out_and_listed(tmp_path):
     assert set(left_out) == {"validation", "test", "val.jsonl.zst", "en/c4-validation.00000-of-00001.json.gz",
                              "hf/test-00000-of-00001.parquet"}
     assert left_out["val.jsonl.zst"] == ("an evaluation split of the dataset by its name (val): held out, not "
-                                         "trained on (give it as an --input of its own to train on it)")
+                                         "trained on (give it as --val-input to validate on it, or as an --input of "
+                                         "its own to train on it)")
     assert [d.text for d in iter_documents([raw / "val.jsonl.zst", raw / "validation"])] == TEXTS[200:220] + \
         TEXTS[100:150]
     with pytest.raises(InputError, match=r"folder .*only holds only evaluation splits \(.*only/test\), which a "
@@ -448,3 +449,36 @@ def test_document_separator_flag_reads_escapes(tmp_path):
     assert p.returncode == 0, p.stderr
     m = json.loads((out / "d" / "manifest.json").read_text())
     assert (m["documents"], m["reading"]["document_separator"], m["dropped"]["empty"]) == (3, "\n", 0)
+
+
+def test_a_datasets_own_validation_split_is_the_val_split_and_is_decontaminated(tmp_path):
+    """--val-input: C4's c4-validation.* (which a folder's walk now leaves out) becomes the domain's val/, read
+    first, and training documents equal to a validation one are dropped and counted, so val_loss does not measure
+    memory. Split by worker count alike; refused beside --val-fraction."""
+    raw = tmp_path / "c4" / "en"
+    raw.mkdir(parents=True)
+    train, valid = TEXTS[:250], TEXTS[250:]
+    (raw / "c4-train.00000-of-00002.json.gz").write_bytes(gzip.compress(_jsonl(train[:120] + valid[:3])))
+    (raw / "c4-train.00001-of-00002.json.gz").write_bytes(gzip.compress(_jsonl(train[120:])))
+    (raw / "c4-validation.00000-of-00001.json.gz").write_bytes(gzip.compress(_jsonl(valid)))
+    out = tmp_path / "out"
+    for workers in (1, 2):
+        prepare_domain(f"c4_{workers}", [str(raw)], str(out), quiet=True, workers=workers,
+                       val_inputs=[str(raw / "c4-validation.00000-of-00001.json.gz")])
+    m = json.loads((out / "c4_1" / "manifest.json").read_text())
+    assert (m["documents"], m["val"]["documents"]) == (len(train), len(valid))
+    assert m["dropped"]["in_validation"] == 3 and m["dropped"]["duplicates"] == 0
+    assert m["reading"]["val_inputs"] == [str(raw / "c4-validation.00000-of-00001.json.gz")]
+    for sub, shards in (("", m["shards"]), ("val", m["val"]["shards"])):  # two workers write what one writes
+        one, two = (b"".join((out / d / sub / s["file"]).read_bytes() for s in shards) for d in ("c4_1", "c4_2"))
+        assert one == two, sub
+    (tmp_path / "t.jsonl").write_bytes(_jsonl(train))
+    (tmp_path / "v.jsonl").write_bytes(_jsonl(valid))
+    prepare_domain("plain", [str(tmp_path / "t.jsonl")], str(out), quiet=True)
+    prepare_domain("plain_val", [str(tmp_path / "v.jsonl")], str(out), quiet=True)
+    assert _tokens(out, "c4_1")[1] == _tokens(out, "plain")[1]
+    val_tokens = b"".join((out / "c4_1" / "val" / s["file"]).read_bytes() for s in m["val"]["shards"])
+    assert val_tokens == _tokens(out, "plain_val")[1]
+    with pytest.raises(InputError, match=r"--val-input and --val-fraction 0.1: the validation split comes from one "
+                                         r"or the other"):
+        prepare_domain("x", [str(raw)], str(out), quiet=True, val_fraction=0.1, val_inputs=[str(raw)])

@@ -93,12 +93,13 @@ class EncodeSpec:
     dtype: str
 
 
-def _piece(texts: list[str], tok, spec: EncodeSpec) -> Piece:
+def _piece(texts: list[str], tok, spec: EncodeSpec, all_val: bool = False) -> Piece:
     ids = tok.encode_batch(texts)
     lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     tokens = np.concatenate(ids).astype(spec.dtype) if ids else np.zeros(0, spec.dtype)
     hashes = np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8")) for t in texts), np.uint64, len(texts))
-    val = np.fromiter((is_val(t, spec.val_fraction) for t in texts), dtype=bool, count=len(texts))
+    val = np.ones(len(texts), dtype=bool) if all_val else \
+        np.fromiter((is_val(t, spec.val_fraction) for t in texts), dtype=bool, count=len(texts))
     return Piece(hashes, val, lengths, tokens)
 
 
@@ -109,10 +110,10 @@ def encode_task(task: Task, reader: Reader, tok, spec: EncodeSpec) -> Iterator[P
         texts.append(doc.text)
         chars += len(doc.text)
         if len(texts) >= PIECE_DOCS or chars >= PIECE_CHARS:
-            yield _piece(texts, tok, spec)
+            yield _piece(texts, tok, spec, task.val)
             texts, chars = [], 0
     if texts:
-        yield _piece(texts, tok, spec)
+        yield _piece(texts, tok, spec, task.val)
 
 
 def _claim(claim, head, n_tasks: int, lookahead: int) -> int | None:

@@ -67,10 +67,13 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                    eos_token: str | None = None, workers: int = 1, val_fraction: float = 0.0,
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
                    overwrite: bool = False, quiet: bool = False, add_bos: bool = False,
-                   bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True) -> Manifest:
+                   bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True,
+                   val_inputs: Sequence[str] = ()) -> Manifest:
     """Prepare one domain; returns its manifest. ``opts`` (text key, LaTeX style, document cap) default to
     ``ReadOptions()``; ``skip_bad_lines`` is folded into them. ``dedup``: drop exact duplicates (memory: the
-    content-hash table, 16 bytes per document, up to about 3x that while it grows).
+    content-hash table, 16 bytes per document, up to about 3x that while it grows). ``val_inputs``: the validation
+    split from these files (a dataset's own, instead of ``val_fraction``); training documents equal to one of them
+    are dropped and counted.
 
     One preparation of a domain at a time: ``<output>/.<domain>.lock`` (the checkpoint folders' lock) is held
     throughout, so a second one stops naming the first instead of deleting its work as a crash's leftovers."""
@@ -94,17 +97,20 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
 def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None, eos_token: str | None,
                     workers: int, val_fraction: float, shard_tokens: int, chunk_tokens: int, skip_bad_lines: bool,
                     overwrite: bool, quiet: bool, add_bos: bool, bos_token: str | None, opts: ReadOptions | None,
-                    dedup: bool) -> Manifest:
+                    dedup: bool, val_inputs: Sequence[str]) -> Manifest:
     opts = opts if opts is not None else ReadOptions()
     opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
     if opts.document_separator == "":
         raise InputError("--document-separator: an empty separator; give the string that ends each document")
     if not 0 <= val_fraction < 1:
         raise InputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if val_inputs and val_fraction:
+        raise InputError(f"--val-input and --val-fraction {val_fraction}: the validation split comes from one or the "
+                         f"other; drop one")
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
         raise InputError(f"--chunk-tokens {chunk_tokens} / --shard-tokens {shard_tokens}: need 0 < chunk <= shard")
     out = Path(output) / domain
-    _check_apart(inputs, out)
+    _check_apart([*inputs, *val_inputs], out)
     for line in _recover_domain(Path(output), domain):
         print(f"scaletrain prepare: {line}", file=sys.stderr)
     others = _not_a_preparation(out) if out.exists() else []
@@ -120,7 +126,8 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
-    tasks = plan_tasks(inputs, stats.skipped_files, opts)
+    val_tasks = [dataclasses.replace(t, val=True) for t in plan_tasks(val_inputs, stats.skipped_files, opts)]
+    tasks = val_tasks + plan_tasks(inputs, stats.skipped_files, opts)  # validation first: its copies win
     spec = EncodeSpec(opts, tokenizer, eos_token, bos_token, val_fraction, dtype.name)
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,13 +138,17 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     seen = SeenHashes() if dedup else None
     eos = np.array([tok.eos_id], dtype=dtype)
     bos = np.array([tok.bos_id] if add_bos else [], dtype=dtype)
-    n_docs = n_val = duplicates = 0
+    n_docs = n_val = duplicates = in_val = 0
+    held_out = ValHashes() if val_tasks else None
     spilled = SpillStats()
     t0 = last = time.time()
     try:
         for piece in encoded_pieces(tasks, spec, max(1, workers), stats, tmp / "spill", spilled):
             first = seen.add(piece.hashes) if seen is not None else np.ones(len(piece.hashes), dtype=bool)
-            duplicates += int((~first).sum())
+            leak = held_out.leaks(piece) if held_out is not None else np.zeros(len(first), dtype=bool)
+            duplicates += int((~first & ~leak).sum())
+            in_val += int(leak.sum())
+            first &= ~leak
             ends = np.cumsum(piece.lengths)
             for j in np.flatnonzero(first):  # in input order, whatever the number of workers
                 target = val if piece.val[j] else train
@@ -154,13 +165,13 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                 "with '<|endoftext|>')") if whole_txt else ""
         if n_docs == 0:
             raise InputError(f"--domain {domain}: the inputs {list(inputs)} hold no documents"
-                             + (f" (dropped: {_dropped_text(stats, duplicates)}{hint})"
-                                if _dropped_text(stats, duplicates) else ""))
+                             + (f" (dropped: {_dropped_text(stats, duplicates, in_val)}{hint})"
+                                if _dropped_text(stats, duplicates, in_val) else ""))
         shards, val_shards = train.finish(), val.finish()
         if not shards:
             raise InputError(f"--domain {domain}: every document went to validation; lower --val-fraction")
         elapsed = time.time() - t0
-        dropped = dict(stats.dropped(), duplicates=duplicates)
+        dropped = dict(stats.dropped(), duplicates=duplicates, **({"in_validation": in_val} if val_tasks else {}))
         manifest = Manifest(domain=domain, dtype=dtype.name, chunk_tokens=chunk_tokens, tokenizer=tok_info,
                             train=Split(n_docs - n_val, train.tokens, shards), val=Split(n_val, val.tokens, val_shards),
                             inputs=[str(i) for i in inputs], skipped_bad_lines=stats.bad_lines,
@@ -168,6 +179,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                             reading={"text_key": opts.text_key, "latex_style": opts.latex_style,
                                      "max_document_bytes": opts.max_document_bytes, "dedup": dedup,
                                      "document_separator": opts.document_separator,
+                                     "val_inputs": [str(i) for i in val_inputs],
                                      "skipped_files": [list(x) for x in stats.skipped_files]})
         if tok.path:
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
@@ -183,7 +195,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
             shutil.rmtree(old)
         if not quiet:
             total = train.tokens + val.tokens
-            dropped_text = _dropped_text(stats, duplicates)
+            dropped_text = _dropped_text(stats, duplicates, in_val)
             print(f"{domain}: {n_docs:,} documents ({n_val:,} held out), {train.tokens:,} train + {val.tokens:,} "
                   f"validation tokens in {len(shards)} + {len(val_shards)} shards, {elapsed:.1f}s "
                   f"({total / max(elapsed, 1e-9) / max(1, min(workers, len(tasks))):,.0f} tokens/s per worker)"
@@ -206,9 +218,28 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_DROPPED = {"duplicates": "exact duplicates", "empty": "empty", "bad_lines": "bad lines", "oversize":
+_DROPPED = {"duplicates": "exact duplicates", "in_validation": "training documents equal to a --val-input one",
+            "empty": "empty", "bad_lines": "bad lines", "oversize":
             "over --max-document-bytes", "link_members": "link members", "binary_members": "binary members",
             "no_main_file": "LaTeX packages without a main file"}
+
+
+class ValHashes:
+    """The content hashes of the --val-input documents (read first), to drop training documents equal to one: a
+    document in both splits would make the validation loss a measure of memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.known: np.ndarray | None = None
+
+    def leaks(self, piece) -> np.ndarray:
+        """Which of a piece's documents are training copies of validation ones (none in a validation piece)."""
+        if piece.val.all():  # validation pieces come first, whole
+            self.parts.append(piece.hashes)
+            return np.zeros(len(piece.hashes), dtype=bool)
+        if self.known is None:
+            self.known = np.unique(np.concatenate(self.parts)) if self.parts else np.zeros(0, np.uint64)
+        return np.isin(piece.hashes, self.known)
 
 
 def _check_apart(inputs: Sequence[str], out: Path) -> None:
@@ -240,8 +271,8 @@ def _not_a_preparation(folder: Path) -> list[str]:
     return found
 
 
-def _dropped_text(stats: ReadStats, duplicates: int) -> str:
-    counts = dict(stats.dropped(), duplicates=duplicates)
+def _dropped_text(stats: ReadStats, duplicates: int, in_val: int = 0) -> str:
+    counts = dict(stats.dropped(), duplicates=duplicates, in_validation=in_val)
     parts = [f"{counts[k]:,} {what}" for k, what in _DROPPED.items() if counts.get(k)]
     if stats.latex_degraded:
         parts.append(f"(kept: {stats.latex_degraded:,} LaTeX documents cleaned from a tolerant parse)")
@@ -295,6 +326,10 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-document-bytes", type=int, default=1 << 30, metavar="BYTES",
                    help="skip (and count) any document, line, archive member or decompressed source larger than "
                         "this (default: 1 GiB)")
+    p.add_argument("--val-input", nargs="+", default=[], metavar="PATH",
+                   help="the validation split from these files (a dataset's own: c4-validation.*, SlimPajama's "
+                        "validation/), read like --input, instead of --val-fraction; training documents equal to one "
+                        "are dropped and counted (needs --domain)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="share of documents held out for validation (default: 0, none: runs then report no val_loss)")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard (default: 2^26)")
@@ -330,6 +365,8 @@ def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
 def run_prepare(args: argparse.Namespace) -> list[Manifest]:
     opts = ReadOptions(args.text_key, args.latex_style, args.skip_bad_lines, args.max_document_bytes,
                        _unescape(args.document_separator))
+    if args.val_input and not args.domain:
+        raise InputError("--val-input is one domain's validation split: give --domain as well")
     domains = {args.domain: list(args.input)} if args.domain else domains_under(args.input)
     manifests = []
     for domain, inputs in domains.items():
@@ -337,7 +374,7 @@ def run_prepare(args: argparse.Namespace) -> list[Manifest]:
         manifests.append(prepare_domain(domain, inputs, args.output, args.tokenizer, args.eos_token, workers,
                                         args.val_fraction, args.shard_tokens, args.chunk_tokens, args.skip_bad_lines,
                                         args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token, opts=opts,
-                                        dedup=args.dedup))
+                                        dedup=args.dedup, val_inputs=args.val_input))
     return manifests
 
 

@@ -55,6 +55,7 @@ class Task:
     codec: str | None = None  # .gz/.zst/.bz2/.xz around a jsonl/txt/tex
     start: int = 0  # byte offset (plain jsonl), first row group (parquet) or first record batch (arrow)
     end: int = -1  # end byte offset / row group / record batch (exclusive); -1: to the end
+    val: bool = False  # every document is validation (prepare --val-input)
 
 
 def kind_of(path: Path) -> tuple[str, str | None] | None:
@@ -80,8 +81,8 @@ SUFFIXES_HELP = (".jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2/.xz), .parque
 HF_DATASETS_METADATA = ("dataset_info.json", "state.json")
 HF_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's save_to_disk folder: one sub-folder per split
 EVAL_SPLITS = ("test", "validation", "valid", "val", "dev")
-_EVAL_SKIP = ("an evaluation split of the dataset by its name ({}): held out, not trained on (give it as an --input "
-              "of its own to train on it)")
+_EVAL_SKIP = ("an evaluation split of the dataset by its name ({}): held out, not trained on (give it as --val-input "
+              "to validate on it, or as an --input of its own to train on it)")
 
 
 def eval_split(name: str) -> str | None:
