@@ -43,7 +43,7 @@ def test_every_file_in_a_folder_is_read_or_reported(tmp_path):
     assert sorted(docs) == sorted(["upper case suffix", "json lines", "behind a symlinked folder", "in a sub-folder"])
     skipped = dict(stats.skipped_files)
     assert skipped[str(root / "notes.pdf")].startswith(
-        "not a .jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2), .parquet")
+        "not a .jsonl/.json/.txt/.tex (optionally .gz/.zst/.bz2/.xz), .parquet, .arrow")
     assert "already read" in skipped[str(root / "sub" / "loop")]
 
 
