@@ -11,13 +11,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaletrain")
     sub = p.add_subparsers(dest="command", required=True)
     from scaletrain.data.prepare import add_prepare_args
+    from scaletrain.data.sources import SUFFIXES_HELP
+    from scaletrain.data.text import add_reading_args
 
     add_prepare_args(sub.add_parser("prepare", help="text -> tokenized WebDataset shards for one domain"))
     t = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer.json on a corpus")
-    t.add_argument("--input", nargs="+", required=True, help="JSONL/txt/tex files or folders")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=f"files or folders, read as prepare reads them: {SUFFIXES_HELP}")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     t.add_argument("--min-frequency", type=int, default=2)
+    add_reading_args(t)
     sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
     sub.add_parser("convert", help="checkpoint -> Hugging Face safetensors (launch/convert.py)", add_help=False)
     sub.add_parser("estimate", help="memory per device of a run (the training flags plus --world-size)",
@@ -52,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
 
             run_prepare(args)
         else:
+            from scaletrain.data.text import reading_options
             from scaletrain.data.tokenizer import train_bpe
 
-            out, size = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency)
+            out, size = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency, reading_options(args))
             note = "" if size == args.vocab_size else (
                 f"; fewer than --vocab-size {args.vocab_size}: the corpus had no more merges seen at least "
                 f"--min-frequency {args.min_frequency} times")

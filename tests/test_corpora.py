@@ -482,3 +482,29 @@ def test_a_datasets_own_validation_split_is_the_val_split_and_is_decontaminated(
     with pytest.raises(InputError, match=r"--val-input and --val-fraction 0.1: the validation split comes from one "
                                          r"or the other"):
         prepare_domain("x", [str(raw)], str(out), quiet=True, val_fraction=0.1, val_inputs=[str(raw)])
+
+
+def test_train_tokenizer_reads_the_corpus_as_prepare_does(tmp_path):
+    """train-tokenizer read every file with the default options: a Parquet corpus with a `content` column (The
+    Stack) could be prepared (--text-key content) but not trained on, and a TinyStories .txt was one document
+    over the cap. It now takes prepare's reading options."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    pq.write_table(pa.table({"content": ["def add(a, b):\n    return a + b\n" * (i % 3 + 1) for i in range(60)]}),
+                   tmp_path / "code.parquet")
+    (tmp_path / "stories.txt").write_text("".join(f"Once upon a time, tale {i}.\n<|endoftext|>\n" for i in range(60)))
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "scaletrain", "train-tokenizer", "--vocab-size", "300",
+                               "--output", str(tmp_path / "tok.json"), *args], capture_output=True, text=True)
+
+    p = train("--input", str(tmp_path / "code.parquet"))
+    assert p.returncode == 1 and "code.parquet: no column 'text' (--text-key); its columns are ['content']" in p.stderr
+    p = train("--input", str(tmp_path / "code.parquet"), "--text-key", "content")
+    assert p.returncode == 0, p.stderr
+    assert "return" in {t.lstrip("Ġ") for t in Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab()}
+    p = train("--input", str(tmp_path / "stories.txt"), "--document-separator", "<|endoftext|>",
+              "--max-document-bytes", "100")  # each story is a document: under the cap
+    assert p.returncode == 0, p.stderr

@@ -35,10 +35,9 @@ import numpy as np
 from scaletrain.faults import kill_between_renames
 
 from .encode import EncodeSpec, SeenHashes, SpillStats, encoded_pieces
-from .latex import STYLES
 from .manifest import MANIFEST, TOKENIZER_FILE, Manifest, Split
 from .sources import SUFFIXES_HELP
-from .text import InputError, ReadOptions, ReadStats, plan_tasks
+from .text import InputError, ReadOptions, ReadStats, add_reading_args, plan_tasks, reading_options
 from .tokenizer import load_tokenizer, token_dtype
 from .writer import ShardWriter
 
@@ -317,15 +316,6 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
                    help="keep exact-duplicate documents (dropping them holds a content-hash table of 16 bytes per "
                         "document in memory; skip it for a corpus deduplicated upstream, e.g. FineWeb, SlimPajama)")
-    p.add_argument("--text-key", default="text", metavar="KEY", help="the text field of JSON lines and the text "
-                                                                      "column of Parquet files (default: text)")
-    p.add_argument("--latex-style", default="source", choices=STYLES,
-                   help="source: the paper body as LaTeX (RedPajama/proof-pile-2 recipe: comments, preamble and "
-                        "bibliography dropped, the paper's own argument-free macros expanded); text: reading text "
-                        "with all math kept verbatim (default: source)")
-    p.add_argument("--max-document-bytes", type=int, default=1 << 30, metavar="BYTES",
-                   help="skip (and count) any document, line, archive member or decompressed source larger than "
-                        "this (default: 1 GiB)")
     p.add_argument("--val-input", nargs="+", default=[], metavar="PATH",
                    help="the validation split from these files (a dataset's own: c4-validation.*, SlimPajama's "
                         "validation/), read like --input, instead of --val-fraction; training documents equal to one "
@@ -334,18 +324,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="share of documents held out for validation (default: 0, none: runs then report no val_loss)")
     p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per tar shard (default: 2^26)")
     p.add_argument("--chunk-tokens", type=int, default=2**18, help="tokens per tar member (default: 2^18)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed JSONL lines")
-    p.add_argument("--document-separator", metavar="SEP",
-                   help="a .txt file holds many documents, each ended by SEP (TinyStories: '<|endoftext|>'; "
-                        "'\\n' for one a line, '\\n\\n' for one a paragraph); default: one document a file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain folder")
-
-
-def _unescape(text: str | None) -> str | None:
-    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a flag, as the characters (a newline is awkward to type)."""
-    if text is None:
-        return None
-    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+    add_reading_args(p)
 
 
 def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
@@ -363,8 +343,7 @@ def _default_workers(tokenizer: str | None, inputs: Sequence[str]) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> list[Manifest]:
-    opts = ReadOptions(args.text_key, args.latex_style, args.skip_bad_lines, args.max_document_bytes,
-                       _unescape(args.document_separator))
+    opts = reading_options(args)
     if args.val_input and not args.domain:
         raise InputError("--val-input is one domain's validation split: give --domain as well")
     domains = {args.domain: list(args.input)} if args.domain else domains_under(args.input)

@@ -151,8 +151,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2) -> tuple[str, int]:
-    """Train a byte-level BPE on text/JSONL/LaTeX ``files`` and save ``output`` (a tokenizer.json);
+def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2,
+              opts=None) -> tuple[str, int]:
+    """Train a byte-level BPE on the documents of ``files`` (read as prepare reads them, with ``opts``: a
+    ``ReadOptions``) and save ``output`` (a tokenizer.json);
     returns (path, the vocab size reached, which a small corpus keeps below ``vocab_size``). Its special tokens:
     ``<|endoftext|>`` (id 0, the EOS prepare joins documents with), ``<pad>`` (1) and ``<|begin_of_text|>`` (2,
     the BOS that ``prepare --add-bos`` puts before every document)."""
@@ -168,7 +170,7 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=["<|endoftext|>", "<pad>", "<|begin_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((doc.text for doc in iter_documents(files)), trainer=trainer)
+    tok.train_from_iterator((doc.text for doc in iter_documents(files, opts=opts)), trainer=trainer)
     from scaletrain.files import whole_or_absent
 
     with whole_or_absent(Path(output)) as tmp:
