@@ -462,13 +462,15 @@ def test_a_datasets_own_validation_split_is_the_val_split_and_is_decontaminated(
     (raw / "c4-train.00001-of-00002.json.gz").write_bytes(gzip.compress(_jsonl(train[120:])))
     (raw / "c4-validation.00000-of-00001.json.gz").write_bytes(gzip.compress(_jsonl(valid)))
     out = tmp_path / "out"
+    (tmp_path / "held").mkdir()  # a folder of validation files: walked without leaving evaluation splits out
+    (raw / "c4-validation.00000-of-00001.json.gz").rename(tmp_path / "held" / "c4-validation.00000-of-00001.json.gz")
     for workers in (1, 2):
         prepare_domain(f"c4_{workers}", [str(raw)], str(out), quiet=True, workers=workers,
-                       val_inputs=[str(raw / "c4-validation.00000-of-00001.json.gz")])
+                       val_inputs=[str(tmp_path / "held")])
     m = json.loads((out / "c4_1" / "manifest.json").read_text())
     assert (m["documents"], m["val"]["documents"]) == (len(train), len(valid))
     assert m["dropped"]["in_validation"] == 3 and m["dropped"]["duplicates"] == 0
-    assert m["reading"]["val_inputs"] == [str(raw / "c4-validation.00000-of-00001.json.gz")]
+    assert m["reading"]["val_inputs"] == [str(tmp_path / "held")]
     for sub, shards in (("", m["shards"]), ("val", m["val"]["shards"])):  # two workers write what one writes
         one, two = (b"".join((out / d / sub / s["file"]).read_bytes() for s in shards) for d in ("c4_1", "c4_2"))
         assert one == two, sub

@@ -125,7 +125,8 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
-    val_tasks = [dataclasses.replace(t, val=True) for t in plan_tasks(val_inputs, stats.skipped_files, opts)]
+    val_tasks = [dataclasses.replace(t, val=True)
+                 for t in plan_tasks(val_inputs, stats.skipped_files, opts, leave_out_eval=False)]
     tasks = val_tasks + plan_tasks(inputs, stats.skipped_files, opts)  # validation first: its copies win
     spec = EncodeSpec(opts, tokenizer, eos_token, bos_token, val_fraction, dtype.name)
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"

@@ -173,7 +173,7 @@ def read_capped(f: BinaryIO, cap: int) -> bytes | None:
     return None if len(data) > cap else data
 
 
-def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+def _walk(folder: Path, skipped: list[tuple[str, str]], leave_out_eval: bool = True) -> list[Path]:
     """Every file under ``folder``, following symlinked folders once each (a link back up is reported, not
     followed); files that are not inputs are reported in ``skipped`` with the reason. Below ``folder``, files and
     folders named as a dataset's evaluation split are skipped (and reported): a downloaded corpus often ships its
@@ -193,7 +193,7 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
             raise InputError(f"{root} is a Hugging Face DatasetDict (save_to_disk) whose splits are its sub-folders "
                              f"({', '.join(dirs)}): give the folder of the split to train on, e.g. --input "
                              f"{Path(root) / ('train' if 'train' in dirs or not dirs else dirs[0])}")
-        for d in [d for d in dirs if eval_split(d)]:
+        for d in [d for d in dirs if leave_out_eval and eval_split(d)]:
             skipped.append((os.path.join(root, d), _EVAL_SKIP.format(eval_split(d))))
             dirs.remove(d)
         arrow = any(kind_of(Path(name)) == ("arrow", None) for name in files)
@@ -205,14 +205,15 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
                 skipped.append((str(f), "a broken link or not a regular file"))
             elif kind_of(f) is None:
                 skipped.append((str(f), f"not a {SUFFIXES_HELP} file"))
-            elif eval_split(name):
+            elif leave_out_eval and eval_split(name):
                 skipped.append((str(f), _EVAL_SKIP.format(eval_split(name))))
             else:
                 found.append(f)
     return found
 
 
-def list_inputs(inputs: list[str], skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+def list_inputs(inputs: list[str], skipped: list[tuple[str, str]] | None = None,
+                leave_out_eval: bool = True) -> list[Path]:
     """Input files in a fixed (sorted) order; folders are searched recursively (symlinked folders too). Every file
     found is read or listed in ``skipped`` with its reason."""
     skipped = skipped if skipped is not None else []
@@ -221,7 +222,7 @@ def list_inputs(inputs: list[str], skipped: list[tuple[str, str]] | None = None)
         p = Path(item)
         if p.is_dir():
             before = len(skipped)
-            found = _walk(p, skipped)
+            found = _walk(p, skipped, leave_out_eval)
             splits = [f for f, why in skipped[before:] if why.startswith("an evaluation split")]
             if not found and splits:
                 raise InputError(f"--input: folder {item} holds only evaluation splits ({', '.join(splits[:3])}), "

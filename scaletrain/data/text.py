@@ -24,9 +24,10 @@ def _tasks(path: Path, opts: ReadOptions | None = None) -> list[Task]:
 
 
 def plan_tasks(inputs: Sequence[str | Path], skipped: list[tuple[str, str]],
-               opts: ReadOptions | None = None) -> list[Task]:
-    """Every input file cut into tasks, in input order (folders sorted)."""
-    return [t for path in list_inputs([str(i) for i in inputs], skipped) for t in _tasks(path, opts)]
+               opts: ReadOptions | None = None, leave_out_eval: bool = True) -> list[Task]:
+    """Every input file cut into tasks, in input order (folders sorted); ``leave_out_eval``: below a folder, files
+    and folders named as an evaluation split are left out (validation inputs keep them)."""
+    return [t for path in list_inputs([str(i) for i in inputs], skipped, leave_out_eval) for t in _tasks(path, opts)]
 
 
 def iter_documents(inputs: Sequence[str | Path], skip_bad_lines: bool = False, stats: ReadStats | None = None,
