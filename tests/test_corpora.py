@@ -376,13 +376,18 @@ def test_evaluation_splits_found_in_a_folder_are_left_out_and_listed(tmp_path):
                                  path.endswith(".gz") else data)
     (raw / "hf").mkdir()
     _parquet(raw / "hf" / "train-00000-of-00001.parquet", TEXTS[270:290])
+    for i in range(50):  # huggingface-cli download --local-dir leaves a file per download here: one line, not 50
+        meta = raw / "hf" / ".cache" / "huggingface" / "download" / f"train-{i:05d}-of-00050.parquet.metadata"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text("etag")
     _parquet(raw / "hf" / "test-00000-of-00001.parquet", TEXTS[290:300])
     stats = ReadStats()
     docs = [d.text for d in iter_documents([raw], stats=stats)]
     assert sorted(docs) == sorted(TEXTS[:100] + TEXTS[220:260] + TEXTS[270:290] + ["notes"])
     left_out = {str(Path(f).relative_to(raw)): why for f, why in stats.skipped_files}
     assert set(left_out) == {"validation", "test", "val.jsonl.zst", "en/c4-validation.00000-of-00001.json.gz",
-                             "hf/test-00000-of-00001.parquet"}
+                             "hf/test-00000-of-00001.parquet", "hf/.cache"}
+    assert left_out["hf/.cache"].startswith("a hidden folder: tools' own files")
     assert left_out["val.jsonl.zst"] == ("an evaluation split of the dataset by its name (val): held out, not "
                                          "trained on (give it as --val-input to validate on it, or as an --input of "
                                          "its own to train on it)")

@@ -196,6 +196,10 @@ def _walk(folder: Path, skipped: list[tuple[str, str]], leave_out_eval: bool = T
         for d in [d for d in dirs if leave_out_eval and eval_split(d)]:
             skipped.append((os.path.join(root, d), _EVAL_SKIP.format(eval_split(d))))
             dirs.remove(d)
+        for d in [d for d in dirs if d.startswith(".")]:  # one line, not one per file of a tool's cache
+            skipped.append((os.path.join(root, d), "a hidden folder: tools' own files (.git, .cache/huggingface "
+                                                   "of a snapshot download), not read"))
+            dirs.remove(d)
         arrow = any(kind_of(Path(name)) == ("arrow", None) for name in files)
         for name in sorted(files):
             f = Path(root) / name
