@@ -20,6 +20,7 @@ from scaletrain.config import PreTrainingConfig
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
+from scaletrain.errors import ScaletrainError
 from scaletrain.faults import poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
@@ -140,11 +141,34 @@ class _Preemption:
     def _handler(self, signum, frame) -> None:
         self.flag = True
 
-    def requested(self) -> bool:
-        """Whether any rank got the signal (a CPU collective on the control group, every step)."""
-        t = torch.tensor([int(self.flag)])
+    def requested(self, data_failed: bool = False) -> tuple[bool, bool]:
+        """Whether any rank got the signal, and whether any rank's data failed: every rank learns both before the
+        step (one CPU collective on the control group, every step), so that all of them save and stop together."""
+        t = torch.tensor([int(self.flag), int(data_failed)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return bool(t[0]), bool(t[1])
+
+
+def _fetch(loader, n: int) -> tuple[list, BaseException | None]:
+    """The next step's ``n`` micro-batches, or those read before the data failed and why: a shard damaged or
+    prepared again since the run started, a read error of the disk (EIO, a stale NFS handle)."""
+    fetched: list = []
+    try:
+        for _ in range(n):
+            fetched.append(next(loader))
+    except (ScaletrainError, OSError) as e:
+        return fetched, e
+    return fetched, None
+
+
+def _data_stop(error: BaseException | None, saved, step: int) -> ScaletrainError:
+    """The error a data failure ends the run with, once the checkpoint of the last step is written."""
+    after = (f"; checkpoint {saved} holds step {step}: once the data is whole again, resume with --resume latest "
+             f"(a domain prepared again also needs --allow-data-change)")
+    if error is None:
+        return ScaletrainError(f"another rank's data failed before step {step + 1} (its message says why){after}")
+    what = str(error).splitlines()[0] if isinstance(error, ScaletrainError) else f"reading the data failed ({error})"
+    return ScaletrainError(what + after)
 
 
 def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: int) -> str:
@@ -245,8 +269,16 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         while state.step < cfg.max_steps:
             profiler.before(state.step + 1)
             t_data = time.perf_counter()
-            fetched = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
+            fetched, data_error = _fetch(loader, cfg.gradient_accumulation_steps)
             meter.waited(time.perf_counter() - t_data)  # the loader's share of the step (data_wait)
+            preempted, data_failed = preempt.requested(data_error is not None)
+            if preempted or data_failed:  # the step is not taken: its rows are read again after the resume
+                loader.unread(len(fetched))
+                where = ckpt.stop_here()
+                if data_failed:
+                    raise _data_stop(data_error, where, state.step) from data_error
+                stop = "preempted"
+                break
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in fetched]
             try:
@@ -296,7 +328,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             if metrics:
                 logger.log(done, metrics)
             t_save = time.perf_counter()
-            stop = ckpt.after_step(val_loss, preempted=preempt.requested(), stop_for=limit)
+            stop = ckpt.after_step(val_loss, stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
             if stop:
                 break

@@ -456,3 +456,49 @@ def test_a_deepspeed_run_leaves_nothing_in_dev_shm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
     assert not left, left
+
+
+# ---- 9. data that fails mid-run ----------------------------------------------------------------------------------
+def test_data_failing_mid_run_saves_the_last_step_and_resumes_exactly(tmp_path):
+    """A shard member damaged (or the domain prepared again) after the run started is found on its first read,
+    mid-run: the run used to stop with the error and lose every step since its last checkpoint (all of them with
+    the default --save-interval 0). Every rank now learns it before the step, the last step done is saved, and once
+    the shard is whole the resumed run gives the losses of a run that never failed."""
+    from scaletrain.data.prepare import prepare_domain
+
+    text = tmp_path / "c.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: " + "lorem ipsum dolor sit amet " * (i % 9 + 3)})
+                            + "\n" for i in range(30)))
+    data = tmp_path / "data"
+    prepare_domain("d", [str(text)], str(data), quiet=True, chunk_tokens=512, shard_tokens=1 << 20)
+    manifest = json.loads((data / "d" / "manifest.json").read_text())
+    [shard] = manifest["shards"]
+    name, offset, tokens, _ = shard["members"][-1]  # read last: well after the first step
+    shard_path = data / "d" / shard["file"]
+    whole = shard_path.read_bytes()
+    args = ["--engine", "fsdp", "--data-dir", str(data), "--data-sources", "d", "--data-mix-weights", "1",
+            "--model-size", "tiny", "--max-seq-length", "32", "--batch-size", "2", "--max-steps", "60",
+            "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0", "--no-use-tensorboard",
+            "--mixed-precision", "fp32", "--num-workers", "1"]
+
+    def losses(run):
+        return {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "runs" / run / "metrics.jsonl")
+                                                  .read_text().splitlines())}
+
+    launch("torchrun", args + ["--checkpoint-dir", str(tmp_path / "clean")], tmp_path, run_name="clean")
+    damaged = bytearray(whole)
+    damaged[offset: offset + 2 * tokens] = bytes(2 * tokens)  # zeroed in place: same size, so found on reading
+    shard_path.write_bytes(bytes(damaged))
+    p = launch("torchrun", args, tmp_path, check=False)
+    assert p.returncode != 0
+    ck = newest_checkpoint(tmp_path / "checkpoints")
+    assert ck is not None and ck.name.startswith("step_"), p.stderr[-3000:]
+    step = int(json.loads((ck / COMPLETE).read_text())["step"])
+    assert 0 < step < 60
+    assert f"{name} does not match its checksum" in p.stderr, p.stderr[-5000:]
+    assert f"checkpoint {ck} holds step {step}: once the data is whole again, resume with --resume latest" \
+        in p.stderr
+    assert f'File "{ROOT / "scaletrain"}' not in p.stderr and "Caught" not in p.stderr  # torchrun prints its own
+    shard_path.write_bytes(whole)
+    launch("torchrun", args + ["--resume", "latest"], tmp_path)
+    assert losses("t") == losses("clean")  # steps 1..step before the failure, the rest after the resume

@@ -70,25 +70,33 @@ class CheckpointManager:
         self.last_saved: Path | None = None
 
     # ---- policy ----------------------------------------------------------------------------------
-    def after_step(self, val_loss: float | None = None, preempted: bool = False,
-                   stop_for: str | None = None) -> str | None:
+    def after_step(self, val_loss: float | None = None, stop_for: str | None = None) -> str | None:
         """Write what the policy asks for after optimizer step ``state.step``; returns why the run must stop
-        now ("preempted", "stop_at_step", or ``stop_for``: another reason to save and stop) or None."""
+        now ("stop_at_step", or ``stop_for``: another reason to save and stop) or None. A preemption is seen before
+        the next step, with its data (``stop_here``)."""
         cfg, step = self.cfg, self.state.step
         if val_loss is not None and self.state.record_val_loss(val_loss) and cfg.save_best:
             self.save("best")
         if step == cfg.max_steps:
             self.save("final")
             return None
-        if preempted or stop_for:
+        if stop_for:
             self.save(step_name(step))
-            return "preempted" if preempted else stop_for
+            return stop_for
         if step == cfg.stop_at_step:
             self.save(step_name(step))
             return "stop_at_step"
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(step_name(step), background=cfg.async_checkpoint)
         return None
+
+    def stop_here(self) -> Path | None:
+        """A checkpoint of the last step done, for a stop before the next one (a signal, data that failed):
+        ``step_N``, unless the step's own checkpoint was just written; then every save is committed."""
+        if not (self._written and self._written[0] == self.state.step and self._written[1].startswith("step_")):
+            self.save(step_name(self.state.step))
+        self.finish()
+        return self.last_saved
 
     def finish(self) -> None:
         """Commit a background save still in flight (all ranks)."""

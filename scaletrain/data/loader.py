@@ -185,6 +185,14 @@ class _Dataset(IterableDataset):
             m += gas
 
 
+def _worker_message(e: BaseException) -> str:
+    """The message a DataLoader worker's exception had: DataLoader raises it again here as ``Caught X in
+    DataLoader worker process N.`` followed by the worker's traceback, which ends ``module.X: message``."""
+    text = str(e)
+    at = text.rfind(f"{type(e).__name__}: ")
+    return text[at + len(type(e).__name__) + 2:].strip() if at >= 0 else text
+
+
 class ShardLoader:
     """Iterator of micro-batches ``(input_ids, labels, step_tokens)`` with ``state_dict``/``load_state_dict``."""
 
@@ -230,9 +238,19 @@ class ShardLoader:
             self._it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                        pin_memory=self.pin_memory,
                                        persistent_workers=False) if self.num_workers else ds)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except (ScaletrainError, OSError) as e:  # raised again in this process with the worker's traceback as text
+            if "Original Traceback" not in str(e):
+                raise
+            raise type(e)(_worker_message(e)) from None
         self.consumed += 1
         return batch
+
+    def unread(self, n: int) -> None:
+        """Forget the last ``n`` micro-batches handed out (a step that is not taken: a stop before it); the
+        position saved next is then the step boundary before them. The iterator is not to be used again."""
+        self.consumed -= n
 
     def _at_step_boundary(self):
         """The bookkeeping walker advanced (without reading rows) to the current optimizer-step boundary."""

@@ -109,7 +109,8 @@ class DomainStream:
         digest = self.shards[shard].members[member][3:4]
         if digest and xxhash.xxh3_64_hexdigest(data) != digest[0]:
             raise ShardError(f"{where} does not match its checksum in {self.dir / MANIFEST} (its bytes changed after "
-                             f"prepare); prepare the domain again")
+                             f"prepare: damaged, or the domain prepared again since this run read its manifest); "
+                             f"restore the shard or prepare the domain again")
         top = int(data.view(self.dtype).max()) if n else 0
         if top >= self.vocab_size:
             raise ShardError(f"{where} holds token id {top}, past the vocabulary of {self.vocab_size} "

@@ -78,6 +78,10 @@ class SyntheticLoader:
         t = torch.from_numpy(rows)  # (B, T+1)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous(), self.global_batch * self.max_seq_length
 
+    def unread(self, n: int) -> None:
+        """Forget the last ``n`` micro-batches handed out (a step that is not taken)."""
+        self.micro_steps -= n
+
     def rewind(self) -> None:
         self.micro_steps = self._origin
 
