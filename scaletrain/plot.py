@@ -46,7 +46,14 @@ def plot(runs: list[str], output: str, title: str | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    out = Path(output)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:  # matplotlib's own ValueError came as a traceback, after all the drawing
+        raise ScaletrainError(f"scaletrain plot: --output {output}: .{fmt} is not an image format it writes "
+                              f"({', '.join(sorted(formats))}); give e.g. --output {out.with_suffix('.png').name}")
     data = [read_metrics(r) for r in runs]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (loss_ax, dom_ax), (lr_ax, tps_ax) = axes
@@ -76,10 +83,9 @@ def plot(runs: list[str], output: str, title: str | None = None) -> Path:
     fig.tight_layout()
     from scaletrain.files import whole_or_absent
 
-    out = Path(output)
     try:
         with whole_or_absent(out) as tmp:
-            fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
+            fig.savefig(tmp, dpi=100, format=fmt)
     finally:
         plt.close(fig)
     return out

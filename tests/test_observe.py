@@ -66,6 +66,14 @@ def test_profile_samples_and_plot_from_real_runs(shards, tmp_path):
     png = tmp_path / "curves.png"
     plot_main([str(run), str(tmp_path / "runs" / "other"), "--output", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    from scaletrain.errors import ScaletrainError
+    from scaletrain.plot import plot
+
+    before = (run / "metrics.jsonl").read_bytes()  # a slip of the shell: the metrics file named as the image
+    with pytest.raises(ScaletrainError, match=r"--output .*metrics.jsonl: .jsonl is not an image format it writes "
+                                              r"\(.*png.*\); give e.g. --output metrics.png"):
+        plot([str(run)], str(run / "metrics.jsonl"))
+    assert (run / "metrics.jsonl").read_bytes() == before
 
 
 def test_observe_flags_are_checked(tmp_path):
