@@ -42,7 +42,11 @@ def parse_size(text: str) -> int:
         raise CheckpointError(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size <= 0:
+        raise CheckpointError(f"--max-shard-size {text!r}: must be above zero (a tensor larger than the limit gets a "
+                              f"file of its own)")
+    return size
 
 
 def hf_config(mc: ModelConfig, dtype: str, max_positions: int, tok: TokenizerInfo | None) -> dict:

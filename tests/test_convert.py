@@ -221,3 +221,5 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
     with pytest.raises(CheckpointError, match="--max-shard-size"):
         parse_size("lots")
+    with pytest.raises(CheckpointError, match=r"--max-shard-size '0MB': must be above zero"):
+        parse_size("0MB")  # was taken: one file per tensor

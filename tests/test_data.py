@@ -304,6 +304,8 @@ def test_non_utf8_empty_file_and_empty_domain(tmp_path):
         _prep(tmp_path / "3", {"a.jsonl": '{"text": "   "}\n'})
     with pytest.raises(InputError, match="does not exist"):
         prepare_domain("d", [str(tmp_path / "nope")], str(tmp_path / "out"), quiet=True)
+    with pytest.raises(InputError, match=r"--workers 0: give 1 or more processes"):  # was taken as 1
+        prepare_domain("d", [str(tmp_path / "nope")], str(tmp_path / "out"), quiet=True, workers=0)
 
 
 def test_existing_output_is_refused_then_replaced_only_when_complete(tmp_path):

@@ -101,6 +101,8 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
     if opts.document_separator == "":
         raise InputError("--document-separator: an empty separator; give the string that ends each document")
+    if workers < 1:
+        raise InputError(f"--workers {workers}: give 1 or more processes")
     if not 0 <= val_fraction < 1:
         raise InputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if val_inputs and val_fraction:
