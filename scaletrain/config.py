@@ -333,6 +333,13 @@ class PreTrainingConfig:
             raise bad("z_loss", f"must be >= 0 (0: off), got {self.z_loss}")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):  # a negative one grows the weights
+            raise bad("weight_decay", f"must be >= 0 (0: none), got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0 or not math.isfinite(self.adam_eps):
+            raise bad("adam_eps", f"must be positive, got {self.adam_eps}")
         if self.mixed_precision not in PRECISIONS:
             raise bad("mixed_precision", f"got {self.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.engine is not None and self.engine not in ENGINES:

@@ -42,6 +42,10 @@ from .conftest import ROOT
     (["--spike-sigma", "-1"], "--spike-sigma: must be >= 0 (0: off), got -1.0"),
     (["--spike-window", "1"], "--spike-window: must be at least 2 steps, got 1"),
     (["--z-loss=-1e-4"], "--z-loss: must be >= 0 (0: off), got -0.0001"),
+    (["--weight-decay=-0.1"], "--weight-decay: must be >= 0 (0: none), got -0.1"),  # was trained with
+    (["--adam-beta1", "1.5"], "--adam-beta1: must be in [0, 1), got 1.5"),  # was AdamW's traceback
+    (["--adam-beta2", "1"], "--adam-beta2: must be in [0, 1), got 1.0"),
+    (["--adam-eps", "0"], "--adam-eps: must be positive, got 0.0"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as e:
