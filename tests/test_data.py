@@ -269,6 +269,16 @@ def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_pa
         data_tokenizer(cfg)
 
 
+def test_a_sentencepiece_only_model_folder_says_how_to_get_a_tokenizer_json(tmp_path):
+    from scaletrain.data.tokenizer import TokenizerError, load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b")  # what older Llama/Mistral folders ship alone
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(TokenizerError, match=rf"has only SentencePiece's tokenizer.model .*T.from_pretrained\("
+                                             rf"'{tmp_path}'\).save_pretrained\('{tmp_path}'\)"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
     tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)

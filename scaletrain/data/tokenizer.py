@@ -71,8 +71,14 @@ class HFTokenizer:
             folder_tokens = folder_special_tokens(p)
             p = p / "tokenizer.json"
         if not p.is_file():
+            spm = p.parent / "tokenizer.model"
+            hint = (f"; {p.parent} has only SentencePiece's tokenizer.model (older Llama and Mistral folders): "
+                    f"transformers writes the tokenizer.json (with the sentencepiece package installed): python -c "
+                    f"\"from transformers import AutoTokenizer as T; T.from_pretrained('{p.parent}')"
+                    f".save_pretrained('{p.parent}')\""
+                    if spm.is_file() else "")
             raise TokenizerError(f"--tokenizer: {p} does not exist (expected a tokenizer.json file or a Hugging Face "
-                                 f"model folder that has one)")
+                                 f"model folder that has one){hint}")
         try:
             self._tok = Tokenizer.from_file(str(p))
         except Exception as e:
