@@ -14,10 +14,10 @@ inputs, how each is cut into ``Task`` s and opened here; ``reader.py`` reads a t
 ================================================  ===================================================================
 
 Nothing is read whole: JSON lines and compressed streams go line by line, Parquet and Arrow by record batches
-(Arrow memory-mapped), tars member
-by member (``tarfile``'s stream mode: never extracted, never a path on disk). One document is the unit held in
-memory, and ``max_document_bytes`` caps it: a longer line, file, member or decompressed source is skipped and
-counted (a decompression bomb cannot exhaust memory). Symlink and hardlink members of tars are skipped and counted.
+(Arrow memory-mapped), tars member by member (``tarfile``'s stream mode: never extracted, never a path on disk).
+One document is the unit held in memory, and ``max_document_bytes`` caps it: a longer line, file, member or
+decompressed source is skipped and counted (a decompression bomb cannot exhaust memory). Symlink and hardlink
+members of tars are skipped and counted.
 Errors name ``file:line``, ``file:row`` or ``archive:member``.
 
 A file is cut into ``Task`` s, the unit of parallel work: a plain ``.jsonl`` by byte ranges (a line belongs to the
