@@ -8,7 +8,6 @@ Models, loaders and engines are built from the result and nothing changes it aft
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from scaletrain.checkpoint.store import (
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.data.loader import model_vocab_size
 from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, load_manifest
+from scaletrain.data.tokenizer import file_identity
 from scaletrain.errors import ScaletrainError
 from scaletrain.model import ModelConfig, get_model_config
 from scaletrain.model.presets import with_overrides
@@ -96,9 +96,7 @@ def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
                           f"({str(theirs.get('identity'))[:19]}...), this data with {tokenizer.name} "
                           f"({tokenizer.identity[:19]}...); prepare the data with the tokenizer the checkpoint used")
     if tokenizer is not None and source.tokenizer_json is not None:
-        import hashlib
-
-        theirs = "sha256:" + hashlib.sha256(source.tokenizer_json.read_bytes()).hexdigest()
+        theirs = file_identity(source.tokenizer_json)
         if theirs != tokenizer.identity:
             raise ConfigError(f"--init-from {cfg.init_from}: its tokenizer ({source.tokenizer_json}, {theirs[:19]}...) "
                               f"is not the one the data was prepared with ({tokenizer.name}, "
@@ -122,7 +120,7 @@ def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path |
     if first.kind == "hf":
         if not file.is_file():
             raise ShardError(f"{file.parent} was prepared with {first.name} but {file} is missing; prepare it again")
-        have = "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+        have = file_identity(file)
         if have != first.identity:  # it goes into every checkpoint and the export: the shards' ids would not match
             raise ShardError(f"{file} is not the tokenizer {file.parent} was prepared with (the manifest records "
                              f"{first.identity[:19]}..., the file is {have[:19]}...): it was changed or damaged "

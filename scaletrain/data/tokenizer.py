@@ -85,7 +85,7 @@ class HFTokenizer:
             raise TokenizerError(f"--tokenizer: {path} is not a Hugging Face tokenizer.json: {e}") from e
         self.path = str(p.resolve())
         self.name = p.name
-        self.identity = "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+        self.identity = file_identity(p)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eos_token = eos_token or self._in_vocab(folder_tokens.get("eos_token"))
         bos_default = self._in_vocab(folder_tokens.get("bos_token"))
@@ -150,6 +150,11 @@ def folder_special_tokens(folder: Path) -> dict[str, str]:
 def load_tokenizer(path: str | None, eos_token: str | None = None,
                    bos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path, eos_token, bos_token)
+
+
+def file_identity(path: str | Path) -> str:
+    """A tokenizer.json's identity, as manifests and checkpoints record it: its content hash."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
