@@ -19,11 +19,11 @@ from scaletrain.checkpoint import check_model_matches, read_meta, recover, resol
 from scaletrain.checkpoint.integrity import verify_folder
 from scaletrain.checkpoint.lock import FolderLock
 from scaletrain.checkpoint.manager import checkpoint_bytes
+from scaletrain.checkpoint.recovery import check_writable
 from scaletrain.checkpoint.store import (
     COMPLETE,
     LATEST,
     CheckpointError,
-    check_writable,
     complete_checkpoints,
     delete_checkpoint,
     newest_checkpoint,

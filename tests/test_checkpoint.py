@@ -197,6 +197,30 @@ def test_best_survives_a_resume_from_an_earlier_step(tmp_path):
     assert (after["step"], after["best_val_loss"]) == (best["step"], best["best_val_loss"])
 
 
+def test_rolling_back_sets_the_later_checkpoints_aside(tmp_path):
+    """Resumed from an earlier checkpoint than the folder's newest (rolling back past a bad stretch), the run takes a
+    new course: the later checkpoints are moved aside at once, so a crash before its first save resumes the new
+    course, not the one left (``latest`` named step 6 until then), and keep-last-N counts only the new course's."""
+    ck = tmp_path / "ck"
+    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck), "--save-interval", "2",
+                      "--max-steps", "8"]
+    launch("python", args + ["--stop-at-step", "6"], tmp_path, run_name="r")
+    first = losses(tmp_path, "r")
+    # the new course dies at its first save (a full disk)
+    proc = launch("python", args + ["--resume", str(ck / "step_000002")], tmp_path, run_name="r", check=False,
+                  extra_env={"SCALETRAIN_FAULT": "save_enospc:0@step_000004"})
+    assert proc.returncode != 0 and "saving checkpoint" in proc.stderr
+    aside = [p for p in ck.iterdir() if p.name.startswith("superseded-by-step_000002-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_000004", "step_000006"]
+    assert f"moved step_000004, step_000006 to {aside[0]}" in proc.stderr
+    assert newest_checkpoint(ck) == ck / "step_000002"  # what --resume auto takes now
+    launch("python", args + ["--resume", "auto"], tmp_path, run_name="r")
+    assert losses(tmp_path, "r") == first + losses(tmp_path, "r")[6:]  # steps 3-6 again, equal: an exact resume
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith(("step_", "final"))) == \
+        ["final", "step_000002", "step_000004", "step_000006"]  # the new course's, keep-last-N 3
+    assert all((aside[0] / n / COMPLETE).is_file() for n in ("step_000004", "step_000006"))  # nothing deleted
+
+
 def test_a_crash_between_the_renames_of_final_loses_nothing(tmp_path):
     """Re-saving final (a finished run resumed with more steps) moves the old copy aside, then renames the new one
     in: killed in between, the next start puts a complete final back instead of deleting both."""

@@ -14,7 +14,8 @@ import pytest
 from scaletrain.checkpoint import COMPLETE, CheckpointError, newest_checkpoint
 from scaletrain.checkpoint.integrity import hash_share, verify_folder
 from scaletrain.checkpoint.lock import LOCK, STALE_S, FolderLock
-from scaletrain.checkpoint.store import CheckpointStore, check_writable, recover, resolve_resume
+from scaletrain.checkpoint.recovery import check_writable, recover
+from scaletrain.checkpoint.store import CheckpointStore, resolve_resume
 
 from .conftest import ROOT, launch, launch_cmd, wait_for
 from .test_checkpoint import BASE, fp32

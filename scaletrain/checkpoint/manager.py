@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .recovery import set_aside_later
 from .safe import UnsafeCheckpointError, load_run_state
-from .store import CheckpointError, CheckpointStore, describe_failure, read_meta, step_name
+from .store import CheckpointError, CheckpointStore, describe_failure, read_meta, step_name, warn
 
 STATE_FILE = "train_state_rank{rank}.pt"
 TOKENIZER_DIR = "tokenizer"
@@ -180,3 +181,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path}: the {self.engine.name} engine cannot load its state "
                                   f"({describe_failure(e)})") from e
         self.loader.load_state_dict(run_state["data"])
+        if self.env.is_main:  # a rollback: what lies past this step is of the course the run leaves
+            moved = set_aside_later(self.store.dir, path, self.state.step)
+            if moved:
+                warn(moved)

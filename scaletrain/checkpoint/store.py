@@ -6,7 +6,7 @@ run state (``train_state_rank<r>.pt``), the tokenizer the run used (``tokenizer/
 ``COMPLETE.json``. A save goes to ``checkpoint_dir/.tmp-<name>/``; only when every rank has
 written does rank 0 add ``COMPLETE.json``, rename the folder into place and then move ``latest``.
 Re-saving ``best`` or ``final`` moves the old one to ``.old-<name>`` first. A crash at any moment
-leaves one complete copy under each name, or a complete copy the next start puts back: a
+leaves one complete copy under each name, or a complete copy the next start puts back (``recovery.py``): a
 ``.tmp-<name>`` with ``COMPLETE.json`` takes the place of a missing ``<name>``, else a ``.old-<name>``
 is restored; what is incomplete is removed. Old ``step_*`` folders go only after a newer one is
 complete, renamed to ``.trash-<name>`` first and then deleted (a kill mid-delete leaves a trash folder,
@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -42,7 +41,7 @@ from .integrity import HASH, hash_share
 
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
-_KEEP = ("best", "final")
+KEPT_NAMES = ("best", "final")
 
 
 class CheckpointError(ScaletrainError):
@@ -85,7 +84,7 @@ def complete_checkpoints(ckpt_dir: str | Path, quiet: bool = False) -> list[tupl
     return [(s, p) for s, _, p in sorted(found)]
 
 
-def _pointer(ckpt_dir: Path) -> Path | None:
+def latest_pointer(ckpt_dir: Path) -> Path | None:
     """What ``latest`` names, when it is a readable name of a folder here."""
     try:
         name = (ckpt_dir / LATEST).read_text().strip()
@@ -112,7 +111,7 @@ def resume_candidates(ckpt_dir: str | Path, quiet: bool = False) -> list[Path]:
     d = Path(ckpt_dir)
     ordered = [p for _, p in reversed(complete_checkpoints(d, quiet))]
     ordered = [p for p in ordered if p.name != "best"] + [p for p in ordered if p.name == "best"]
-    target = _pointer(d) if d.is_dir() else None
+    target = latest_pointer(d) if d.is_dir() else None
     if target is not None and target in ordered:
         ordered.remove(target)
         ordered.insert(0, target)
@@ -160,7 +159,7 @@ def check_model_matches(meta: dict[str, Any], model_cfg, path: Path) -> None:
                                   f"data's vocab differ)")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -169,7 +168,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _complete(p: Path) -> bool:
+def is_complete(p: Path) -> bool:
     return (p / COMPLETE).is_file()
 
 
@@ -178,78 +177,6 @@ def delete_checkpoint(folder: Path) -> None:
     trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
     folder.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _leftovers(ckpt_dir: Path, prefix: str, tail: str = "") -> list[Path]:
-    """The ``prefix<checkpoint name>`` folders a save or deletion of ours leaves, and nothing else: a
-    --checkpoint-dir shared with other tools (a scratch folder, $HOME) may hold their own ``.tmp-*``."""
-    pattern = re.compile(re.escape(prefix) + r"(step_\d+|" + "|".join(_KEEP) + ")" + tail)
-    return sorted(p for p in ckpt_dir.glob(prefix + "*") if pattern.fullmatch(p.name))
-
-
-def recover(ckpt_dir: Path) -> list[str]:
-    """Finish or undo what a crash interrupted (rank 0, at start, holding the folder's lock); returns what it
-    did, for the log. Leftovers of every kind are cleaned: saves that never finished (``.tmp-*``), swaps
-    (``.old-*``), interrupted deletions (``.trash-*``); checkpoint-named folders without ``COMPLETE.json`` are
-    reported (with their size), not deleted."""
-    done = []
-    for old in _leftovers(ckpt_dir, ".old-"):  # a re-save of best/final, between its renames
-        name = old.name[len(".old-"):]
-        final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
-        if not _complete(final):
-            if _complete(tmp):
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                done.append(f"{name}: committed the new copy (the crash fell between its renames)")
-            elif _complete(old):
-                if final.exists():
-                    shutil.rmtree(final)
-                old.rename(final)
-                done.append(f"{name}: restored the previous copy (its replacement was incomplete)")
-                continue
-        shutil.rmtree(old, ignore_errors=True)
-    latest = newest_checkpoint(ckpt_dir, quiet=True)
-    for tmp in _leftovers(ckpt_dir, ".tmp-"):
-        name = tmp.name[len(".tmp-"):]
-        final = ckpt_dir / name
-        if _complete(tmp) and not final.exists():  # every rank had written: only the rename was missing
-            tmp.rename(final)
-            done.append(f"{name}: committed (the crash fell between COMPLETE.json and the rename)")
-            if name != "best" and (latest is None or read_meta(final)["step"] > read_meta(latest)["step"]):
-                _atomic_write(ckpt_dir / LATEST, name + "\n")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)  # a save that never finished
-            done.append(f"removed {tmp.name}, a save that never finished")
-    for trash in _leftovers(ckpt_dir, ".trash-", r"-\d+"):
-        shutil.rmtree(trash, ignore_errors=True)
-        done.append(f"removed {trash.name}, a deletion that was interrupted")
-    for p in sorted(ckpt_dir.iterdir()):  # not ours to delete: it may be a folder someone put there
-        if p.is_dir() and not p.name.startswith(".") and not _complete(p) and \
-                (p.name.startswith("step_") or p.name in _KEEP):
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            done.append(f"{p} ({size / 2**20:,.0f} MiB) has no {COMPLETE}: not a checkpoint (the remains of a "
-                        f"deletion by an older scaletrain, or a copy that never finished); remove it with rm -r {p}")
-    return done
-
-
-def check_writable(ckpt_dir: Path, need_bytes: int) -> str | None:
-    """Fail now, not after --save-interval steps of compute, when the folder cannot be written; returns a
-    warning when its free space is below one checkpoint's estimated size."""
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        probe = ckpt_dir / f".probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"--checkpoint-dir {ckpt_dir} is not writable ({e.strerror or e}); checkpoints could "
-                              f"not be saved. Give a writable --checkpoint-dir") from e
-    free = shutil.disk_usage(ckpt_dir).free
-    if free < need_bytes:
-        return (f"--checkpoint-dir {ckpt_dir} has {free / 2**30:.2f} GiB free; one checkpoint needs about "
-                f"{need_bytes / 2**30:.2f} GiB: saves will fail unless space is freed")
-    return None
 
 
 def describe_failure(e: BaseException) -> str:
@@ -361,7 +288,7 @@ class CheckpointStore:
             raise self._failure(final, failed, error)
         if self.rank == 0:
             record = dict(meta, name=name, saved_at=time.time(), hash=HASH, files=dict(sorted(digests.items())))
-            _atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
+            atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
             old = None
             if final.exists():  # re-saving best/final: swap, then drop the old one (see recover)
                 old = self.dir / f".old-{name}"
@@ -372,7 +299,7 @@ class CheckpointStore:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             if name != "best":
-                _atomic_write(self.dir / LATEST, name + "\n")
+                atomic_write(self.dir / LATEST, name + "\n")
             self._prune()
         self._barrier()
         return final
@@ -406,5 +333,5 @@ class CheckpointStore:
         steps = [(s, p) for s, p in complete_checkpoints(self.dir) if p.name.startswith("step_")]
         newest = newest_checkpoint(self.dir, quiet=True)
         for _, p in steps[: max(0, len(steps) - self.keep_last_n)]:
-            if p != newest and p.name not in _KEEP:
+            if p != newest and p.name not in KEPT_NAMES:
                 delete_checkpoint(p)
