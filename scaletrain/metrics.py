@@ -75,9 +75,10 @@ class MetricsLogger:
         jsonl = Path(run_dir) / "metrics.jsonl"
         try:  # before the first step, a run folder that cannot be written stops the run (nothing is lost yet)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            if start_step:  # a resume: the lines logged after its checkpoint are logged again (a fresh start appends)
-                _drop_steps_after(jsonl, start_step)
-                _drop_steps_after(Path(run_dir) / "samples.jsonl", start_step)
+            for log in (jsonl, Path(run_dir) / "samples.jsonl"):
+                _end_torn_line(log)
+                if start_step:  # a resume logs the steps after its checkpoint again; a fresh start appends
+                    _drop_steps_after(log, start_step)
             self.jsonl = open(jsonl, "a")
             (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         except OSError as e:
@@ -216,6 +217,36 @@ def _quiet_tensorboard_thread() -> None:
     threading.excepthook = hook
 
 
+def _end_torn_line(jsonl: Path) -> None:
+    """A line cut short (a kill mid-write, a full disk) has no newline, and the next line appended would join it:
+    both lost to every reader (``scaletrain plot``, pandas, jq). The torn line is cut off (its step is logged again
+    after a resume), or ended with a newline when what is there is whole JSON."""
+    try:
+        size = jsonl.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(jsonl, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start = max(0, size - (1 << 20))
+        f.seek(start)
+        tail = f.read()
+        cut = tail.rfind(b"\n") + 1
+        try:
+            json.loads(tail[cut:])
+            whole = True
+        except ValueError:
+            whole = cut == 0 and start > 0  # a line over 1 MiB: not ours to judge, only to end
+        if whole:
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            f.truncate(start + cut)
+
+
 def _drop_steps_after(jsonl: Path, step: int) -> None:
     """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again)."""
     if not jsonl.exists():
@@ -227,7 +258,7 @@ def _drop_steps_after(jsonl: Path, step: int) -> None:
             if int(json.loads(line)["step"]) > step:
                 continue
         except (ValueError, KeyError, TypeError):
-            pass  # a torn last line of a killed run, or another writer's: kept as it was
+            pass  # another writer's line: kept as it was
         kept.append(line)
     if len(kept) != len(lines):
         tmp = jsonl.with_name(jsonl.name + ".tmp")

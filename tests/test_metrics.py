@@ -221,7 +221,8 @@ def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monke
     """No --checkpoint-dir: run `a` keeps config, metrics, TensorBoard events, W&B files and checkpoints in
     runs/a. Restarted from its step-2 checkpoint (a crash after step 6, say), the steps after 2 are logged once,
     in metrics.jsonl and in TensorBoard, and W&B continues the same run id. Run `b` with --resume auto does not
-    take `a`'s checkpoints; --resume latest without a run name asks which run."""
+    take `a`'s checkpoints; --resume latest without a run name asks which run. A line the crash cut short is
+    dropped, not joined to the next one logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -232,6 +233,8 @@ def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monke
     run = tmp_path / "runs" / "a"
     assert {"config.json", "metrics.jsonl", "checkpoints", "wandb", "wandb_id"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "final" / "COMPLETE.json").is_file() and list(run.glob("events.out.tfevents.*"))
+    with open(run / "metrics.jsonl", "a") as f:  # the crash after step 6 cut a line short
+        f.write('{"step": 7, "loss": 4.1, "l')
     again = launch("python", args + ["--resume", str(run / "checkpoints" / "step_000002")], tmp_path, run_name="a",
                    cwd=tmp_path)
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
@@ -249,3 +252,19 @@ def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monke
                          text=True, timeout=120)
     assert ask.returncode == 1 and f"--resume latest: which run? Give its name, --run-name NAME (runs with " \
         f"checkpoints in {tmp_path / 'runs'}/: a, b), or the folder, --checkpoint-dir" in ask.stderr
+
+
+def test_a_torn_last_line_is_cut_or_ended(tmp_path):
+    """A line without its newline: cut off when it is not whole JSON (a kill mid-write), ended when it is (a
+    writer that never added the newline); a file that ends well is left as it is."""
+    from scaletrain.metrics import _end_torn_line
+
+    cases = {"torn": ('{"step": 1}\n{"step": 2, "lo', '{"step": 1}\n'),
+             "whole": ('{"step": 1}\n{"step": 2}', '{"step": 1}\n{"step": 2}\n'),
+             "only": ('{"st', ''), "fine": ('{"step": 1}\n', '{"step": 1}\n')}
+    for name, (before, after) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(before)
+        _end_torn_line(path)
+        assert path.read_text() == after, name
+    _end_torn_line(tmp_path / "missing.jsonl")  # nothing to mend
