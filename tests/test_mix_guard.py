@@ -85,3 +85,67 @@ def test_a_domain_without_a_validation_split_leaves_the_others_validated(tmp_pat
     evals = [m for m in read_metrics(tmp_path) if "val_loss" in m]
     assert [m["step"] for m in evals] == [3]
     assert evals[0]["val_loss"] == evals[0]["val_loss/arxiv"] and "val_loss/general" not in evals[0]
+
+
+def _rows(loader, steps):
+    return [tuple(r) for _ in range(steps) for r in next(loader)[0].tolist()]
+
+
+def test_a_phase_may_add_drop_and_reorder_domains_each_continuing_its_stream(tmp_path):
+    """Phases of a run change the mix: arxiv alone, then general added in front, then general alone, then both
+    again. Each domain continues its own stream where it was (a domain's shards are shuffled by a key it keeps,
+    not by its place in --data-sources), a new domain starts at its beginning, and a domain left out keeps its
+    place for a later phase."""
+    from dataclasses import replace
+
+    from scaletrain.data.loader import ShardLoader, StreamSpec
+
+    data = _prepare(tmp_path)
+    base = StreamSpec(str(data), ("arxiv",), (1.0,), 32, 4, 1, 0, 1, 0)
+
+    def loader(sources, weights, state=None, order=None):
+        one = ShardLoader(replace(base, sources=sources, weights=weights, order=order))
+        if state is not None:
+            one.load_state_dict(state)
+        return one
+
+    arxiv, general = _rows(loader(("arxiv",), (1.0,)), 60), _rows(loader(("general",), (1.0,), order=(1,)), 60)
+    at = {"arxiv": 0, "general": 0}
+
+    def follows(rows):  # every row is the next of one domain's own stream
+        for r in rows:
+            d = "arxiv" if at["arxiv"] < len(arxiv) and r == arxiv[at["arxiv"]] else "general"
+            assert r == (arxiv if d == "arxiv" else general)[at[d]], f"row not the next of either stream: {at}"
+            at[d] += 1
+
+    a = loader(("arxiv",), (1.0,))
+    follows(_rows(a, 5))
+    b = loader(("general", "arxiv"), (0.5, 0.5), a.state_dict())  # refused before: no position for general
+    follows(_rows(b, 8))
+    assert at["general"] > 0 and at["arxiv"] > 20
+    c = loader(("general",), (1.0,), b.state_dict())
+    follows(_rows(c, 3))
+    held = at["arxiv"]
+    d = loader(("arxiv", "general"), (0.3, 0.7), c.state_dict())  # arxiv from where phase b left it
+    follows(_rows(d, 5))
+    assert at["arxiv"] > held and d.state_dict()["domain_order"] == {"arxiv": 0, "general": 1}
+
+
+def test_a_new_mix_of_padded_rows_takes_its_shares_from_the_resume_on(tmp_path):
+    """--no-packing draws each row from the domain furthest below its token share: counted over the whole run, a
+    mix changed at a resume fed one domain alone until the run's total met the new shares."""
+    from scaletrain.data.loader import ShardLoader, StreamSpec
+
+    data = _prepare(tmp_path)
+    first = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 512, 4, 1, 0, 1, 0, packing=False))
+    for _ in range(40):
+        next(first)
+    then = first.state_dict()["domain_pos"]  # tokens read
+    second = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.7, 0.3), 512, 4, 1, 0, 1, 0, packing=False))
+    second.load_state_dict(first.state_dict())
+    for _ in range(40):
+        next(second)
+    read = {d: second.state_dict()["domain_pos"][d] - then[d] for d in then}
+    assert read["general"] > 0.2 * sum(read.values()), read  # not arxiv alone (before: general read nothing)
+    tokens = second.state_dict()["domain_tokens"]  # counted from the resume on
+    assert abs(tokens["arxiv"] / sum(tokens.values()) - 0.7) < 0.02, tokens

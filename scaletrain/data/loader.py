@@ -62,6 +62,9 @@ class StreamSpec:
     seed: int
     packing: bool = True
     split: str = "train"
+    # each source's shuffle key (its shards' order per epoch): its index in the run's first --data-sources, kept
+    # when a later phase adds, drops or reorders domains (None: the index in ``sources``)
+    order: tuple[int, ...] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -69,8 +72,8 @@ class StreamSpec:
 
 
 def open_streams(spec: StreamSpec) -> list[DomainStream]:
-    streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, i) for i, name in
-               enumerate(spec.sources)]
+    streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, key) for name, key in
+               zip(spec.sources, spec.order or range(len(spec.sources)))]
     identities = {s.manifest.tokenizer.identity for s in streams}
     if len(identities) > 1:
         detail = ", ".join(f"{n}: {s.manifest.tokenizer.identity}" for n, s in zip(spec.sources, streams))
@@ -205,6 +208,7 @@ class ShardLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory and torch.cuda.is_available()
         self._origin = (0, [0] * len(spec.sources), [0] * len(spec.sources))
         self._start = self._origin
+        self._carried: dict[str, dict[str, Any]] = {}  # the checkpoint's domains this run does not mix
         self._reset()
 
     @property
@@ -266,11 +270,16 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position at the current optimizer-step boundary (call between steps)."""
         self._at_step_boundary()
-        return {"global_row": self._snapshot.row, "packing": self.spec.packing,
-                "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos)),
-                "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens)),
-                "domain_fingerprint": {s: st.fingerprint for s, st in zip(self.spec.sources, self.streams)},
-                "domain_size": {s: st.total for s, st in zip(self.spec.sources, self.streams)}}
+        state = {"global_row": self._snapshot.row, "packing": self.spec.packing,
+                 "domain_pos": dict(zip(self.spec.sources, self._snapshot.pos)),
+                 "domain_tokens": dict(zip(self.spec.sources, self._snapshot.tokens)),
+                 "domain_fingerprint": {s: st.fingerprint for s, st in zip(self.spec.sources, self.streams)},
+                 "domain_size": {s: st.total for s, st in zip(self.spec.sources, self.streams)},
+                 "mix": _mix(self.spec.sources, self.spec.weights),
+                 "domain_order": {s: st.domain_index for s, st in zip(self.spec.sources, self.streams)}}
+        for key, carried in self._carried.items():  # a domain left out of this phase keeps its place for a later one
+            state[key] = {**carried, **state[key]}
+        return state
 
     def epochs(self) -> dict[str, float]:
         """Epochs of each domain read so far (at a step boundary): tokens read over the domain's tokens. The
@@ -287,11 +296,22 @@ class ShardLoader:
         if packing != self.spec.packing:
             raise LoaderStateError(f"the checkpoint's data state was written with packing={packing}; this run has "
                                    f"packing={self.spec.packing} (--no-packing must match the run being resumed)")
-        missing = [s for s in self.spec.sources if s not in positions]
-        if missing:
-            raise LoaderStateError(f"the checkpoint's data state has no position for --data-sources {missing} (it "
-                                   f"has {list(positions)}); resume with the same --data-sources")
-        positions = dict(positions)
+        new = [s for s in self.spec.sources if s not in positions]
+        if new and self.spec.rank == 0:
+            print(f"scaletrain: --data-sources {' '.join(new)}: not read by the run before this checkpoint (it read "
+                  f"{' '.join(positions)}); read from its start", flush=True)
+        # a domain's shards are shuffled by its key: checkpoints before keys were saved used the index in their
+        # --data-sources, which is the order of their positions
+        order = dict(state.get("domain_order") or {s: i for i, s in enumerate(positions)})
+        for s in new:
+            order[s] = max(order.values(), default=-1) + 1
+        self._carried = {key: {s: v for s, v in (state.get(key) or {}).items() if s not in self.spec.sources}
+                         for key in ("domain_pos", "domain_tokens", "domain_fingerprint", "domain_size")}
+        self._carried["domain_order"] = {s: k for s, k in order.items() if s not in self.spec.sources}
+        positions = {**dict.fromkeys(new, 0), **positions}
+        self.spec = replace(self.spec, order=tuple(int(order[s]) for s in self.spec.sources))
+        for stream, key in zip(self.streams, self.spec.order):
+            stream.reorder(key)
         for s, stream in zip(self.spec.sources, self.streams):
             then = (state.get("domain_fingerprint") or {}).get(s)
             if then is None or then == stream.fingerprint:  # checkpoints before fingerprints: nothing to compare
@@ -310,9 +330,23 @@ class ShardLoader:
         L = self.spec.max_seq_length + 1
         # checkpoints written before domain_tokens existed: packed rows give it exactly
         tokens = state.get("domain_tokens") or {s: int(p) // L * (L - 1) for s, p in positions.items()}
+        if not self.spec.packing and (new or state.get("mix", _mix(self.spec.sources, self.spec.weights)) !=
+                                      _mix(self.spec.sources, self.spec.weights)):
+            # padded rows go to the domain furthest below its share of the tokens counted: counted since the
+            # start, a new mix would feed one domain alone until the whole run's shares met it
+            tokens = {}
+            if self.spec.rank == 0:
+                print("scaletrain: the mix changed since the checkpoint: padded rows keep the new weights' token "
+                      "shares from this step on", flush=True)
         self._start = (row, [int(positions[s]) for s in self.spec.sources],
                        [int(tokens.get(s, 0)) for s in self.spec.sources])
         self._reset()
+
+
+def _mix(sources, weights) -> dict[str, float]:
+    """Each mixed domain's share of the target tokens (the weights normalised, rounded for comparing)."""
+    total = float(sum(weights))
+    return {s: round(w / total, 9) for s, w in zip(sources, weights) if w > 0}
 
 
 def model_vocab_size(tokenizer_vocab: int, multiple: int = 64) -> int:

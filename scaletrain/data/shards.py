@@ -72,6 +72,12 @@ class DomainStream:
     def eos_id(self) -> int:
         return self.manifest.tokenizer.eos_id
 
+    def reorder(self, domain_index: int) -> None:
+        """Shuffle by another key from now on (a resumed run's: the one this domain's position was read with)."""
+        if domain_index != self.domain_index:
+            self.domain_index = domain_index
+            self._epoch_order.cache_clear()
+
     @lru_cache(maxsize=64)  # noqa: B019 - one stream object per domain and process
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard permutation, cumulative token starts in that order) for ``epoch``."""
