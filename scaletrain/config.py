@@ -167,7 +167,7 @@ class PreTrainingConfig:
     sample_top_p: float = _f(0.0, "also sample each prompt with this top-p (nucleus) at temperature 1, seeded "
                                   "(0: greedy only)")
     peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: detected from the GPU name)")
-    seed: int = _f(42, "seed for weights and data order")
+    seed: int = _f(42, "seed for weights and data order (a resumed run keeps its checkpoint's data order)")
 
     # ---- helpers -------------------------------------------------------------------------
     @staticmethod

@@ -149,3 +149,18 @@ def test_a_new_mix_of_padded_rows_takes_its_shares_from_the_resume_on(tmp_path):
     assert read["general"] > 0.2 * sum(read.values()), read  # not arxiv alone (before: general read nothing)
     tokens = second.state_dict()["domain_tokens"]  # counted from the resume on
     assert abs(tokens["arxiv"] / sum(tokens.values()) - 0.7) < 0.02, tokens
+
+
+def test_another_seed_at_a_resume_keeps_the_data_order_of_the_checkpoint(tmp_path):
+    """The read positions are positions in the order the checkpoint's seed shuffled: under another --seed the
+    shards were shuffled anew beneath them (repeating and skipping documents). The data goes on as it was."""
+    from scaletrain.data.loader import ShardLoader, StreamSpec
+
+    data = _prepare(tmp_path)
+    straight = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 32, 4, 1, 0, 1, 0))
+    rows = _rows(straight, 80)
+    first = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 32, 4, 1, 0, 1, 0))
+    assert _rows(first, 40) == rows[:160]
+    other = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 32, 4, 1, 0, 1, 7))
+    other.load_state_dict(first.state_dict())
+    assert _rows(other, 40) == rows[160:] and other.state_dict()["seed"] == 0

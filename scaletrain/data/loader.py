@@ -276,7 +276,8 @@ class ShardLoader:
                  "domain_fingerprint": {s: st.fingerprint for s, st in zip(self.spec.sources, self.streams)},
                  "domain_size": {s: st.total for s, st in zip(self.spec.sources, self.streams)},
                  "mix": _mix(self.spec.sources, self.spec.weights),
-                 "domain_order": {s: st.domain_index for s, st in zip(self.spec.sources, self.streams)}}
+                 "domain_order": {s: st.domain_index for s, st in zip(self.spec.sources, self.streams)},
+                 "seed": self.spec.seed}
         for key, carried in self._carried.items():  # a domain left out of this phase keeps its place for a later one
             state[key] = {**carried, **state[key]}
         return state
@@ -309,9 +310,13 @@ class ShardLoader:
                          for key in ("domain_pos", "domain_tokens", "domain_fingerprint", "domain_size")}
         self._carried["domain_order"] = {s: k for s, k in order.items() if s not in self.spec.sources}
         positions = {**dict.fromkeys(new, 0), **positions}
-        self.spec = replace(self.spec, order=tuple(int(order[s]) for s in self.spec.sources))
+        seed = int(state.get("seed", self.spec.seed))  # checkpoints before it was saved: this run's
+        if seed != self.spec.seed and self.spec.rank == 0:
+            print(f"scaletrain: --seed {self.spec.seed}: the data goes on in the order of the checkpoint's seed, "
+                  f"{seed} (the read positions are positions in that order)", flush=True)
+        self.spec = replace(self.spec, seed=seed, order=tuple(int(order[s]) for s in self.spec.sources))
         for stream, key in zip(self.streams, self.spec.order):
-            stream.reorder(key)
+            stream.reorder(seed, key)
         for s, stream in zip(self.spec.sources, self.streams):
             then = (state.get("domain_fingerprint") or {}).get(s)
             if then is None or then == stream.fingerprint:  # checkpoints before fingerprints: nothing to compare

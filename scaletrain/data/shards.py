@@ -72,10 +72,10 @@ class DomainStream:
     def eos_id(self) -> int:
         return self.manifest.tokenizer.eos_id
 
-    def reorder(self, domain_index: int) -> None:
-        """Shuffle by another key from now on (a resumed run's: the one this domain's position was read with)."""
-        if domain_index != self.domain_index:
-            self.domain_index = domain_index
+    def reorder(self, seed: int, domain_index: int) -> None:
+        """Shuffle by another seed and key from now on (a resumed run's: those its position was read with)."""
+        if (seed, domain_index) != (self.seed, self.domain_index):
+            self.seed, self.domain_index = seed, domain_index
             self._epoch_order.cache_clear()
 
     @lru_cache(maxsize=64)  # noqa: B019 - one stream object per domain and process
