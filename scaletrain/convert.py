@@ -169,6 +169,13 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         _put_in_place(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and not _still_there(path, meta):
+            kept = " (the earlier export there is untouched)" if previous else ""
+            raise CheckpointError(
+                f"checkpoint {path} was deleted or replaced while it was being converted (a run still training in "
+                f"{path.parent} deletes older step_* folders, --keep-last-n-checkpoints, and re-saves best and "
+                f"final); nothing was written to {out}{kept}. Convert one that run keeps (its newest), or after it "
+                f"ends, or a copy (cp -al {path} <copy> makes one without copying the data)") from e
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {e.filename}" if e.filename else ""
             raise CheckpointError(f"{out}: the disk is full ({e.strerror}{where}); nothing was written there"
@@ -186,6 +193,14 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
               f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
               + (f" and AutoTokenizer.from_pretrained({str(out_dir)!r})" if tok else ""), flush=True)
     return out_dir
+
+
+def _still_there(path: Path, meta: dict) -> bool:
+    """Whether ``path`` still holds the checkpoint whose ``COMPLETE.json`` was ``meta`` at the start."""
+    try:
+        return read_meta(path).get("saved_at") == meta.get("saved_at")
+    except CheckpointError:
+        return False
 
 
 EXPORT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".md", ".jinja", ".gitattributes")

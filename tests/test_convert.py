@@ -121,6 +121,46 @@ def test_a_full_disk_leaves_the_previous_export_whole(checkpoints, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.parametrize("kind", ["fsdp", "zero3"])
+def test_a_checkpoint_deleted_while_converting_says_so(checkpoints, tmp_path, monkeypatch, kind):
+    """A run still training in the folder deletes older step_* checkpoints (keep-last-N) and re-saves best and
+    final: a DCP one pruned midway through its conversion gave DCP's 'metadata is None' traceback. Now one line, and
+    the earlier export is untouched. (DeepSpeed's lazy reader holds the files it opened: its export completes.)"""
+    import shutil
+
+    from scaletrain.engine import get_engine_class
+
+    ckpt = tmp_path / "ck" / "step_000003"
+    shutil.copytree(checkpoints / kind / "final", ckpt)
+    earlier = convert(str(ckpt), str(tmp_path / "hf"), quiet=True)
+    cls = get_engine_class("fsdp" if kind == "fsdp" else "deepspeed")
+    made = cls.tensor_reader
+
+    def pruned_midway(path, trust=False):
+        reader, calls = made(path, trust=trust), []
+        load = reader.load
+
+        def load_and_prune(names):
+            calls.append(names)
+            if len(calls) == 3:
+                shutil.rmtree(path)  # what keep-last-N does (rename, then delete)
+            return load(names)
+
+        reader.load = load_and_prune
+        return reader
+
+    monkeypatch.setattr(cls, "tensor_reader", staticmethod(pruned_midway))
+    if kind == "zero3":  # DeepSpeed's reader holds the shards it opened at the start: the export completes
+        again = convert(str(ckpt), str(tmp_path / "again"), quiet=True)
+        with safe_open(again / "model.safetensors", "pt") as a, safe_open(earlier / "model.safetensors", "pt") as b:
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
+        return
+    with pytest.raises(CheckpointError, match=rf"checkpoint {ckpt} was deleted or replaced while it was being "
+                                              rf"converted .* \(the earlier export there is untouched\)"):
+        convert(str(ckpt), str(earlier), overwrite=True, quiet=True)
+    assert (earlier / "model.safetensors").is_file() and not list(tmp_path.glob(".hf.*"))
+
+
 def test_a_damaged_checkpoint_is_not_exported(checkpoints, tmp_path):
     import shutil
 

@@ -260,7 +260,7 @@ class DCPTensorReader:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path, self.trust = path, trust
-        md = dcp_reader(path, trust)[0].read_metadata()
+        self.metadata = md = dcp_reader(path, trust)[0].read_metadata()
         self.shapes = {k[len("model."):]: (tuple(v.size), v.properties.dtype)
                        for k, v in md.state_dict_metadata.items()
                        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
@@ -268,6 +268,7 @@ class DCPTensorReader:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         sd = {f"model.{n}": torch.empty(self.shapes[n][0], dtype=self.shapes[n][1]) for n in names}
         reader, planner = dcp_reader(self.path, self.trust)
+        reader.read_metadata = lambda *args, **kwargs: self.metadata  # read (and checked) once, not per tensor
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
             dcp.load(sd, storage_reader=reader, planner=planner, no_dist=True)
