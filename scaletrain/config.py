@@ -340,6 +340,17 @@ class PreTrainingConfig:
                 raise bad(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not self.adam_eps > 0 or not math.isfinite(self.adam_eps):
             raise bad("adam_eps", f"must be positive, got {self.adam_eps}")
+        if self.run_name is not None:  # a folder's name under --run-dir, and how --resume latest finds the run
+            name = self.run_name
+            if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+                raise bad("run_name", f"{name!r} is not a folder name: the run's folder is --run-dir/NAME, so a "
+                                      f"name with / or .. lands elsewhere (to group runs: --run-dir runs/GROUP "
+                                      f"--run-name NAME)")
+            if name != name.strip():
+                raise bad("run_name", f"{name!r} begins or ends with a space; give {name.strip()!r}")
+            if not name.isprintable():
+                raise bad("run_name", f"{name!r} holds characters that do not print (a tab, a newline); give a "
+                                      f"plain name")
         if self.mixed_precision not in PRECISIONS:
             raise bad("mixed_precision", f"got {self.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.engine is not None and self.engine not in ENGINES:

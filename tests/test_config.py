@@ -46,6 +46,10 @@ from .conftest import ROOT
     (["--adam-beta1", "1.5"], "--adam-beta1: must be in [0, 1), got 1.5"),  # was AdamW's traceback
     (["--adam-beta2", "1"], "--adam-beta2: must be in [0, 1), got 1.0"),
     (["--adam-eps", "0"], "--adam-eps: must be positive, got 0.0"),
+    (["--run-name", "../x"], "--run-name: '../x' is not a folder name"),  # was written to ./x, outside --run-dir
+    (["--run-name", "sweep/lr1"], "(to group runs: --run-dir runs/GROUP --run-name NAME)"),
+    (["--run-name", "x "], "--run-name: 'x ' begins or ends with a space; give 'x'"),
+    (["--run-name", "a\nb"], "--run-name: 'a\\nb' holds characters that do not print"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as e:
