@@ -81,3 +81,15 @@ def test_prepare_uses_the_workers_it_is_given_and_writes_the_same_shards(tmp_pat
     assert "not used" not in capsys.readouterr().err
     one, four = tmp_path / "out" / "one", tmp_path / "out" / "four"
     assert (one / "shard-00000.tar").read_bytes() == (four / "shard-00000.tar").read_bytes()
+
+
+@pytest.mark.parametrize("domain", ["../web", "a/b", ".web", "", "web ", "we\tb"])
+def test_a_domain_name_is_a_plain_folder_name(tmp_path, domain):
+    """The domain is a folder under --output and a name --data-sources repeats: one ending in a space was prepared
+    (as 'web /'), then named by no --data-sources a user would type."""
+    from scaletrain.data.prepare import prepare_domain
+
+    (tmp_path / "in.jsonl").write_text('{"text": "a document"}\n')
+    with pytest.raises(InputError, match="use a plain folder name such as 'arxiv'"):
+        prepare_domain(domain, [str(tmp_path / "in.jsonl")], str(tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -77,7 +77,8 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
     One preparation of a domain at a time: ``<output>/.<domain>.lock`` (the checkpoint folders' lock) is held
     throughout, so a second one stops naming the first instead of deleting its work as a crash's leftovers."""
     args = dict(locals())
-    if not domain or "/" in domain or domain.startswith("."):
+    if not domain or "/" in domain or "\\" in domain or domain.startswith(".") or domain != domain.strip() or \
+            not domain.isprintable():  # a space at an end, a tab: --data-sources would have to repeat it
         raise InputError(f"--domain {domain!r}: use a plain folder name such as 'arxiv'")
     from scaletrain.checkpoint.lock import FolderLock
 
