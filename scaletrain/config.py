@@ -331,7 +331,7 @@ class PreTrainingConfig:
             raise bad("max_spike_steps", f"must be a positive integer, got {self.max_spike_steps}")
         if self.z_loss < 0 or not math.isfinite(self.z_loss):
             raise bad("z_loss", f"must be >= 0 (0: off), got {self.z_loss}")
-        if self.max_grad_norm < 0:
+        if not 0 <= self.max_grad_norm < math.inf:  # nan turned clipping off without a word
             raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):  # a negative one grows the weights
             raise bad("weight_decay", f"must be >= 0 (0: none), got {self.weight_decay}")
@@ -396,6 +396,6 @@ class PreTrainingConfig:
             raise bad("sample_tokens", f"must be >= 0 (0: no samples), got {self.sample_tokens}")
         if not 0 <= self.sample_top_p <= 1:
             raise bad("sample_top_p", f"must be in [0, 1] (0: greedy only), got {self.sample_top_p}")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise bad("peak_tflops", f"must be positive, got {self.peak_tflops}")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf:  # nan, inf: an MFU of nan or 0
+            raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops}")
         return self

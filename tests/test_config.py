@@ -46,6 +46,8 @@ from .conftest import ROOT
     (["--adam-beta1", "1.5"], "--adam-beta1: must be in [0, 1), got 1.5"),  # was AdamW's traceback
     (["--adam-beta2", "1"], "--adam-beta2: must be in [0, 1), got 1.0"),
     (["--adam-eps", "0"], "--adam-eps: must be positive, got 0.0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm: must be >= 0 (0 disables clipping), got nan"),  # clipping was off
+    (["--peak-tflops", "inf"], "--peak-tflops: must be a positive number, got inf"),  # MFU 0 logged
     (["--run-name", "../x"], "--run-name: '../x' is not a folder name"),  # was written to ./x, outside --run-dir
     (["--run-name", "sweep/lr1"], "(to group runs: --run-dir runs/GROUP --run-name NAME)"),
     (["--run-name", "x "], "--run-name: 'x ' begins or ends with a space; give 'x'"),
