@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if own.world_size <= 0:
             raise ConfigError(f"--world-size: must be a positive integer, got {own.world_size}")
-        if own.device_memory_gib is not None and own.device_memory_gib <= 0:
-            raise ConfigError(f"--device-memory-gib: must be positive, got {own.device_memory_gib}")
+        if own.device_memory_gib is not None and not 0 < own.device_memory_gib < math.inf:  # nan was a traceback
+            raise ConfigError(f"--device-memory-gib: must be a positive number, got {own.device_memory_gib}")
         cfg = parse_config(rest).for_world_size(own.world_size)
         mc, vocab_note = _model_config(cfg)
         est = run_estimate(cfg, mc, own.world_size, own.device, own.device_memory_gib, resident=own.device == "cpu")

@@ -17,7 +17,7 @@ from scaletrain.data.prepare import prepare_domain
 from scaletrain.data.sample import create_sample_pretraining_data
 from scaletrain.data.shards import DomainStream, ShardError
 from scaletrain.data.text import InputError
-from scaletrain.data.tokenizer import ByteTokenizer, train_bpe
+from scaletrain.data.tokenizer import ByteTokenizer, TokenizerError, train_bpe
 
 from .conftest import BIN, ROOT, clean_env, free_port
 
@@ -244,6 +244,8 @@ def test_resume_on_another_world_size_continues_the_global_stream(data, tmp_path
 
 # ---- tokenizers -------------------------------------------------------------------------------
 def test_trained_bpe_sets_the_model_vocab_and_a_mismatch_is_refused(data, tmp_path):
+    with pytest.raises(TokenizerError, match="--min-frequency -1: give 1 or more"):  # was an OverflowError
+        train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"), min_frequency=-1)
     tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     other, _ = train_bpe([str(data / "raw" / "arxiv")], 420, str(tmp_path / "other.json"))
     for d in ("arxiv", "general"):
@@ -280,6 +282,8 @@ def test_a_sentencepiece_only_model_folder_says_how_to_get_a_tokenizer_json(tmp_
 
 
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
+    with pytest.raises(TokenizerError, match="--min-frequency -1: give 1 or more"):  # was an OverflowError
+        train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"), min_frequency=-1)
     tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)
     prepare_domain("general", [str(data / "raw" / "general")], str(tmp_path / "mix"), quiet=True, **SMALL)

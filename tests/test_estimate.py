@@ -110,6 +110,12 @@ def test_the_cli_prints_the_table_and_the_verdict(capsys, tmp_path):
     main(["--model-size", "large", "--engine", "fsdp", "--world-size", "1", "--device-memory-gib", "80",
           "--max-seq-length", "2048", "--data-kind", "synthetic"])
     assert "does NOT fit in 80.0 GiB" in capsys.readouterr().out  # 6.7B x 16 bytes of states alone
+    for gib in ("0", "nan", "inf"):  # nan was a ValueError traceback
+        proc = subprocess.run([sys.executable, "-m", "scaletrain", "estimate", "--model-size", "tiny", "--world-size",
+                               "1", "--device-memory-gib", gib, "--data-kind", "synthetic"], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT, env=clean_env())
+        assert proc.returncode == 1 and proc.stderr == \
+            f"error: --device-memory-gib: must be a positive number, got {float(gib)}\n", proc.stderr
 
 
 def test_a_run_out_of_memory_stops_with_what_to_change(tmp_path):

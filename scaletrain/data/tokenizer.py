@@ -175,6 +175,9 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
 
     if vocab_size < 300:
         raise TokenizerError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 300 (256 bytes + merges)")
+    if min_frequency < 1:  # was the tokenizers library's OverflowError
+        raise TokenizerError(f"--min-frequency {min_frequency}: give 1 or more (how often a pair must occur to be "
+                             f"merged)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
