@@ -274,7 +274,7 @@ def _run_folder(cfg: PreTrainingConfig, world_size: int) -> PreTrainingConfig:
             runs = sorted(q.parent.name for q in Path(cfg.run_dir).glob("*/checkpoints"))
             raise ConfigError(f"--resume latest: which run? Give its name, --run-name NAME (runs with checkpoints in "
                               f"{cfg.run_dir}/: {', '.join(runs) or 'none'}), or the folder, --checkpoint-dir")
-        name = [time.strftime("%Y%m%d-%H%M%S")]
+        name = [_claim_new_name(Path(cfg.run_dir)) if not dist.is_initialized() or dist.get_rank() == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(name, src=0)
         name = name[0]
@@ -282,6 +282,23 @@ def _run_folder(cfg: PreTrainingConfig, world_size: int) -> PreTrainingConfig:
     if cfg.checkpoint_dir is None:
         changes["checkpoint_dir"] = str(Path(cfg.run_dir) / name / "checkpoints")
     return cfg.replace(**changes) if changes else cfg
+
+
+def _claim_new_name(run_dir: Path) -> str:
+    """A timestamp no other run has: runs started in the same second (a sweep launched by a loop, an array job
+    without --run-name) got the same name, and all but one stopped at the checkpoint folder's lock. The folder is
+    made here, so of two claims only one succeeds; the next one takes ``<timestamp>-2``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        name = stamp if i == 1 else f"{stamp}-{i}"
+        try:
+            (run_dir / name).mkdir(parents=True)
+            return name
+        except FileExistsError:
+            continue
+        except OSError:
+            return name  # an unwritable --run-dir is reported, naming it, where the run's folder is written
+    return name
 
 
 def _resumed_run_name(cfg: PreTrainingConfig) -> str | None:

@@ -268,3 +268,15 @@ def test_a_torn_last_line_is_cut_or_ended(tmp_path):
         _end_torn_line(path)
         assert path.read_text() == after, name
     _end_torn_line(tmp_path / "missing.jsonl")  # nothing to mend
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """Without --run-name a run is named by the time it starts: a sweep started by a loop got one name for all,
+    and every run but one stopped at the checkpoint folder's lock. Each claim now makes its folder, so the next
+    takes <timestamp>-2, -3."""
+    from scaletrain import run
+
+    monkeypatch.setattr(run.time, "strftime", lambda fmt: "20261128-071331")
+    names = [run._claim_new_name(tmp_path / "runs") for _ in range(3)]
+    assert names == ["20261128-071331", "20261128-071331-2", "20261128-071331-3"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)
