@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="path of the tokenizer.json to write")
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_reading_args(t)
     sub.add_parser("train", help="pre-train (same flags as launch/pretrain.py)", add_help=False)
     sub.add_parser("convert", help="checkpoint -> Hugging Face safetensors (launch/convert.py)", add_help=False)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             from scaletrain.data.text import reading_options
             from scaletrain.data.tokenizer import train_bpe
 
-            out, size = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency, reading_options(args))
+            out, size = train_bpe(args.input, args.vocab_size, args.output, args.min_frequency, reading_options(args),
+                                  args.overwrite)
             note = "" if size == args.vocab_size else (
                 f"; fewer than --vocab-size {args.vocab_size}: the corpus had no more merges seen at least "
                 f"--min-frequency {args.min_frequency} times")

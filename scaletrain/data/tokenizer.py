@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -163,7 +164,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency: int = 2,
-              opts=None) -> tuple[str, int]:
+              opts=None, overwrite: bool = False) -> tuple[str, int]:
     """Train a byte-level BPE on the documents of ``files`` (read as prepare reads them, with ``opts``: a
     ``ReadOptions``) and save ``output`` (a tokenizer.json);
     returns (path, the vocab size reached, which a small corpus keeps below ``vocab_size``). Its special tokens:
@@ -178,6 +179,7 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
     if min_frequency < 1:  # was the tokenizers library's OverflowError
         raise TokenizerError(f"--min-frequency {min_frequency}: give 1 or more (how often a pair must occur to be "
                              f"merged)")
+    _check_output(Path(output), overwrite)  # before the training, which takes hours on a real corpus
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -190,6 +192,23 @@ def train_bpe(files: Sequence[str], vocab_size: int, output: str, min_frequency:
     with whole_or_absent(Path(output)) as tmp:
         tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")  # the bytes tok.save writes, failing as OSError
     return output, tok.get_vocab_size(with_added_tokens=True)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before training, an output that is a folder, one that exists (shards prepared with it record its
+    hash: replaced, they no longer train with it) unless ``overwrite``, and a folder that cannot be written."""
+    if path.is_dir():
+        raise TokenizerError(f"--output {path} is a folder; give the file to write, e.g. {path / 'tokenizer.json'}")
+    if path.exists() and not overwrite:
+        raise TokenizerError(f"--output {path} exists; shards prepared with it record its hash and train only with "
+                             f"it. Give another --output, or --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TokenizerError(f"--output {path}: its folder cannot be written ({e.strerror or e})") from e
 
 
 # ---- Hugging Face export -------------------------------------------------------------------------
