@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta, resolve_resume
+from scaletrain.checkpoint import TOKENIZER_DIR, CheckpointError, read_meta
 from scaletrain.checkpoint.integrity import verify_folder
+from scaletrain.checkpoint.store import checkpoint_folder
 from scaletrain.data.manifest import TokenizerInfo
 from scaletrain.model import Llama, ModelConfig, hf_state_dict_key
 from scaletrain.model.config_io import to_hf_config, trained_positions
@@ -93,7 +94,7 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    path = resolve_resume(ckpt, ckpt)[0]
+    path = checkpoint_folder(ckpt, "convert")[0]
     meta = read_meta(path)
     bad = verify_folder(path, meta, 0, 1) if verify else []
     if bad:  # an export of damaged weights would look fine and be wrong
@@ -103,6 +104,13 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
     if out_dir.resolve() == path.resolve() or out_dir.resolve() in path.resolve().parents:
         raise CheckpointError(f"output folder {out} holds the checkpoint being converted ({path}); choose an output "
                               f"folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output {out} is a file; give a folder to write the Hugging Face model into")
+    try:  # before the conversion: a folder that cannot be made fails now, not after the tensors are read
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = f"{e.filename} is a file" if e.errno == errno.EEXIST else e.strerror or e
+        raise CheckpointError(f"output folder {out} cannot be made ({why}); choose another") from e
     previous = out_dir.exists() and any(out_dir.iterdir())
     if previous and not overwrite:
         raise CheckpointError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
@@ -227,7 +235,8 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="checkpoint folder, or a checkpoint_dir (its newest complete checkpoint)")
+    p.add_argument("ckpt", help="checkpoint folder, or a checkpoint_dir or a run's folder, runs/NAME (its newest "
+                                "complete checkpoint)")
     p.add_argument("out", help="output folder (Hugging Face layout)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
                    help="dtype of the exported weights (default: bf16, what Hugging Face checkpoints ship; fp32 keeps "

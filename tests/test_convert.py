@@ -2,6 +2,7 @@
 with logits equal to our model's on the same weights (read back with the libraries' own tools)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -159,6 +160,28 @@ def test_a_checkpoint_deleted_while_converting_says_so(checkpoints, tmp_path, mo
                                               rf"converted .* \(the earlier export there is untouched\)"):
         convert(str(ckpt), str(earlier), overwrite=True, quiet=True)
     assert (earlier / "model.safetensors").is_file() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_what_convert_is_given_is_checked_first(checkpoints, tmp_path, monkeypatch):
+    """convert auto (an IndexError), a file for the checkpoint, a file or an unmakeable folder for the output
+    (NotADirectoryError, FileNotFoundError, the latter after reading the tensors) were tracebacks, and the errors
+    named --resume, a flag convert does not have. A run's folder, runs/NAME, is taken for its checkpoints."""
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(checkpoints / "fsdp", run / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    for given, said in (("auto", "convert auto: no such checkpoint"),
+                        (str(run / "checkpoints" / "final" / COMPLETE), "a file; give the checkpoint's folder"),
+                        ("runs", "no complete checkpoint inside it; it holds runs: give one of them, e.g. runs/r")):
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            convert(given, str(tmp_path / "out"), quiet=True)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CheckpointError, match="output afile is a file; give a folder"):
+        convert(str(run), "afile", quiet=True)
+    with pytest.raises(CheckpointError, match=r"output folder afile/out cannot be made \(afile is a file\)"):
+        convert(str(run), "afile/out", quiet=True)
+    assert (convert(str(run), "out", quiet=True) / "model.safetensors").is_file()  # the run's newest: final
 
 
 def test_a_damaged_checkpoint_is_not_exported(checkpoints, tmp_path):

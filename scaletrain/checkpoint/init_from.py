@@ -25,7 +25,7 @@ from scaletrain.model.llama import from_hf_state_dict_key
 from scaletrain.model.weights import Getter
 
 from .safe import refused
-from .store import COMPLETE, CheckpointError, read_meta, resolve_resume
+from .store import COMPLETE, CheckpointError, checkpoint_folder, read_meta
 
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
@@ -147,7 +147,7 @@ class CheckpointWeights:
     """The model weights of a scaletrain checkpoint, through the engine's own tensor reader."""
 
     def __init__(self, path: str | Path, trust: bool = False) -> None:
-        self.path = resolve_resume(str(path), str(path))[0]
+        self.path = checkpoint_folder(str(path), "--init-from")[0]
         meta = read_meta(self.path)
         mc = ModelConfig(**meta["model_config"])
         # the next phase starts from the length this one trained at (a preset's shape carries a 4096-row RoPE table)

@@ -129,17 +129,28 @@ def resolve_resume(resume: str | None, ckpt_dir: str) -> list[Path]:
         if not found and resume == "latest":
             raise CheckpointError(f"--resume latest: no complete checkpoint in --checkpoint-dir {ckpt_dir}")
         return found
-    p = Path(resume)
+    return checkpoint_folder(resume, "--resume")
+
+
+def checkpoint_folder(given: str, flag: str) -> list[Path]:
+    """The checkpoint a path names (``--resume PATH``, ``--init-from PATH``, ``convert PATH``): a checkpoint folder,
+    a folder of them (its complete ones, the one ``latest`` names first) or a run's folder holding ``checkpoints/``.
+    Errors start with ``flag PATH``."""
+    p = Path(given)
     if not p.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+        raise CheckpointError(f"{flag} {given}: no such checkpoint")
+    if not p.is_dir():
+        raise CheckpointError(f"{flag} {given}: a file; give the checkpoint's folder (the one holding {COMPLETE})")
     if (p / COMPLETE).is_file():
         read_meta(p)
         return [p]
-    found = resume_candidates(p)
+    found = resume_candidates(p) or resume_candidates(p / "checkpoints")  # a run's folder, runs/NAME, too
     if found:
         return found
-    raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE}: its save did not finish) "
-                          f"and no complete checkpoint inside it")
+    runs = sorted(q.parent.name for q in p.glob("*/checkpoints") if resume_candidates(q, quiet=True))
+    hint = f"; it holds runs: give one of them, e.g. {p / runs[0]}" if runs else ""
+    raise CheckpointError(f"{flag} {given}: not a complete checkpoint (no {COMPLETE}: its save did not finish) "
+                          f"and no complete checkpoint inside it{hint}")
 
 
 def check_model_matches(meta: dict[str, Any], model_cfg, path: Path) -> None:
