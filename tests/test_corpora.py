@@ -505,7 +505,8 @@ def test_train_tokenizer_reads_the_corpus_as_prepare_does(tmp_path):
 
     def train(*args):
         return subprocess.run([sys.executable, "-m", "scaletrain", "train-tokenizer", "--vocab-size", "300",
-                               "--output", str(tmp_path / "tok.json"), *args], capture_output=True, text=True)
+                               "--output", str(tmp_path / "tok.json"), "--overwrite", *args], capture_output=True,
+                              text=True)
 
     p = train("--input", str(tmp_path / "code.parquet"))
     assert p.returncode == 1 and "code.parquet: no column 'text' (--text-key); its columns are ['content']" in p.stderr
