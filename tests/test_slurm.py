@@ -112,3 +112,31 @@ def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, com
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == code and said in p.stdout, p.stdout + p.stderr
     assert (tmp_path / "requeued").exists() == requeued
+
+
+def test_a_stop_signal_to_every_process_of_the_job_saves_with_dataloader_workers(tmp_path):
+    """Slurm signals every process of a job step (scancel, the time limit, --signal without B:), DataLoader workers
+    included: torch's handler in a worker dies of a SIGTERM from anyone but its parent, and the main process raised
+    "DataLoader worker ... is killed by signal: Terminated" before saving, losing every step since the last
+    checkpoint. Workers now leave the stop signals to the main process, which saves, stops and ends them."""
+    from scaletrain.checkpoint import COMPLETE, newest_checkpoint
+    from scaletrain.data.prepare import prepare_domain
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    raw = create_sample_pretraining_data(tmp_path / "raw", scale=0.02)
+    prepare_domain("general", [str(raw["general"])], str(tmp_path / "data"), quiet=True, shard_tokens=8192,
+                   chunk_tokens=1024)
+    args = [*TINY.replace("--data-kind synthetic ", "").split(), "--data-dir", str(tmp_path / "data"),
+            "--data-sources", "general", "--data-mix-weights", "1", "--num-workers", "2", "--max-steps", "100000",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--run-dir", str(tmp_path / "runs"), "--run-name", "w"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], env=clean_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "runs" / "w" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout=300)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and both workers
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted at step" in out, out[-3000:]
+    assert "killed by signal" not in out
+    saved = newest_checkpoint(tmp_path / "ck")
+    assert saved is not None and saved.name.startswith("step_") and (saved / COMPLETE).is_file()

@@ -27,6 +27,7 @@ DataLoader hands them out.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -188,6 +189,30 @@ class _Dataset(IterableDataset):
             m += gas
 
 
+# what schedulers send before they kill (the trainer saves and stops on either): Slurm sends them to every process
+# of the job, DataLoader workers included, and torch's own handler in a worker dies of a SIGTERM from anyone but its
+# parent; the main process then raised DataLoader's "worker ... is killed by signal: Terminated" before it could save
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _start_workers(loader: DataLoader):
+    """``iter(loader)`` with the stop signals held while its workers start: they are born with them blocked (a
+    signal in that moment waits, in the main process for its handler), and each worker ignores them before it
+    lets them in (``_leave_stop_signals``)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _leave_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: the stop signals are the main process's; it ends the workers once it has saved."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _worker_message(e: BaseException) -> str:
     """The message a DataLoader worker's exception had: DataLoader raises it again here as ``Caught X in
     DataLoader worker process N.`` followed by the worker's traceback, which ends ``module.X: message``."""
@@ -239,9 +264,9 @@ class ShardLoader:
     def __next__(self) -> Batch:
         if self._it is None:
             ds = _Dataset(self.spec, self._start, self.pad_id)
-            self._it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                       pin_memory=self.pin_memory,
-                                       persistent_workers=False) if self.num_workers else ds)
+            self._it = _start_workers(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                 pin_memory=self.pin_memory, persistent_workers=False,
+                                                 worker_init_fn=_leave_stop_signals)) if self.num_workers else iter(ds)
         try:
             batch = next(self._it)
         except (ScaletrainError, OSError) as e:  # raised again in this process with the worker's traceback as text
