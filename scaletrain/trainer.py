@@ -131,12 +131,16 @@ class _EpochLimit:
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 (what schedulers send before they kill) -> save at the next step boundary."""
+    """SIGTERM / SIGUSR1 (what schedulers send before they kill) -> save at the next step boundary. SIGHUP too (the
+    terminal a run was started from closed, an ssh session dropped: it killed the run, unsaved), unless the run was
+    started to ignore it (``nohup``): then it goes on."""
 
     def __init__(self, group) -> None:
         self.flag, self.group = False, group
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.flag = True

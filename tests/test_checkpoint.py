@@ -126,6 +126,7 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("launcher, sig, code", [
     ("python", signal.SIGTERM, 0), ("python", signal.SIGUSR1, 0),
+    ("python", signal.SIGHUP, 0),  # the terminal closed: it killed the run, nothing saved
     # torchrun forwards the signal to its workers (USR1 only when named in --signals_to_handle), waits for them
     # (--shutdown_timeout, 30 s by default), then re-raises it: exit 1 however cleanly the workers saved
     ("torchrun", signal.SIGTERM, 1), ("torchrun", signal.SIGUSR1, 1),
@@ -155,6 +156,24 @@ def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, c
     if launcher == "deepspeed":
         wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
                                if str(ck) in " ".join(p.info["cmdline"] or [])], timeout=60)  # nothing left behind
+
+
+def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):
+    """nohup (SIGHUP ignored) is how a run is kept alive past the terminal: a hangup must not stop it."""
+    args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck")]
+    args[args.index("--max-steps") + 1] = "100000"
+    cmd, env = launch_cmd("python", args, tmp_path, nproc=1)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    proc.send_signal(signal.SIGHUP)
+    seen = len(metrics.read_text().splitlines())
+    wait_for(lambda: len(metrics.read_text().splitlines()) >= seen + 5)  # still training
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted at step" in out, out[-3000:]
 
 
 def test_keep_last_n_keeps_the_right_ones(tmp_path):

@@ -192,7 +192,7 @@ class _Dataset(IterableDataset):
 # what schedulers send before they kill (the trainer saves and stops on either): Slurm sends them to every process
 # of the job, DataLoader workers included, and torch's own handler in a worker dies of a SIGTERM from anyone but its
 # parent; the main process then raised DataLoader's "worker ... is killed by signal: Terminated" before it could save
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 
 
 def _start_workers(loader: DataLoader):
