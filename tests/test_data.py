@@ -188,7 +188,7 @@ loader = ShardLoader(spec, num_workers={workers})
 loader.load_state_dict(json.loads({json.dumps(state)!r}))
 np.save({str(tmp_path / 'rows.npy')!r}, np.stack([next(loader)[0].numpy() for _ in range({steps * 2})]))
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)  # workers left at exit hung it
     return list(np.load(tmp_path / "rows.npy"))
 
 

@@ -1,195 +1,41 @@
 """Mixed, packed (or padded) micro-batches from prepared shards, resumable on any world size.
 
-The global row order is defined without ranks or workers: optimizer step ``k`` (counted from
-the loader's start) takes global rows ``[row0 + k*G, row0 + (k+1)*G)`` with
-``G = micro_batch_size * gradient_accumulation_steps * world``. Micro-step ``g`` of rank ``r``
-takes the step's rows ``(g*world + r)*micro_batch_size + b``.
-
-Mixing weights are shares of trained target tokens in both modes. Packed: every row holds
-``max_seq_length + 1`` tokens, so row ``j`` comes from domain ``mixer(seed, j)`` (a seeded
-weighted draw) and row shares are token shares. Padded (``--no-packing``, one document per row):
-rows differ in length, so row ``j`` comes from the domain furthest below its share of the target
-tokens trained so far (``argmin tokens_d / weight_d``, ties to the first), which keeps token
-shares at the weights whatever the domains' document lengths.
-
 Each domain's read position advances row by row (``max_seq_length + 1`` tokens when packing, one
 document when padding). The state is ``(global_row, read position and target tokens per domain)``
 at a step boundary: no rank, worker or shard count in it, so a run resumes on 1, 2 or 4 ranks,
 with any ``num_workers``, continuing the same stream, nothing repeated and nothing skipped.
 
-Every micro-batch is ``(input_ids, labels, step_tokens)``: ``step_tokens`` is the number of target
-tokens (labels other than ``IGNORE_INDEX``) of the whole optimizer step over all micro-batches
-and ranks, which every rank knows without communication because every rank (and DataLoader
-worker) walks the whole global row sequence to keep the read positions; it reads only its own
-rows. Worker ``w`` of ``W`` yields micro-steps ``w, w+W, ...``, the order in which the
-DataLoader hands them out.
+A resumed run may mix other domains (a next phase): each domain keeps the shuffle key and seed its position was
+read with, a new one starts at its beginning, one left out keeps its place in the state for a later phase.
+The row stream itself (order, mixing, packing, padding) is ``rows.py``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from scaletrain.errors import ScaletrainError
-from scaletrain.model import IGNORE_INDEX
 
 from .manifest import ShardError, TokenizerInfo, load_manifest
-from .mixer import RowMixer
+from .rows import Batch, RowsDataset, StreamSpec, Walker, collate, open_streams
 from .shards import DomainStream
 
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # (input_ids, labels, step_tokens)
+__all__ = ["Batch", "LoaderStateError", "ShardLoader", "StreamSpec", "build_loader", "collate", "model_vocab_size"]
 
 
 class LoaderStateError(ScaletrainError):
     """A data-loader state (from a checkpoint) that does not fit this run."""
 
 
-@dataclass(frozen=True)
-class StreamSpec:
-    data_dir: str
-    sources: tuple[str, ...]
-    weights: tuple[float, ...]
-    max_seq_length: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    rank: int
-    world_size: int
-    seed: int
-    packing: bool = True
-    split: str = "train"
-    # each source's shuffle key (its shards' order per epoch): its index in the run's first --data-sources, kept
-    # when a later phase adds, drops or reorders domains (None: the index in ``sources``)
-    order: tuple[int, ...] | None = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
-
-
-def open_streams(spec: StreamSpec) -> list[DomainStream]:
-    streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, key) for name, key in
-               zip(spec.sources, spec.order or range(len(spec.sources)))]
-    identities = {s.manifest.tokenizer.identity for s in streams}
-    if len(identities) > 1:
-        detail = ", ".join(f"{n}: {s.manifest.tokenizer.identity}" for n, s in zip(spec.sources, streams))
-        raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
-                         f"with the same --tokenizer")
-    flags = {s.manifest.tokenizer.add_bos for s in streams}
-    if len(flags) > 1:
-        detail = ", ".join(f"{n}: {s.manifest.tokenizer.add_bos}" for n, s in zip(spec.sources, streams))
-        raise ShardError(f"--data-sources were prepared with and without --add-bos ({detail}); prepare them all "
-                         f"the same way")
-    return streams
-
-
-class _Walker:
-    """Walks global rows step by step from a state; returns this rank's rows per micro-step."""
-
-    def __init__(self, spec: StreamSpec, streams: list[DomainStream], global_row: int, pos: list[int],
-                 tokens: list[int]) -> None:
-        self.spec, self.streams = spec, streams
-        self.mixer = RowMixer(list(spec.weights), spec.seed)
-        self.row, self.pos, self.tokens = global_row, list(pos), list(tokens)
-        w = np.asarray(spec.weights, dtype=np.float64)
-        self._inv_w = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)  # padded mode: tokens_d / w_d
-
-    def step(self, materialise: set[int] | None) -> tuple[dict[int, list[np.ndarray] | np.ndarray] | None, int]:
-        """Advance one optimizer step. Returns this rank's rows for each micro-step ``g`` in
-        ``materialise`` (packed: one (micro_batch_size, max_seq_length + 1) array per micro-step;
-        padded: a list of documents) and the step's target tokens over all ranks; read positions
-        advance for every row of the step either way."""
-        spec = self.spec
-        G, L, W, B = spec.global_batch, spec.max_seq_length + 1, spec.world_size, spec.micro_batch_size
-        row0 = self.row
-        self.row += G
-        # index within the step of micro-step g, rank r, row b: (g * W + r) * B + b
-        owner = np.full(G, -1, dtype=np.int64)  # -> micro-step g for this rank's wanted rows
-        for g in materialise or ():
-            owner[(g * W + spec.rank) * B: (g * W + spec.rank + 1) * B] = g
-        if spec.packing:
-            dom = self.mixer.domains(row0, G)
-            out = {g: np.empty((B, L), dtype=self.streams[0].dtype) for g in materialise or ()}
-            for d, stream in enumerate(self.streams):
-                idx = np.flatnonzero(dom == d)
-                if materialise:
-                    sel = owner[idx] >= 0
-                    if sel.any():
-                        w_idx = idx[sel]
-                        w_starts = self.pos[d] + np.flatnonzero(sel).astype(np.int64) * L
-                        lo, span = int(w_starts[0]), int(w_starts[-1]) + L - int(w_starts[0])
-                        if span == len(w_idx) * L:  # consecutive rows: one read, no copy
-                            rows = stream.read(lo, span).reshape(-1, L)
-                        elif span <= 4 * len(w_idx) * L:  # one read, then gather this rank's rows
-                            rows = stream.read(lo, span)[(w_starts - lo)[:, None] + np.arange(L)]
-                        else:
-                            rows = np.stack([stream.read(p, L) for p in w_starts.tolist()])
-                        b_of = w_idx % B
-                        if len(out) == 1:  # the common case: one micro-step of this step is ours
-                            next(iter(out.values()))[b_of] = rows
-                        else:
-                            g_of = owner[w_idx]
-                            for g in out:
-                                m = g_of == g
-                                out[g][b_of[m]] = rows[m]
-                self.pos[d] += len(idx) * L
-                self.tokens[d] += len(idx) * (L - 1)
-            return (out if materialise else None), G * (L - 1)
-        docs: dict[int, list[np.ndarray]] = {g: [None] * B for g in materialise or ()}
-        step_tokens = 0
-        tokens = np.asarray(self.tokens, dtype=np.float64)
-        for i in range(G):  # document by document: the next domain and positions depend on lengths
-            d = int(np.argmin(tokens * self._inv_w))
-            doc, nxt = self.streams[d].next_document(self.pos[d], L)
-            if owner[i] >= 0:
-                docs[int(owner[i])][i % B] = doc
-            self.pos[d] = nxt
-            self.tokens[d] += len(doc) - 1
-            tokens[d] += len(doc) - 1
-            step_tokens += len(doc) - 1
-        return (docs if materialise else None), step_tokens
-
-
-def collate(rows: np.ndarray | list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``T+1`` tokens -> (input_ids, labels) of shape (B, T); shorter rows are padded on the
-    right with ``pad_id`` in the inputs and ``IGNORE_INDEX`` in the labels."""
-    if isinstance(rows, np.ndarray):  # packed: each of x and y converted straight from the rows
-        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
-    T = max(len(r) for r in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        t = torch.from_numpy(r.astype(np.int64))
-        n = len(r) - 1
-        x[i, :n] = t[:-1]
-        y[i, :n] = t[1:]
-    return x, y
-
-
-class _Dataset(IterableDataset):
-    def __init__(self, spec: StreamSpec, start: tuple[int, list[int], list[int]], pad_id: int) -> None:
-        self.spec, self.start, self.pad_id = spec, start, pad_id
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        w, W = (info.id, info.num_workers) if info else (0, 1)
-        walker = _Walker(self.spec, open_streams(self.spec), *self.start)
-        gas = self.spec.gradient_accumulation_steps
-        m = 0  # micro-step counter since the start
-        while True:
-            mine = {g for g in range(gas) if (m + g) % W == w}
-            rows, step_tokens = walker.step(mine)
-            for g in sorted(mine):
-                yield (*collate(rows[g], self.pad_id), step_tokens)
-            m += gas
-
-
-# what schedulers send before they kill (the trainer saves and stops on either): Slurm sends them to every process
+# what schedulers send before they kill (the trainer saves and stops on each): Slurm sends them to every process
 # of the job, DataLoader workers included, and torch's own handler in a worker dies of a SIGTERM from anyone but its
 # parent; the main process then raised DataLoader's "worker ... is killed by signal: Terminated" before it could save
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
@@ -197,8 +43,8 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 
 def _start_workers(loader: DataLoader):
     """``iter(loader)`` with the stop signals held while its workers start: they are born with them blocked (a
-    signal in that moment waits, in the main process for its handler), and each worker ignores them before it
-    lets them in (``_leave_stop_signals``)."""
+    signal in that moment waits, in the main process for its handler), and each worker decides what to do with
+    them before it lets them in (``_leave_stop_signals``)."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         return iter(loader)
@@ -207,10 +53,21 @@ def _start_workers(loader: DataLoader):
 
 
 def _leave_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: the stop signals are the main process's; it ends the workers once it has saved."""
-    for sig in _STOP_SIGNALS:
+    """In a DataLoader worker: the stop signals are the main process's, which ends the workers once it has saved.
+    SIGUSR1 and SIGHUP are ignored. SIGTERM stays blocked and a thread takes it: from the main process (DataLoader's
+    ``terminate`` of a worker that did not stop when told) it ends the worker, as torch's own handler does, and from
+    anyone else it is dropped (ignoring it altogether left such workers running, and the main process waiting for
+    them at exit)."""
+    for sig in _STOP_SIGNALS - {signal.SIGTERM}:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS - {signal.SIGTERM})
+    threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="scaletrain-sigterm", daemon=True).start()
+
+
+def _take_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def _worker_message(e: BaseException) -> str:
@@ -251,7 +108,7 @@ class ShardLoader:
     def _reset(self) -> None:
         self.consumed = 0
         self._it = None
-        self._snapshot = _Walker(self.spec, self.streams, *self._start)
+        self._snapshot = Walker(self.spec, self.streams, *self._start)
 
     def rewind(self) -> None:
         """Back to where this loader started (the validation set: the same rows at every evaluation)."""
@@ -263,7 +120,7 @@ class ShardLoader:
 
     def __next__(self) -> Batch:
         if self._it is None:
-            ds = _Dataset(self.spec, self._start, self.pad_id)
+            ds = RowsDataset(self.spec, self._start, self.pad_id)
             self._it = _start_workers(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                  pin_memory=self.pin_memory, persistent_workers=False,
                                                  worker_init_fn=_leave_stop_signals)) if self.num_workers else iter(ds)
