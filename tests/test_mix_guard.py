@@ -164,3 +164,19 @@ def test_another_seed_at_a_resume_keeps_the_data_order_of_the_checkpoint(tmp_pat
     other = ShardLoader(StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 32, 4, 1, 0, 1, 7))
     other.load_state_dict(first.state_dict())
     assert _rows(other, 40) == rows[160:] and other.state_dict()["seed"] == 0
+
+
+def test_a_malformed_data_state_is_an_error_not_a_traceback(tmp_path):
+    """The state's newer entries (shuffle keys, seed) are read as carefully as its positions."""
+    import pytest
+
+    from scaletrain.data.loader import LoaderStateError, ShardLoader, StreamSpec
+
+    data = _prepare(tmp_path)
+    spec = StreamSpec(str(data), ("arxiv", "general"), (0.3, 0.7), 32, 4, 1, 0, 1, 0)
+    first = ShardLoader(spec)
+    _rows(first, 2)
+    good = first.state_dict()
+    for bad in ({"seed": "x"}, {"domain_order": {"arxiv": "k", "general": 1}}, {"domain_pos": 7}):
+        with pytest.raises(LoaderStateError, match="the checkpoint's data-loader state is malformed"):
+            ShardLoader(spec).load_state_dict({**good, **bad})

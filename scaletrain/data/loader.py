@@ -172,10 +172,13 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            packing, positions = state.get("packing", True), state["domain_pos"]
-            row = int(state["global_row"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self._load_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign state: never a traceback
             raise LoaderStateError(f"the checkpoint's data-loader state is malformed ({type(e).__name__}: {e})") from e
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        packing, positions = state.get("packing", True), dict(state["domain_pos"])
+        row = int(state["global_row"])
         if packing != self.spec.packing:
             raise LoaderStateError(f"the checkpoint's data state was written with packing={packing}; this run has "
                                    f"packing={self.spec.packing} (--no-packing must match the run being resumed)")
