@@ -142,7 +142,10 @@ def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, c
     cmd, env = launch_cmd(launcher, args, tmp_path, nproc=2)
     if launcher == "torchrun":
         cmd[1:1] = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # started as from a terminal: SIGHUP at its default even when the tests run under nohup (a run started under
+    # nohup keeps going through a hangup, by design)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     proc.send_signal(sig)
