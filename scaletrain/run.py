@@ -244,6 +244,8 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
                  f"{before} to keep the batch on any world size)")
         elif cfg.global_batch_size is not None:
             derived = {"gradient_accumulation_steps"}  # follows the world size by design
+    if "checkpoint_dir" not in cfg.explicit:  # the run's own folder: another only under another --run-name, said above
+        derived.add("checkpoint_dir")
     for key, now in cfg.to_dict().items():
         if key in saved and key not in _NOT_COMPARED | derived and saved[key] != now:
             warn(f"resuming {path.name} with {PreTrainingConfig.flag(key)} {now!r}; the checkpoint was saved with "

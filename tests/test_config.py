@@ -269,3 +269,23 @@ def test_resuming_with_another_global_batch_warns_with_the_number_to_give(capsys
     _check_resume(parse_config(["--micro-batch-size", "2", "--global-batch-size", "8"]).for_world_size(1),
                   Path("ck/step_3"), meta, "fsdp", env)
     assert "global batch" not in capsys.readouterr().err
+
+
+def test_a_branch_under_another_run_name_is_not_warned_about_its_own_folder(capsys):
+    """--run-name B --resume runs/A/...: the run-name warning says it; the checkpoint folder that follows from the
+    name is not a changed setting (an explicit --checkpoint-dir still is)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from scaletrain.run import _check_resume
+
+    saved = parse_config(["--run-name", "a"]).replace(checkpoint_dir="runs/a/checkpoints").to_dict()
+    meta = {"step": 3, "engine": "fsdp", "world_size": 1, "config": saved}
+    env = SimpleNamespace(is_main=True, world_size=1)
+    _check_resume(parse_config(["--run-name", "b"]).replace(checkpoint_dir="runs/b/checkpoints"),
+                  Path("runs/a/checkpoints/step_3"), meta, "fsdp", env)
+    err = capsys.readouterr().err
+    assert "written by run 'a'; this run is 'b'" in err and "--checkpoint-dir" not in err
+    _check_resume(parse_config(["--run-name", "b", "--checkpoint-dir", "/scratch/b"]),
+                  Path("runs/a/checkpoints/step_3"), meta, "fsdp", env)
+    assert "resuming step_3 with --checkpoint-dir '/scratch/b'" in capsys.readouterr().err
