@@ -130,8 +130,8 @@ class PreTrainingConfig:
                                        "committed at the next save or the end of the run")
     stop_at_step: int | None = _f(None, "save a checkpoint and stop after this step, keeping the schedule of "
                                         "--max-steps (fits a run into job time limits)")
-    resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir, 'latest' (required) or 'auto' "
-                                  "(the newest complete one if any, else start fresh)")
+    resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir or a run's folder (runs/NAME), "
+                                  "'latest' (required) or 'auto' (the newest complete one if any, else start fresh)")
     trust_checkpoint: bool = _f(False, "load checkpoint files that name code to run while unpickling (refused by "
                                        "default); only for checkpoints from a source you trust")
     verify_checkpoint: bool = _f(True, "check every file of the checkpoint resumed from against the sizes and "
