@@ -20,3 +20,12 @@ def whole_or_absent(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def ensure_writable(folder: Path) -> None:
+    """Make ``folder`` (and its parents) and write a probe file in it: raises the OSError a later write would get,
+    before the work whose output would go there (a run's checkpoints, hours of tokenizer training)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".probe-{os.getpid()}"
+    probe.write_bytes(b"x")
+    probe.unlink()

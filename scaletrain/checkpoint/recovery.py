@@ -4,11 +4,12 @@ the checkpoints past the step a run goes back to (``set_aside_later``)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+from scaletrain.files import ensure_writable
 
 from .store import (
     COMPLETE,
@@ -81,11 +82,7 @@ def check_writable(ckpt_dir: Path, need_bytes: int) -> str | None:
     """Fail now, not after --save-interval steps of compute, when the folder cannot be written; returns a
     warning when its free space is below one checkpoint's estimated size."""
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        probe = ckpt_dir / f".probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        probe.unlink()
+        ensure_writable(ckpt_dir)
     except OSError as e:
         raise CheckpointError(f"--checkpoint-dir {ckpt_dir} is not writable ({e.strerror or e}); checkpoints could "
                               f"not be saved. Give a writable --checkpoint-dir") from e

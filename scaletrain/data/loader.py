@@ -220,8 +220,8 @@ class ShardLoader:
         L = self.spec.max_seq_length + 1
         # checkpoints written before domain_tokens existed: packed rows give it exactly
         tokens = state.get("domain_tokens") or {s: int(p) // L * (L - 1) for s, p in positions.items()}
-        if not self.spec.packing and (new or state.get("mix", _mix(self.spec.sources, self.spec.weights)) !=
-                                      _mix(self.spec.sources, self.spec.weights)):
+        mix = _mix(self.spec.sources, self.spec.weights)
+        if not self.spec.packing and (new or state.get("mix", mix) != mix):
             # padded rows go to the domain furthest below its share of the tokens counted: counted since the
             # start, a new mix would feed one domain alone until the whole run's shares met it
             tokens = {}

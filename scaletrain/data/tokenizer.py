@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -202,11 +201,10 @@ def _check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise TokenizerError(f"--output {path} exists; shards prepared with it record its hash and train only with "
                              f"it. Give another --output, or --overwrite to replace it")
+    from scaletrain.files import ensure_writable
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable(path.parent)
     except OSError as e:
         raise TokenizerError(f"--output {path}: its folder cannot be written ({e.strerror or e})") from e
 
