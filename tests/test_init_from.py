@@ -335,3 +335,34 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
                              "--batch-size", "2", "--eval-interval", "0", "--no-use-tensorboard", "--mixed-precision",
                              "fp32"], tmp_path)
     assert "weights from Hugging Face model" in proc.stdout and "qwen2, safetensors" in proc.stdout
+
+
+def test_a_model_folder_is_read_from_the_files_its_index_names(tmp_path):
+    """Model repositories ship more than the weights transformers loads: Mistral's put a `consolidated.safetensors`
+    (Mistral's own names) beside the Hugging Face shards, and a fine-tune may leave an `adapter_model.safetensors`.
+    They are read as transformers reads them: the files `model.safetensors.index.json` names, else
+    `model.safetensors` alone. A shard the index names but the folder lacks (a download cut short) is named."""
+    from safetensors.torch import save_file
+
+    hf = save_hf("llama3_bias", tmp_path / "hf", max_shard_size="100KB")
+    folder = tmp_path / "hf"
+    save_file({"layers.0.attention.wq.weight": torch.zeros(64, 64), "tok_embeddings.weight": torch.zeros(320, 64)},
+              str(folder / "consolidated.safetensors"))
+    src = HFWeights(folder)
+    ours = unfilled_model(src.model_config, "cpu")
+    fill_whole(ours, src)
+    ids = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    # one file, no index, and an adapter beside it
+    one = tmp_path / "one"
+    save_hf("llama3_bias", one)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 64)},
+              str(one / "adapter_model.safetensors"))
+    assert HFWeights(one).kind == "safetensors"
+    # a shard missing
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    (folder / last).unlink()
+    with pytest.raises(CheckpointError, match=rf"{last}, which model.safetensors.index.json names, is missing"):
+        HFWeights(folder)

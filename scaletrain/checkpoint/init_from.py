@@ -1,7 +1,7 @@
 """``--init-from PATH``: starting weights from a Hugging Face model folder or a scaletrain checkpoint.
 
 Only the weights are taken (the optimizer, schedule and data position start fresh). A Hugging Face folder
-is read from ``config.json`` and ``*.safetensors`` (with or without ``model.safetensors.index.json``),
+is read from ``config.json`` and the weight files transformers would read (``weight_files``),
 tensor by tensor, each rank reading only the rows it holds (safetensors slices are reads of those bytes).
 A folder with only ``pytorch_model*.bin`` is read with ``torch.load(weights_only=True, mmap=True)``: a
 pickle that names code is refused before anything runs. A scaletrain checkpoint (any engine, any world
@@ -66,6 +66,35 @@ def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_chan
             warn(f"--init-from {path} has {f.name}={a!r}; this run uses {b!r}")
 
 
+def weight_files(folder: Path) -> tuple[str, list[Path]]:
+    """The weight files of a Hugging Face folder, chosen as transformers chooses them: ``model.safetensors``, else
+    the files ``model.safetensors.index.json`` names, else the same for ``pytorch_model.bin``. Repositories ship
+    others beside them (Mistral's ``consolidated.safetensors`` in its own names, a fine-tune's
+    ``adapter_model.safetensors``); only a folder without those names is read from every ``*.safetensors`` (or
+    ``pytorch_model*.bin``) it holds."""
+    kinds = (("safetensors", "model.safetensors", "*.safetensors"),
+             ("pytorch_model.bin", "pytorch_model.bin", "pytorch_model*.bin"))
+    for kind, single, _ in kinds:
+        if (folder / single).is_file():
+            return kind, [folder / single]
+        index = folder / f"{single}.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"--init-from {folder}: {index.name} is not a weight index ({e!r})") from None
+            for name in names:
+                if not (folder / name).is_file():
+                    raise CheckpointError(f"--init-from {folder}: {name}, which {index.name} names, is missing (a "
+                                          f"download cut short? fetch the folder again)")
+            return kind, [folder / n for n in names]
+    for kind, _, pattern in kinds:
+        files = sorted(folder.glob(pattern))
+        if files:
+            return kind, files
+    raise CheckpointError(f"--init-from {folder}: no *.safetensors or pytorch_model*.bin weights")
+
+
 class HFWeights:
     """A local Hugging Face model folder."""
 
@@ -77,10 +106,10 @@ class HFWeights:
                                   f"scaletrain checkpoint)")
         self.hf_config = json.loads(cfg.read_text())
         self.model_config = from_hf_config(self.hf_config, str(cfg))
-        files = sorted(self.folder.glob("*.safetensors"))
+        self.kind, files = weight_files(self.folder)
         self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, its key there)
         found: dict[str, tuple[int, ...]] = {}
-        if files:
+        if self.kind == "safetensors":
             from safetensors import safe_open
 
             for f in files:
@@ -91,12 +120,8 @@ class HFWeights:
                         name = from_hf_state_dict_key(key)
                         self._where[name] = (f, key)
                         found[name] = tuple(h.get_slice(key).get_shape())
-            self.kind = "safetensors"
         else:
-            bins = sorted(self.folder.glob("pytorch_model*.bin"))
-            if not bins:
-                raise CheckpointError(f"--init-from {folder}: no *.safetensors or pytorch_model*.bin weights")
-            for f in bins:
+            for f in files:
                 sd = self._torch_load(f)
                 for key, t in sd.items():
                     if key.endswith(IGNORED_HF_KEYS):
@@ -104,7 +129,6 @@ class HFWeights:
                     name = from_hf_state_dict_key(key)
                     self._where[name], found[name] = (f, key), tuple(t.shape)
                 del sd  # unmapped: see _read
-            self.kind = "pytorch_model.bin"
         _check(str(folder), found, self.model_config)
         tok = self.folder / "tokenizer.json"
         self.tokenizer_json = tok if tok.is_file() else None
