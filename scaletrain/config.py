@@ -144,7 +144,8 @@ class PreTrainingConfig:
                                  "when you know that run is dead)")
     # evaluation and logging
     eval_interval: int = _f(100, "validation loss every N steps when a validation set exists (0: never)")
-    eval_steps: int = _f(10, "micro-batches per rank in each validation pass")
+    eval_steps: int = _f(10, "global batches of held-out rows in each validation pass, shared by the domains (the "
+                             "same rows on any number of ranks)")
     log_interval: int = _f(10, "log metrics every N steps")
     run_dir: str = _f("runs", "each run's folder is run_dir/run_name: its config, metrics.jsonl, TensorBoard "
                               "events, W&B files and (unless --checkpoint-dir) checkpoints/")

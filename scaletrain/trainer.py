@@ -84,24 +84,27 @@ def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
 
 
 def evaluate(engine: Engine, val_loaders, eval_steps: int, device: torch.device,
-             weights: dict[str, float] | None = None) -> dict[str, float]:
+             weights: dict[str, float] | None = None, micro_steps: int = 1) -> dict[str, float]:
     """``val_loss`` and, for prepared data, ``val_loss/<domain>`` for each domain: loss per target token over the
-    same micro-batches every time (``eval_steps`` per rank in all, shared by the domains). The mixed ``val_loss`` is
-    the domains' losses weighted by the mix (the weights are token shares, so this is the expectation the mixed
-    training stream has)."""
+    same held-out rows every time: ``eval_steps`` global batches in all, shared by the domains, each read as
+    ``micro_steps`` (the accumulation) micro-batches per rank, so the rows are the same on any number of ranks as
+    long as the global batch is (``eval_steps`` micro-batches per rank read twice the rows on twice the ranks: a run
+    resumed on another world size compared its validation loss, and its ``best``, against other rows). The mixed
+    ``val_loss`` is the domains' losses weighted by the mix (the weights are token shares, so this is the
+    expectation the mixed training stream has)."""
     if not isinstance(val_loaders, dict):  # synthetic data: one stream
-        return {"val_loss": _loss(engine, val_loaders, eval_steps, device)}
+        return {"val_loss": _loss(engine, val_loaders, eval_steps * micro_steps, device)}
     steps = max(1, round(eval_steps / len(val_loaders)))
-    out = {f"val_loss/{d}": _loss(engine, loader, steps, device) for d, loader in val_loaders.items()}
+    out = {f"val_loss/{d}": _loss(engine, loader, steps * micro_steps, device) for d, loader in val_loaders.items()}
     w = {d: (weights or {}).get(d, 1.0) for d in val_loaders}
     out["val_loss"] = sum(w[d] * out[f"val_loss/{d}"] for d in w) / sum(w.values())
     return out
 
 
-def _loss(engine: Engine, val_loader, eval_steps: int, device: torch.device) -> float:
+def _loss(engine: Engine, val_loader, micro_batches: int, device: torch.device) -> float:
     val_loader.rewind()
     total = torch.zeros(2, device=device)  # (sum of token losses, target tokens)
-    for _ in range(eval_steps):
+    for _ in range(micro_batches):
         x, y = (t.to(device) for t in next(val_loader)[:2])
         loss_sum, n = engine.eval_loss(x, y)
         total += torch.stack([loss_sum, n])
@@ -306,7 +309,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             if val_loader is not None and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
                 t_eval = time.perf_counter()
                 metrics.update(evaluate(engine, val_loader, cfg.eval_steps, env.device,
-                                        dict(zip(cfg.data_sources, cfg.data_mix_weights))))
+                                        dict(zip(cfg.data_sources, cfg.data_mix_weights)),
+                                        cfg.gradient_accumulation_steps))
                 val_loss = metrics["val_loss"]
                 if sampler is not None:
                     logger.log_samples(done, sampler.sample(engine.module, done))

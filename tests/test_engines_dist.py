@@ -1,7 +1,8 @@
 """Both launchers and all three back ends on 2 CPU processes (gloo).
 
 Loss parity: fp32, 2 ranks, accumulation 2, clipping on: ZeRO-2, ZeRO-3 and FSDP2 each
-match a plain single-process PyTorch loop over the same global rows to 1e-5.
+match a plain single-process PyTorch loop over the same global rows to 1e-5, and so does the validation loss
+at the end, over the held-out rows one process reads (the same rows on any number of ranks).
 """
 
 import json
@@ -44,10 +45,14 @@ COMMON = [
     "--no-use-tensorboard",
     "--seed",
     "7",
+    "--eval-interval",
+    str(STEPS),
+    "--eval-steps",
+    "2",
 ]
 
 
-def plain_loop(argv: list[str], world: int) -> list[tuple[float, float]]:
+def plain_loop(argv: list[str], world: int) -> tuple[list[tuple[float, float]], float]:
     """Reference: one process, no engine; each step sees the same rows all ranks together see."""
     cfg = parse_config(argv)
     model = build_model(cfg)
@@ -77,7 +82,13 @@ def plain_loop(argv: list[str], world: int) -> list[tuple[float, float]]:
         sched.step()
         opt.zero_grad()
         out.append((sum(losses) / len(losses), norm.item()))
-    return out
+    # validation after the last step: --eval-steps global batches of the held-out stream, read by one process (as
+    # a world of 1 reads them: the rows must not depend on the number of ranks)
+    val = SyntheticLoader(model.config.vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas * world, 0, 1,
+                          cfg.seed + 1_000_003)
+    with torch.no_grad():
+        val_losses = [model(*next(val)[:2]).item() for _ in range(cfg.eval_steps * gas * world)]
+    return out, sum(val_losses) / len(val_losses)
 
 
 def fp32_ds_config(tmp_path, name):
@@ -108,6 +119,8 @@ def test_fp32_parity_with_plain_loop(tmp_path, reference, launcher, engine_args)
     assert "Warning:" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     got = read_metrics(tmp_path)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    reference, val_loss = reference
+    assert abs(got[-1]["val_loss"] - val_loss) < 1e-5, (got[-1], val_loss)
     for m, (loss, norm) in zip(got, reference):
         assert abs(m["loss"] - loss) < 1e-5, (m, loss)
         assert abs(m["grad_norm"] - norm) <= 1e-5 * max(1.0, norm), (m, norm)

@@ -271,7 +271,7 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
     ``split='val'`` gives the held-out loaders, one per domain that has validation shards (None when none has)."""
     from .synthetic import SyntheticLoader
 
-    gas = cfg.gradient_accumulation_steps if split == "train" else 1
+    gas = cfg.gradient_accumulation_steps  # validation reads global batches too: the same rows on any world size
     if cfg.data_kind == "synthetic":
         seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out rows: another stream
         return SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, rank, world_size, seed)
