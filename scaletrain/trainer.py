@@ -74,6 +74,18 @@ def _say_validation(val_loader, cfg: PreTrainingConfig) -> None:
               f"split (prepare with --val-fraction); val_loss is the mix of {', '.join(val_loader)} only", flush=True)
 
 
+def _say_repeats(val_loader, cfg: PreTrainingConfig) -> None:
+    """After the first validation pass: a held-out split smaller than a pass repeats its rows in every pass (the
+    figure is still the same each time, but over fewer documents than the flags suggest)."""
+    over = {d: loader.epochs()[d] for d, loader in val_loader.items() if loader.epochs()[d] > 1} \
+        if isinstance(val_loader, dict) else {}
+    if over:
+        print(f"scaletrain: validation: the held-out split of {', '.join(over)} is smaller than a pass (--eval-steps "
+              f"{cfg.eval_steps} global batches of {next(iter(val_loader.values())).global_batch} rows, shared by the domains), so a pass "
+              f"reads it {max(over.values()):.1f} times; lower --eval-steps, or prepare with a larger --val-fraction",
+              flush=True)
+
+
 def _resolve_peak(cfg: PreTrainingConfig, device: torch.device) -> float | None:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops
@@ -269,6 +281,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         ckpt.save("final")
     preempt = _Preemption(control)
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
+    said_repeats = False  # the first validation pass says whether a held-out split repeats in a pass
     meter = Throughput()
     last_loss, stop = None, None
     non_blocking = env.device.type == "cuda"
@@ -312,6 +325,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                                         dict(zip(cfg.data_sources, cfg.data_mix_weights)),
                                         cfg.gradient_accumulation_steps))
                 val_loss = metrics["val_loss"]
+                if not said_repeats and env.is_main:
+                    _say_repeats(val_loader, cfg)
+                said_repeats = True
                 if sampler is not None:
                     logger.log_samples(done, sampler.sample(engine.module, done))
                 meter.exclude(time.perf_counter() - t_eval)  # keep tokens/s a training figure

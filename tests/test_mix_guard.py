@@ -180,3 +180,19 @@ def test_a_malformed_data_state_is_an_error_not_a_traceback(tmp_path):
     for bad in ({"seed": "x"}, {"domain_order": {"arxiv": "k", "general": 1}}, {"domain_pos": 7}):
         with pytest.raises(LoaderStateError, match="the checkpoint's data-loader state is malformed"):
             ShardLoader(spec).load_state_dict({**good, **bad})
+
+
+def test_a_validation_pass_longer_than_the_held_out_split_says_so_once(tmp_path):
+    data = _prepare(tmp_path)
+    val = {d: json.loads((data / d / "manifest.json").read_text())["val"]["tokens"] for d in ("arxiv", "general")}
+    # a pass: --eval-steps global batches of 4 rows of 65 tokens, shared by the 2 domains
+    steps = 2 * (val["arxiv"] // (4 * 65) + 1)
+    assert steps * 4 * 65 // 2 < val["general"]  # only arxiv's split is the smaller
+    out = launch("python", _args(data, "--max-steps", "2", "--eval-interval", "1", "--eval-steps", str(steps)),
+                 tmp_path).stdout
+    assert out.count("validation: the held-out split of arxiv is smaller than a pass") == 1, out
+    assert "lower --eval-steps, or prepare with a larger --val-fraction" in out
+    (tmp_path / "quiet").mkdir()
+    quiet = launch("python", _args(data, "--max-steps", "1", "--eval-interval", "1"), tmp_path / "quiet").stdout
+    assert "val_loss/arxiv" in quiet
+    assert "smaller than a pass" not in quiet
