@@ -80,9 +80,10 @@ def _say_repeats(val_loader, cfg: PreTrainingConfig) -> None:
     over = {d: loader.epochs()[d] for d, loader in val_loader.items() if loader.epochs()[d] > 1} \
         if isinstance(val_loader, dict) else {}
     if over:
+        rows = next(iter(val_loader.values())).global_batch
         print(f"scaletrain: validation: the held-out split of {', '.join(over)} is smaller than a pass (--eval-steps "
-              f"{cfg.eval_steps} global batches of {next(iter(val_loader.values())).global_batch} rows, shared by the domains), so a pass "
-              f"reads it {max(over.values()):.1f} times; lower --eval-steps, or prepare with a larger --val-fraction",
+              f"{cfg.eval_steps} global batches of {rows} rows, shared by the domains), so a pass reads it "
+              f"{max(over.values()):.1f} times; lower --eval-steps, or prepare with a larger --val-fraction",
               flush=True)
 
 
