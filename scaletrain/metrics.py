@@ -60,7 +60,8 @@ def memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Fans metrics out to the console, ``metrics.jsonl``, TensorBoard and W&B (rank 0 only)."""
 
-    def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any], start_step: int = 0) -> None:
+    def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any], start_step: int = 0,
+                 resumed: bool = False) -> None:
         self.enabled = enabled
         self.tb = self.wandb = self.bar = None
         self.jsonl = None
@@ -75,6 +76,13 @@ class MetricsLogger:
         jsonl = Path(run_dir) / "metrics.jsonl"
         try:  # before the first step, a run folder that cannot be written stops the run (nothing is lost yet)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
+            if not resumed:
+                ckpt_dir = Path(cfg.checkpoint_dir or Path(run_dir) / "checkpoints")
+                aside = set_aside_earlier_logs(Path(run_dir), ckpt_dir)
+                if aside is not None:
+                    print(f"scaletrain: run '{cfg.run_name}' starts over: the logs of its earlier start "
+                          f"(metrics.jsonl, TensorBoard events, W&B id, ...) moved to {aside}, so that the run's "
+                          f"folder holds one course; nothing was deleted", flush=True)
             for log in (jsonl, Path(run_dir) / "samples.jsonl"):
                 _end_torn_line(log)
                 if start_step:  # a resume logs the steps after its checkpoint again; a fresh start appends
@@ -245,6 +253,33 @@ def _end_torn_line(jsonl: Path) -> None:
             f.write(b"\n")
         else:
             f.truncate(start + cut)
+
+
+LOG_NAMES = ("metrics.jsonl", "samples.jsonl", "config.json", "wandb_id")
+
+
+def set_aside_earlier_logs(run_folder: Path, checkpoint_dir: Path) -> Path | None:
+    """A run that starts over under its name (its checkpoints deleted by ``--overwrite-checkpoints``, or a crash
+    before its first save) finds the logs of its earlier start in its folder. Appended to, they read as one course
+    whose steps go back (2, 4, 2, 4: plots and TensorBoard draw both as one line, and W&B, continuing the same run
+    id, drops every step it has seen). They are moved, never deleted, into ``superseded-<time>/`` in the folder: the
+    logs, TensorBoard events, the W&B id and offline folder, profiler traces and memory snapshots; the checkpoint
+    folder, earlier ``superseded-*`` folders and hidden files stay. Returns that folder, or None when there was
+    nothing of an earlier start."""
+    if not any((run_folder / n).exists() for n in LOG_NAMES) and not any(run_folder.glob("events.out.tfevents.*")):
+        return None
+    ckpt = checkpoint_dir.resolve()
+    moved = [p for p in run_folder.iterdir()
+             if not p.name.startswith((".", "superseded-")) and ckpt != p.resolve() and p.resolve() not in ckpt.parents]
+    aside = run_folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():  # two starts in one second
+        n += 1
+        aside = run_folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for p in moved:
+        p.rename(aside / p.name)
+    return aside
 
 
 def _drop_steps_after(jsonl: Path, step: int) -> None:

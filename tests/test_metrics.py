@@ -68,6 +68,42 @@ def test_tensorboard_events_hold_the_tags(tmp_path):
     assert m["mfu"] == pytest.approx(flops_per_token(cfg, 32) * m["tokens_per_s_per_device"] / 1e12)
 
 
+def test_a_fresh_start_of_a_run_sets_the_earlier_logs_aside(tmp_path):
+    """A run started over under its name (its checkpoints deleted by --overwrite-checkpoints, or none saved before a
+    crash) appended its steps to the earlier start's metrics.jsonl and TensorBoard events, so every reader drew
+    steps 2, 4, 2, 4 as one course, and W&B, continuing the same run id, dropped the steps it had already seen. The
+    earlier start's logs are moved, not deleted, into a folder of their own; the run's folder holds one course."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "t"
+    launch("python", RUN + ["--seed", "1"], tmp_path)
+    (run / "wandb_id").write_text("abc123\n")  # as a --use-wandb start leaves it
+    first = read_metrics(tmp_path)
+    again = launch("python", RUN + ["--seed", "2", "--overwrite-checkpoints"], tmp_path)
+    second = read_metrics(tmp_path)
+    assert [m["step"] for m in second] == [2, 4] and second[-1]["loss"] != first[-1]["loss"]
+    aside = [p for p in run.iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and f"moved to {aside[0]}" in again.stdout, again.stdout
+    assert [json.loads(x) for x in (aside[0] / "metrics.jsonl").read_text().splitlines()] == first
+    assert (aside[0] / "wandb_id").read_text() == "abc123\n" and not (run / "wandb_id").exists()
+    assert json.loads((aside[0] / "config.json").read_text())["seed"] == 1
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(m["step"], pytest.approx(m["loss"])) for m in second]
+    assert (tmp_path / "checkpoints" / "final").is_dir()
+    # a start after a crash that saved nothing: the same (the checkpoints gone as if none had been written)
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    launch("python", RUN + ["--seed", "3"], tmp_path)
+    assert len([p for p in run.iterdir() if p.name.startswith("superseded-")]) == 2
+    assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4]
+    # a resume continues the logs in place
+    launch("python", RUN + ["--max-steps", "6", "--resume", "latest"], tmp_path)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]
+    assert len([p for p in run.iterdir() if p.name.startswith("superseded-")]) == 2
+
+
 def test_data_wait_is_the_loaders_share_of_the_window(monkeypatch):
     import scaletrain.metrics as metrics
 
