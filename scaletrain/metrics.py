@@ -255,9 +255,6 @@ def _end_torn_line(jsonl: Path) -> None:
             f.truncate(start + cut)
 
 
-LOG_NAMES = ("metrics.jsonl", "samples.jsonl", "config.json", "wandb_id")
-
-
 def set_aside_earlier_logs(run_folder: Path, checkpoint_dir: Path) -> Path | None:
     """A run that starts over under its name (its checkpoints deleted by ``--overwrite-checkpoints``, or a crash
     before its first save) finds the logs of its earlier start in its folder. Appended to, they read as one course
@@ -266,7 +263,12 @@ def set_aside_earlier_logs(run_folder: Path, checkpoint_dir: Path) -> Path | Non
     logs, TensorBoard events, the W&B id and offline folder, profiler traces and memory snapshots; the checkpoint
     folder, earlier ``superseded-*`` folders and hidden files stay. Returns that folder, or None when there was
     nothing of an earlier start."""
-    if not any((run_folder / n).exists() for n in LOG_NAMES) and not any(run_folder.glob("events.out.tfevents.*")):
+    def logged(name: str) -> bool:  # a file of lines with some in it (an empty one, or /dev/full, holds no course)
+        p = run_folder / name
+        return p.is_file() and p.stat().st_size > 0
+
+    if not (logged("metrics.jsonl") or logged("samples.jsonl") or (run_folder / "wandb_id").exists()
+            or any(run_folder.glob("events.out.tfevents.*"))):
         return None
     ckpt = checkpoint_dir.resolve()
     moved = [p for p in run_folder.iterdir()
