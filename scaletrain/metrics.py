@@ -77,8 +77,7 @@ class MetricsLogger:
         try:  # before the first step, a run folder that cannot be written stops the run (nothing is lost yet)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             if not resumed:
-                ckpt_dir = Path(cfg.checkpoint_dir or Path(run_dir) / "checkpoints")
-                aside = set_aside_earlier_logs(Path(run_dir), ckpt_dir)
+                aside = set_aside_earlier_logs(Path(run_dir))
                 if aside is not None:
                     print(f"scaletrain: run '{cfg.run_name}' starts over: the logs of its earlier start "
                           f"(metrics.jsonl, TensorBoard events, W&B id, ...) moved to {aside}, so that the run's "
@@ -255,14 +254,18 @@ def _end_torn_line(jsonl: Path) -> None:
             f.truncate(start + cut)
 
 
-def set_aside_earlier_logs(run_folder: Path, checkpoint_dir: Path) -> Path | None:
+# what a start of a run writes into its folder: logs, TensorBoard events, the W&B id and offline runs, profiler
+# traces, memory snapshots (the checkpoint folder, which may be this folder too, is never among them)
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "config.json", "wandb_id", "wandb", "profile", "events.out.tfevents.*",
+            "memory_snapshot_*.pickle")
+
+
+def set_aside_earlier_logs(run_folder: Path) -> Path | None:
     """A run that starts over under its name (its checkpoints deleted by ``--overwrite-checkpoints``, or a crash
     before its first save) finds the logs of its earlier start in its folder. Appended to, they read as one course
     whose steps go back (2, 4, 2, 4: plots and TensorBoard draw both as one line, and W&B, continuing the same run
-    id, drops every step it has seen). They are moved, never deleted, into ``superseded-<time>/`` in the folder: the
-    logs, TensorBoard events, the W&B id and offline folder, profiler traces and memory snapshots; the checkpoint
-    folder, earlier ``superseded-*`` folders and hidden files stay. Returns that folder, or None when there was
-    nothing of an earlier start."""
+    id, drops every step it has seen). They (``RUN_LOGS``) are moved, never deleted, into ``superseded-<time>/`` in
+    the folder. Returns that folder, or None when there was nothing of an earlier start."""
     def logged(name: str) -> bool:  # a file of lines with some in it (an empty one, or /dev/full, holds no course)
         p = run_folder / name
         return p.is_file() and p.stat().st_size > 0
@@ -270,14 +273,12 @@ def set_aside_earlier_logs(run_folder: Path, checkpoint_dir: Path) -> Path | Non
     if not (logged("metrics.jsonl") or logged("samples.jsonl") or (run_folder / "wandb_id").exists()
             or any(run_folder.glob("events.out.tfevents.*"))):
         return None
-    ckpt = checkpoint_dir.resolve()
-    moved = [p for p in run_folder.iterdir()
-             if not p.name.startswith((".", "superseded-")) and ckpt != p.resolve() and p.resolve() not in ckpt.parents]
-    aside = run_folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
+    moved = sorted({p for pattern in RUN_LOGS for p in run_folder.glob(pattern)})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = run_folder / f"superseded-{stamp}", 1
     while aside.exists():  # two starts in one second
         n += 1
-        aside = run_folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        aside = run_folder / f"superseded-{stamp}-{n}"
     aside.mkdir()
     for p in moved:
         p.rename(aside / p.name)

@@ -77,7 +77,9 @@ def test_a_fresh_start_of_a_run_sets_the_earlier_logs_aside(tmp_path):
 
     run = tmp_path / "runs" / "t"
     launch("python", RUN + ["--seed", "1"], tmp_path)
-    (run / "wandb_id").write_text("abc123\n")  # as a --use-wandb start leaves it
+    (run / "wandb_id").write_text("abc123\n")  # as a --use-wandb start leaves it, with its offline runs
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")  # not a log of ours: it stays
     first = read_metrics(tmp_path)
     again = launch("python", RUN + ["--seed", "2", "--overwrite-checkpoints"], tmp_path)
     second = read_metrics(tmp_path)
@@ -86,6 +88,8 @@ def test_a_fresh_start_of_a_run_sets_the_earlier_logs_aside(tmp_path):
     assert len(aside) == 1 and f"moved to {aside[0]}" in again.stdout, again.stdout
     assert [json.loads(x) for x in (aside[0] / "metrics.jsonl").read_text().splitlines()] == first
     assert (aside[0] / "wandb_id").read_text() == "abc123\n" and not (run / "wandb_id").exists()
+    assert (aside[0] / "wandb" / "offline-run-1").is_dir() and (run / "notes.txt").read_text() == "mine"
+    assert len(list(aside[0].glob("events.out.tfevents.*"))) == 1
     assert json.loads((aside[0] / "config.json").read_text())["seed"] == 1
     acc = EventAccumulator(str(run))
     acc.Reload()
