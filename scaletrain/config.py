@@ -290,6 +290,10 @@ class PreTrainingConfig:
                                         "turn tokens into steps")
             if "max_steps" in self.explicit:
                 raise bad("max_tokens", f"sets the run's length, as does --max-steps {self.max_steps}; drop one")
+            if not self.packing:
+                raise bad("max_tokens", "counts full rows of --max-seq-length tokens, and --no-packing pads each "
+                                        "document to a row: the steps would train a fraction of those tokens; give "
+                                        "--max-steps")
         for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
                      "log_interval", "max_nonfinite_steps", "eval_steps"):
             if getattr(self, name) <= 0:

@@ -39,6 +39,9 @@ from .conftest import ROOT
     (["--max-tokens", "1000"], "--max-tokens: needs --global-batch-size"),
     (["--global-batch-size", "8", "--max-tokens", "1000", "--max-steps", "3"],
      "--max-tokens: sets the run's length, as does --max-steps 3; drop one"),
+    # padded rows hold a document each, far fewer tokens than a full row: the steps would train a fraction of them
+    (["--global-batch-size", "8", "--max-tokens", "1000", "--no-packing"],
+     "--max-tokens: counts full rows of --max-seq-length tokens, and --no-packing pads"),
     (["--spike-sigma", "-1"], "--spike-sigma: must be >= 0 (0: off), got -1.0"),
     (["--spike-window", "1"], "--spike-window: must be at least 2 steps, got 1"),
     (["--z-loss=-1e-4"], "--z-loss: must be >= 0 (0: off), got -0.0001"),
