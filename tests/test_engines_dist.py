@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scaletrain.cli import parse_config
+from scaletrain.data.loader import VAL_SEED
 from scaletrain.data.synthetic import SyntheticLoader
 from scaletrain.engine.base import param_groups
 from scaletrain.lr import lr_factor_fn
@@ -85,7 +86,7 @@ def plain_loop(argv: list[str], world: int) -> tuple[list[tuple[float, float]], 
     # validation after the last step: --eval-steps global batches of the held-out stream, read by one process (as
     # a world of 1 reads them: the rows must not depend on the number of ranks)
     val = SyntheticLoader(model.config.vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas * world, 0, 1,
-                          cfg.seed + 1_000_003)
+                          VAL_SEED)
     with torch.no_grad():
         val_losses = [model(*next(val)[:2]).item() for _ in range(cfg.eval_steps * gas * world)]
     return out, sum(val_losses) / len(val_losses)

@@ -265,6 +265,9 @@ def sources_without_val(cfg) -> list[str]:
             if w > 0 and not load_manifest(Path(cfg.data_dir) / s).val.shards]
 
 
+VAL_SEED = 1_000_003
+
+
 def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_size: int | None = None):
     """The configured source for one rank: a ShardLoader over prepared shards, or the synthetic one.
 
@@ -272,8 +275,10 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
     from .synthetic import SyntheticLoader
 
     gas = cfg.gradient_accumulation_steps  # validation reads global batches too: the same rows on any world size
+    # the held-out rows are the data's, not the run's: the same for every --seed (runs of a seed sweep, a resume with
+    # another seed), so that their validation losses compare
     if cfg.data_kind == "synthetic":
-        seed = cfg.seed if split == "train" else cfg.seed + 1_000_003  # held-out rows: another stream
+        seed = cfg.seed if split == "train" else VAL_SEED  # held-out rows: another stream
         return SyntheticLoader(vocab_size, cfg.max_seq_length, cfg.micro_batch_size, gas, rank, world_size, seed)
     spec = StreamSpec(cfg.data_dir, tuple(cfg.data_sources), tuple(cfg.data_mix_weights), cfg.max_seq_length,
                       cfg.micro_batch_size, gas, rank, world_size, cfg.seed, cfg.packing, split)
@@ -281,7 +286,7 @@ def build_loader(cfg, rank: int, world_size: int, split: str = "train", vocab_si
         # one held-out stream per domain with weight > 0 and validation shards: val_loss/<domain> for each, val_loss
         # their weighted mean (the trainer says which domains it leaves out)
         missing = set(sources_without_val(cfg))
-        return {s: ShardLoader(replace(spec, sources=(s,), weights=(1.0,)))
+        return {s: ShardLoader(replace(spec, sources=(s,), weights=(1.0,), seed=VAL_SEED))
                 for s, w in zip(cfg.data_sources, cfg.data_mix_weights) if w > 0 and s not in missing} or None
     loader = ShardLoader(spec, cfg.num_workers, cfg.pin_memory, cfg.allow_data_change)
     if cfg.tokenizer:
