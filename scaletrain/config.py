@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +85,7 @@ class PreTrainingConfig:
     warmup_steps: int | None = _f(None, "linear warmup steps before cosine decay (default: 1% of --max-steps, at "
                                         "least 1, at most 2000)")
     learning_rate: float = _f(3e-4, "peak learning rate")
-    min_learning_rate: float = _f(3e-5, "learning rate at the end of the decay")
+    min_learning_rate: float = _f(3e-5, "learning rate at the end of the decay (default: 10% of --learning-rate)")
     lr_schedule: str = _f("cosine", "after warmup: cosine or linear decay to --min-learning-rate at --max-steps, "
                                     "constant, or wsd (stable at the peak, then decay over the run's last "
                                     "--decay-fraction)")
@@ -221,7 +220,11 @@ class PreTrainingConfig:
         return -(-self.max_tokens // (self.global_batch_size * self.max_seq_length))
 
     def with_token_budget(self) -> PreTrainingConfig:
-        """This config with --max-steps derived from --max-tokens (before validation; the explicit set unchanged)."""
+        """This config with --max-steps derived from --max-tokens, and the end learning rate from a given peak (10%
+        of it: a lone --learning-rate 1e-5 was refused, the default end 3e-5 above it), before validation; the
+        explicit set unchanged."""
+        if "learning_rate" in self.explicit and "min_learning_rate" not in self.explicit:
+            object.__setattr__(self, "min_learning_rate", self.learning_rate / 10)
         steps = self.steps_for_tokens
         if steps is None or "max_steps" in self.explicit or steps == self.max_steps:
             return self
@@ -254,153 +257,8 @@ class PreTrainingConfig:
         return self.engine or ("deepspeed" if self.ds_config else "fsdp")
 
     def validate(self) -> PreTrainingConfig:
-        """Raise ConfigError naming the flag for the first invalid value; returns self."""
-        from scaletrain.model.presets import PRESETS
+        """Raise ConfigError naming the flag for the first invalid value (``config_checks.py``); returns self."""
+        from scaletrain.config_checks import check
 
-        def bad(name: str, msg: str) -> ConfigError:
-            flag = self.flag(name)
-            others = [a for a in self.__dataclass_fields__[name].metadata.get("aliases", ())
-                      if a.replace("_", "-") != flag.replace("_", "-")]  # --batch-size, not --ds-config
-            return ConfigError(f"{'/'.join([flag, *others])}: {msg}")
-
-        if self.model_size not in PRESETS:
-            raise bad("model_size", f"unknown preset {self.model_size!r}; valid: {', '.join(PRESETS)}")
-        if self.model_config and "model_size" in self.explicit:
-            raise bad("model_config", f"gives the model's shape, as does --model-size {self.model_size}; drop one")
-        if self.init_from and "model_size" in self.explicit:
-            raise bad("init_from", f"the model's shape comes from these weights; drop --model-size {self.model_size} "
-                                   f"(or give --model-config to check the shape against)")
-        if self.max_steps < 0:
-            raise bad("max_steps", f"must be >= 0, got {self.max_steps}")
-        if self.global_batch_size is not None:
-            if self.global_batch_size <= 0:
-                raise bad("global_batch_size", f"must be a positive integer, got {self.global_batch_size}")
-            if "gradient_accumulation_steps" in self.explicit:
-                raise bad("global_batch_size", f"derives --gradient-accumulation-steps (global / (micro-batch x "
-                                               f"world size)); drop --gradient-accumulation-steps "
-                                               f"{self.gradient_accumulation_steps}")
-            if self.global_batch_size % self.micro_batch_size:
-                raise bad("global_batch_size", f"{self.global_batch_size} is not a multiple of --micro-batch-size "
-                                               f"{self.micro_batch_size}")
-        if self.max_tokens is not None:
-            if self.max_tokens <= 0:
-                raise bad("max_tokens", f"must be a positive integer, got {self.max_tokens}")
-            if self.global_batch_size is None:
-                raise bad("max_tokens", "needs --global-batch-size (the rows of a step, whatever the world size) to "
-                                        "turn tokens into steps")
-            if "max_steps" in self.explicit:
-                raise bad("max_tokens", f"sets the run's length, as does --max-steps {self.max_steps}; drop one")
-            if not self.packing:
-                raise bad("max_tokens", "counts full rows of --max-seq-length tokens, and --no-packing pads each "
-                                        "document to a row: the steps would train a fraction of those tokens; give "
-                                        "--max-steps")
-        for name in ("max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
-                     "log_interval", "max_nonfinite_steps", "eval_steps"):
-            if getattr(self, name) <= 0:
-                raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        for name in ("save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
-            raise bad("stop_at_step", f"must be between 1 and --max-steps={self.max_steps}, got {self.stop_at_step}")
-        if self.num_layers is not None and self.num_layers <= 0:
-            raise bad("num_layers", f"must be a positive integer, got {self.num_layers}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise bad("learning_rate", f"must be a positive number, got {self.learning_rate}")
-        if not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise bad("min_learning_rate", f"must be between 0 and --learning-rate={self.learning_rate}, "
-                                           f"got {self.min_learning_rate}")
-        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
-            raise bad("warmup_steps", f"{self.warmup_steps} exceeds --max-steps={self.max_steps}")
-        from scaletrain.lr import DECAY_SHAPES, SCHEDULES
-
-        if self.lr_schedule not in SCHEDULES:
-            raise bad("lr_schedule", f"unknown schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.decay_shape not in DECAY_SHAPES:
-            raise bad("decay_shape", f"unknown shape {self.decay_shape!r}; valid: {', '.join(DECAY_SHAPES)}")
-        if not 0 < self.decay_fraction <= 1:
-            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
-        if self.decay_steps is not None and not 0 < self.decay_steps <= self.max_steps - self.warmup:
-            raise bad("decay_steps", f"must be between 1 and --max-steps minus warmup ({self.max_steps} - "
-                                     f"{self.warmup}), got {self.decay_steps}")
-        for name in ("decay_fraction", "decay_steps", "decay_shape"):
-            if name in self.explicit and self.lr_schedule != "wsd":
-                raise bad(name, f"shapes the decay of --lr-schedule wsd; this run's schedule is {self.lr_schedule}")
-        if self.spike_sigma < 0 or not math.isfinite(self.spike_sigma):
-            raise bad("spike_sigma", f"must be >= 0 (0: off), got {self.spike_sigma}")
-        if self.spike_window < 2:
-            raise bad("spike_window", f"must be at least 2 steps, got {self.spike_window}")
-        if self.max_spike_steps <= 0:
-            raise bad("max_spike_steps", f"must be a positive integer, got {self.max_spike_steps}")
-        if self.z_loss < 0 or not math.isfinite(self.z_loss):
-            raise bad("z_loss", f"must be >= 0 (0: off), got {self.z_loss}")
-        if not 0 <= self.max_grad_norm < math.inf:  # nan turned clipping off without a word
-            raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):  # a negative one grows the weights
-            raise bad("weight_decay", f"must be >= 0 (0: none), got {self.weight_decay}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, f"must be in [0, 1), got {getattr(self, name)}")
-        if not self.adam_eps > 0 or not math.isfinite(self.adam_eps):
-            raise bad("adam_eps", f"must be positive, got {self.adam_eps}")
-        if self.run_name is not None:  # a folder's name under --run-dir, and how --resume latest finds the run
-            name = self.run_name
-            if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
-                raise bad("run_name", f"{name!r} is not a folder name: the run's folder is --run-dir/NAME, so a "
-                                      f"name with / or .. lands elsewhere (to group runs: --run-dir runs/GROUP "
-                                      f"--run-name NAME)")
-            if name != name.strip():
-                raise bad("run_name", f"{name!r} begins or ends with a space; give {name.strip()!r}")
-            if not name.isprintable():
-                raise bad("run_name", f"{name!r} holds characters that do not print (a tab, a newline); give a "
-                                      f"plain name")
-        if self.mixed_precision not in PRECISIONS:
-            raise bad("mixed_precision", f"got {self.mixed_precision!r}; valid: {', '.join(PRECISIONS)}")
-        if self.engine is not None and self.engine not in ENGINES:
-            raise bad("engine", f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        if self.engine == "fsdp" and self.ds_config:
-            raise bad("ds_config", "is a DeepSpeed setting but --engine fsdp was given; drop one of them")
-        if self.resolved_engine == "fsdp" and self.mixed_precision == "fp16":
-            raise bad("mixed_precision", "fp16 needs loss scaling, which the fsdp engine does not do; "
-                                         "use bf16 (or fp32), or --engine deepspeed with ds_configs/zero2_fp16.json")
-        if self.async_checkpoint and self.resolved_engine != "fsdp":
-            raise bad("async_checkpoint", "needs --engine fsdp (DeepSpeed writes its checkpoints synchronously)")
-        if self.data_kind not in DATA_KINDS:
-            raise bad("data_kind", f"unknown data kind {self.data_kind!r}; valid: {', '.join(DATA_KINDS)}")
-        if self.restart_positions and not self.document_masking:
-            raise bad("restart_positions", "needs --document-masking (positions restart where a document starts)")
-        if self.document_masking and self.data_kind == "synthetic":
-            raise bad("document_masking", "needs prepared data (documents end with the tokenizer's EOS); "
-                                          "synthetic tokens have no documents")
-        if self.epoch_limit not in ("warn", "stop"):
-            raise bad("epoch_limit", f"{self.epoch_limit!r}: choose warn or stop")
-        if not self.max_epochs_per_domain > 0:
-            raise bad("max_epochs_per_domain", f"must be positive, got {self.max_epochs_per_domain}")
-        if len(self.data_mix_weights) != len(self.data_sources):
-            raise bad("data_mix_weights", f"{len(self.data_mix_weights)} weights for {len(self.data_sources)} "
-                                          f"--data-sources {self.data_sources}; give one weight per source")
-        if any(w < 0 or not math.isfinite(w) for w in self.data_mix_weights):
-            raise bad("data_mix_weights", f"weights must be finite and >= 0, got {self.data_mix_weights}")
-        if sum(self.data_mix_weights) <= 0:
-            raise bad("data_mix_weights", f"weights sum to zero: {self.data_mix_weights}")
-        if self.profile_steps is not None:
-            try:
-                first, last = parse_steps(self.profile_steps)
-            except ValueError:
-                raise bad("profile_steps", f"{self.profile_steps!r}: give A:B, the first and last optimizer step "
-                                           f"to trace, 1 <= A <= B (e.g. 5:7)") from None
-            if first > self.max_steps:
-                raise bad("profile_steps", f"starts at step {first}, after --max-steps {self.max_steps}")
-        if self.profile_rank0_only and not self.profile_steps:
-            raise bad("profile_rank0_only", "needs --profile-steps A:B")
-        if self.memory_snapshot_step is not None and (not self.memory_snapshot or self.memory_snapshot_step <= 0):
-            raise bad("memory_snapshot_step", "needs --memory-snapshot and a step >= 1")
-        if self.sample_tokens < 0:
-            raise bad("sample_tokens", f"must be >= 0 (0: no samples), got {self.sample_tokens}")
-        if not 0 <= self.sample_top_p <= 1:
-            raise bad("sample_top_p", f"must be in [0, 1] (0: greedy only), got {self.sample_top_p}")
-        if self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf:  # nan, inf: an MFU of nan or 0
-            raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops}")
+        check(self)
         return self

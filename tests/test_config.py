@@ -171,6 +171,18 @@ def test_global_batch_derives_the_accumulation_for_any_world_size():
     assert cfg.warmup == 5  # schedule defaults follow the derived length
 
 
+def test_the_end_learning_rate_follows_a_given_peak():
+    """--learning-rate 1e-5 alone (a continued pre-training rate) was refused: the end of the decay stayed at its
+    default 3e-5, above the peak. Unless given, it is 10% of the peak (3e-5 for the default 3e-4, as before)."""
+    assert parse_config([]).min_learning_rate == 3e-5
+    cfg = parse_config(["--learning-rate", "1e-5"])
+    assert cfg.min_learning_rate == pytest.approx(1e-6) and "min_learning_rate" not in cfg.explicit
+    assert parse_config(["--learning-rate", "1e-3"]).min_learning_rate == pytest.approx(1e-4)
+    assert parse_config(["--learning-rate", "1e-5", "--min-learning-rate", "0"]).min_learning_rate == 0
+    with pytest.raises(ConfigError, match="--min-learning-rate: must be between 0 and --learning-rate=1e-05"):
+        parse_config(["--learning-rate", "1e-5", "--min-learning-rate", "3e-5"])
+
+
 def test_config_dataclass_documents_every_field():
     import dataclasses
 
