@@ -413,7 +413,7 @@ def test_overwritten_member_data_is_found_on_first_read(data, tmp_path, fill):
             first_read(DomainStream(copy))
 
 
-def test_val_split_and_missing_val(data, tmp_path):
+def test_val_split_and_missing_val(data, tmp_path, capsys):
     val = ShardLoader(spec(data, split="val", gas=1))
     x, _, _ = next(val)
     assert x.shape == (4, 32)
@@ -421,6 +421,12 @@ def test_val_split_and_missing_val(data, tmp_path):
                    chunk_tokens=1024)
     with pytest.raises(ShardError, match="has no shards"):
         DomainStream(tmp_path / "noval" / "arxiv", "val")
+    # a fraction too small for the documents there are: said at once, not found at training time
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(5)))
+    capsys.readouterr()
+    prepare_domain("few", [str(few)], str(tmp_path / "out"), quiet=True, val_fraction=0.01)
+    assert "few: warning: --val-fraction 0.01 held out none of its 5 documents" in capsys.readouterr().err
 
 
 def test_the_held_out_rows_do_not_depend_on_the_runs_seed(data):

@@ -207,6 +207,11 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                      f"worker ran ahead" if spilled.pieces else ""), file=sys.stderr)
         for name, why in stats.skipped_files if not quiet else ():
             print(f"  skipped {name}: {why}", file=sys.stderr)
+        if val_fraction and not n_val:  # a run on it reports no val_loss for the domain, as if none was asked for
+            print(f"{domain}: warning: --val-fraction {val_fraction:g} held out none of its {n_docs:,} documents (each "
+                  f"is held out by its content hash with that chance), so it has no validation split: give a larger "
+                  f"--val-fraction (one document in {round(1 / val_fraction):,} is held out), or --val-input",
+                  file=sys.stderr)
         return manifest
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
