@@ -48,6 +48,12 @@ def main() -> None:
                         "--overwrite-checkpoints",  # each demo starts over, in its own folder
                         # a CPU without native bf16 emulates it (6.8x slower per step measured here)
                         "--mixed-precision", "bf16" if torch.cuda.is_available() else "fp32", *rest])
+    demo_logs = Path(cfg.run_dir) / "demo"
+    if cfg.run_name == "demo" and demo_logs.is_dir():
+        # the demo starts over each time, its logs too (a run of another name that starts over sets them aside)
+        import shutil
+
+        shutil.rmtree(demo_logs)
     result = train(cfg)
     print(f"demo done: {result.steps} steps, {result.tokens_seen:,} tokens, last loss {result.last_loss:.3f}")
 

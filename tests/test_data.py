@@ -461,3 +461,10 @@ def test_demo_runs(tmp_path):
     shares = proc.stdout.split("mixing over")[1].splitlines()[0]
     assert "arxiv 3" in shares and "general 6" in shares or "general 7" in shares
     assert (tmp_path / "ck" / "final" / "COMPLETE.json").is_file()
+    # again: it starts over, its logs too (one course in runs/demo, nothing set aside to pile up)
+    again = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--data-dir", str(tmp_path), "--steps",
+                            "2", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard", "--checkpoint-dir",
+                            str(tmp_path / "ck")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    logged = [json.loads(x)["step"] for x in (tmp_path / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2] and not list((tmp_path / "runs" / "demo").glob("superseded-*"))
