@@ -224,7 +224,8 @@ class PreTrainingConfig:
         of it: a lone --learning-rate 1e-5 was refused, the default end 3e-5 above it), before validation; the
         explicit set unchanged."""
         if "learning_rate" in self.explicit and "min_learning_rate" not in self.explicit:
-            object.__setattr__(self, "min_learning_rate", self.learning_rate / 10)
+            # rounded: 3e-4 (what the user would write), not 3.0000000000000003e-4
+            object.__setattr__(self, "min_learning_rate", float(f"{self.learning_rate / 10:.12g}"))
         steps = self.steps_for_tokens
         if steps is None or "max_steps" in self.explicit or steps == self.max_steps:
             return self
