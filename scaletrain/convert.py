@@ -174,6 +174,11 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
             from scaletrain.data.tokenizer import export_hf_tokenizer
 
             written += export_hf_tokenizer(tok, path / TOKENIZER_DIR / "tokenizer.json", tmp, max_positions)
+            # where it came from: the tokenizer.json above is the Hugging Face form of the run's tokenizer (byte-level
+            # or the file the shards name), so --init-from this folder takes the shards the run trained on
+            (tmp / EXPORT_RECORD).write_text(json.dumps({"checkpoint": str(path), "step": meta["step"],
+                                                         "tokenizer": meta["tokenizer"]}, indent=2))
+            written.append(EXPORT_RECORD)
         _put_in_place(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,6 +216,7 @@ def _still_there(path: Path, meta: dict) -> bool:
         return False
 
 
+EXPORT_RECORD = "scaletrain_export.json"
 EXPORT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".md", ".jinja", ".gitattributes")
 
 

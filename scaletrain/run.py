@@ -82,7 +82,7 @@ def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
     """--init-from's weights, with the checks that need them: the data must be tokenized as the source was."""
     if not cfg.init_from:
         return None
-    from scaletrain.checkpoint.init_from import open_init_source
+    from scaletrain.checkpoint.init_from import CheckpointWeights, open_init_source
 
     source = open_init_source(cfg.init_from, cfg.trust_checkpoint)
     hf = getattr(source, "hf_config", None)
@@ -90,17 +90,22 @@ def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
         from scaletrain.model.config_io import check_training_length
 
         check_training_length(Path(cfg.init_from), cfg.max_seq_length)
-    theirs = getattr(source, "tokenizer", None)  # a scaletrain checkpoint's tokenizer description
-    if tokenizer is not None and theirs and theirs.get("identity") != tokenizer.identity:
+    theirs = getattr(source, "tokenizer", None)  # a scaletrain checkpoint's tokenizer description, or an export's
+    if tokenizer is None:
+        return source
+    if source.tokenizer_json is not None and file_identity(source.tokenizer_json) == tokenizer.identity:
+        return source  # the data was prepared with the folder's own tokenizer.json
+    if theirs and theirs.get("identity") == tokenizer.identity:
+        return source  # with the tokenizer the checkpoint's run (or the run an export came from) trained on
+    if theirs and isinstance(source, CheckpointWeights):
         raise ConfigError(f"--init-from {cfg.init_from}: it was trained on data tokenized with {theirs.get('name')} "
                           f"({str(theirs.get('identity'))[:19]}...), this data with {tokenizer.name} "
                           f"({tokenizer.identity[:19]}...); prepare the data with the tokenizer the checkpoint used")
-    if tokenizer is not None and source.tokenizer_json is not None:
-        theirs = file_identity(source.tokenizer_json)
-        if theirs != tokenizer.identity:
-            raise ConfigError(f"--init-from {cfg.init_from}: its tokenizer ({source.tokenizer_json}, {theirs[:19]}...) "
-                              f"is not the one the data was prepared with ({tokenizer.name}, "
-                              f"{tokenizer.identity[:19]}...); prepare the data with --tokenizer {cfg.init_from}")
+    if source.tokenizer_json is not None:
+        file_id = file_identity(source.tokenizer_json)
+        raise ConfigError(f"--init-from {cfg.init_from}: its tokenizer ({source.tokenizer_json}, {file_id[:19]}...) "
+                          f"is not the one the data was prepared with ({tokenizer.name}, "
+                          f"{tokenizer.identity[:19]}...); prepare the data with --tokenizer {cfg.init_from}")
     return source
 
 

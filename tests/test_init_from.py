@@ -292,11 +292,17 @@ def test_init_from_a_scaletrain_checkpoint_and_the_tokenizer_check(tmp_path):
     # both phases trained at 32 tokens: the export says so, not the preset's 4096 the first phase's shape carried
     out = convert(str(tmp_path / "p2"), str(tmp_path / "p2-hf"), quiet=True)
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
+    # a third phase from that export, on the shards it was trained on: its tokenizer.json is the Hugging Face form of
+    # theirs (byte-level here), which the export names, so they are taken (they were refused, to be prepared anew)
+    proc = launch("python", base + ["--init-from", str(out), "--max-steps", "2", "--checkpoint-dir",
+                                    str(tmp_path / "p3")], tmp_path, run_name="p3")
+    assert "weights from Hugging Face model" in proc.stdout
+    assert read_metrics(tmp_path, "p3")[0]["loss"] < first + 0.5
     # a Hugging Face folder whose tokenizer.json is not the data's
     save_hf("qwen2_tied", tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     proc = launch("python", base + ["--init-from", str(tmp_path / "hf"), "--max-steps", "2"], tmp_path,
-                  run_name="p3", check=False)
+                  run_name="p4", check=False)
     assert proc.returncode == 1 and "its tokenizer" in proc.stderr and "prepare the data with --tokenizer" in \
         proc.stderr, proc.stderr[-2000:]
 

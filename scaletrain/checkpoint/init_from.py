@@ -95,6 +95,18 @@ def weight_files(folder: Path) -> tuple[str, list[Path]]:
     raise CheckpointError(f"--init-from {folder}: no *.safetensors or pytorch_model*.bin weights")
 
 
+def _exported_tokenizer(folder: Path) -> dict | None:
+    """The run's tokenizer (its manifest description) that ``launch/convert.py`` recorded in its export, or None."""
+    from scaletrain.convert import EXPORT_RECORD
+
+    try:
+        record = json.loads((folder / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    tok = record.get("tokenizer") if isinstance(record, dict) else None
+    return tok if isinstance(tok, dict) and isinstance(tok.get("identity"), str) else None
+
+
 class HFWeights:
     """A local Hugging Face model folder."""
 
@@ -132,6 +144,8 @@ class HFWeights:
         _check(str(folder), found, self.model_config)
         tok = self.folder / "tokenizer.json"
         self.tokenizer_json = tok if tok.is_file() else None
+        # an export of ours names the run's tokenizer, of which its tokenizer.json is the Hugging Face form
+        self.tokenizer = _exported_tokenizer(self.folder) if self.tokenizer_json is not None else None
         self.description = f"Hugging Face model {self.folder} ({self.hf_config.get('model_type')}, {self.kind})"
 
     def _torch_load(self, f: Path) -> dict:
