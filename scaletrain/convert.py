@@ -11,7 +11,9 @@ near one shard, not the model. Output: ``config.json`` (LlamaConfig), ``generati
 ``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``,
 Hugging Face parameter names, and ``tokenizer.json``, ``tokenizer_config.json`` and
 ``special_tokens_map.json`` for the tokenizer the run used (the byte-level one included), whose ids
-equal the training ids. The JSON files are written directly, so converting needs no transformers.
+equal the training ids, with ``scaletrain_export.json`` (the checkpoint, its step and the run's tokenizer, so that
+``--init-from`` the export takes the shards the run trained on). The JSON files are written directly, so
+converting needs no transformers.
 """
 
 from __future__ import annotations
