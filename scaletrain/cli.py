@@ -167,7 +167,7 @@ def parse_config(argv: Sequence[str] | None = None) -> PreTrainingConfig:
     if "config" in args:
         values.update(load_config_file(args.pop("config")))
     values.update(args)
-    return _smoke(PreTrainingConfig(**values).with_explicit(values).with_token_budget().validate())
+    return _smoke(PreTrainingConfig(**values).with_explicit(values).with_derived_defaults().validate())
 
 
 SMOKE = "SCALETRAIN_SMOKE"

@@ -219,17 +219,16 @@ class PreTrainingConfig:
             return None
         return -(-self.max_tokens // (self.global_batch_size * self.max_seq_length))
 
-    def with_token_budget(self) -> PreTrainingConfig:
-        """This config with --max-steps derived from --max-tokens, and the end learning rate from a given peak (10%
-        of it: a lone --learning-rate 1e-5 was refused, the default end 3e-5 above it), before validation; the
-        explicit set unchanged."""
+    def with_derived_defaults(self) -> PreTrainingConfig:
+        """This config with the defaults that follow from given flags (before validation; the explicit set
+        unchanged): --max-steps from --max-tokens, and the end learning rate from a given peak (10% of it: a lone
+        --learning-rate 1e-5 was refused, the default end 3e-5 above it)."""
         if "learning_rate" in self.explicit and "min_learning_rate" not in self.explicit:
             # rounded: 3e-4 (what the user would write), not 3.0000000000000003e-4
             object.__setattr__(self, "min_learning_rate", float(f"{self.learning_rate / 10:.12g}"))
         steps = self.steps_for_tokens
-        if steps is None or "max_steps" in self.explicit or steps == self.max_steps:
-            return self
-        object.__setattr__(self, "max_steps", steps)
+        if steps is not None and "max_steps" not in self.explicit:
+            object.__setattr__(self, "max_steps", steps)
         return self
 
     def for_world_size(self, world_size: int) -> PreTrainingConfig:

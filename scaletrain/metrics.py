@@ -84,7 +84,7 @@ class MetricsLogger:
                           f"folder holds one course; nothing was deleted", flush=True)
             for log in (jsonl, Path(run_dir) / "samples.jsonl"):
                 _end_torn_line(log)
-                if start_step:  # a resume logs the steps after its checkpoint again; a fresh start appends
+                if start_step:  # a resume logs the steps after its checkpoint again
                     _drop_steps_after(log, start_step)
             self.jsonl = open(jsonl, "a")
             (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))

@@ -77,8 +77,9 @@ def _say_validation(val_loader, cfg: PreTrainingConfig) -> None:
 def _say_repeats(val_loader, cfg: PreTrainingConfig) -> None:
     """After the first validation pass: a held-out split smaller than a pass repeats its rows in every pass (the
     figure is still the same each time, but over fewer documents than the flags suggest)."""
-    over = {d: loader.epochs()[d] for d, loader in val_loader.items() if loader.epochs()[d] > 1} \
-        if isinstance(val_loader, dict) else {}
+    if not isinstance(val_loader, dict):
+        return
+    over = {d: e for d, loader in val_loader.items() if (e := loader.epochs()[d]) > 1}
     if over:
         rows = next(iter(val_loader.values())).global_batch
         print(f"scaletrain: validation: the held-out split of {', '.join(over)} is smaller than a pass (--eval-steps "
