@@ -3,8 +3,10 @@ the run's tokenizer (what a loss curve cannot tell: is it learning to write LaTe
 
 Every rank runs the same forward passes (sharded engines gather parameters collectively); rank 0 logs. Greedy
 decoding always; with ``--sample-top-p P`` also one nucleus sample per prompt at temperature 1 from a generator
-seeded by the run's seed and the step, so a resumed run samples what the straight run did. No KV cache: each new
-token runs the whole row again (a few prompts of a few dozen tokens; the cost is logged with evaluation time).
+seeded by the run's seed and the step, so a resumed run samples what the straight run did. All prompts' continuations
+are one batch: each new token is one forward pass of every row (so a sharded engine gathers its parameters once per
+token, not once per token and prompt). No KV cache: each pass runs the whole rows again (a few prompts of a few dozen
+tokens; the cost is logged with evaluation time).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def load_prompts(path: str | None, domains: list[str]) -> dict[str, list[str]]:
         if unknown:
             raise ConfigError(f"--sample-prompts: {path} names {', '.join(unknown)}, which this run does not train "
                               f"on (its domains: {', '.join(domains)})")
+        empty = sorted(d for d, v in data.items() if any(not x.strip() for x in v))
+        if empty:
+            raise ConfigError(f"--sample-prompts: {path}: an empty prompt under {', '.join(empty)}; a continuation "
+                              f"needs some text to follow")
         return {d: data[d] for d in domains if data.get(d)}
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -62,21 +68,30 @@ def _top_p(logits: torch.Tensor, p: float, generator: torch.Generator) -> int:
 
 
 @torch.no_grad()
-def continue_prompt(forward, ids: list[int], new_tokens: int, max_len: int, device: torch.device,
-                    eos_id: int | None, top_p: float = 0.0, generator: torch.Generator | None = None) -> list[int]:
-    """``new_tokens`` more ids after ``ids`` (greedy, or nucleus with ``top_p``); stops at EOS. The same number of
-    forward passes on every rank whatever it generates (a sharded engine's forward is a collective)."""
-    out = list(ids)
-    stopped = False
+def continue_prompts(forward, rows: list[list[int]], new_tokens: int, max_len: int, device: torch.device,
+                     eos_id: int | None, top_ps: list[float], generator: torch.Generator | None = None
+                     ) -> list[list[int]]:
+    """``new_tokens`` more ids after each of ``rows``, all rows in one batch per token (greedy where ``top_ps[i]``
+    is 0, else nucleus); a row stops at EOS. Rows are padded on the right: under causal attention a row's tokens
+    never see the padding after them, so each row's next token is read at its own last position and equals what
+    the row alone would give. The same number of forward passes on every rank whatever it generates (a sharded
+    engine's forward gathers parameters collectively; the activations' shapes may differ between ranks)."""
+    outs = [list(r) for r in rows]
+    stopped = [False] * len(rows)
     for _ in range(new_tokens):
-        row = torch.tensor([out[-max_len:]], device=device)
-        logits = forward(row)[0, -1]
-        if stopped:
-            continue
-        nxt = int(logits.argmax()) if not top_p else _top_p(logits, top_p, generator)
-        out.append(nxt)
-        stopped = eos_id is not None and nxt == eos_id
-    return out[len(ids):]
+        windows = [o[-max_len:] for o in outs]
+        lengths = torch.tensor([len(w) for w in windows])
+        batch = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, w in enumerate(windows):
+            batch[i, :len(w)] = torch.tensor(w)
+        logits = forward(batch.to(device))[torch.arange(len(rows), device=device), lengths.to(device) - 1]
+        for i, p in enumerate(top_ps):
+            if stopped[i]:
+                continue
+            nxt = int(logits[i].argmax()) if not p else _top_p(logits[i], p, generator)
+            outs[i].append(nxt)
+            stopped[i] = eos_id is not None and nxt == eos_id
+    return [o[len(r):] for o, r in zip(outs, rows)]
 
 
 class Sampler:
@@ -97,18 +112,19 @@ class Sampler:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         out: dict[str, list[tuple[str, str, str]]] = {}
+        hows = [("greedy", 0.0)] + ([(f"top-p {cfg.sample_top_p:g}", cfg.sample_top_p)] if cfg.sample_top_p else [])
+        jobs = []  # (domain, prompt, how, top_p, ids): every prompt's continuations, generated as one batch
+        for domain, prompts in self.prompts.items():
+            for prompt in prompts:
+                ids = [int(i) for i in self.tok.encode(prompt)]
+                if self.info.add_bos and self.info.bos_id is not None:
+                    ids = [self.info.bos_id] + ids
+                jobs += [(domain, prompt, how, p, ids) for how, p in hows]
         try:
-            for domain, prompts in self.prompts.items():
-                for prompt in prompts:
-                    ids = [int(i) for i in self.tok.encode(prompt)]
-                    if self.info.add_bos and self.info.bos_id is not None:
-                        ids = [self.info.bos_id] + ids
-                    hows = [("greedy", 0.0)] + ([(f"top-p {cfg.sample_top_p:g}", cfg.sample_top_p)]
-                                                if cfg.sample_top_p else [])
-                    for how, p in hows:
-                        new = continue_prompt(module, ids, cfg.sample_tokens, cfg.max_seq_length, self.device,
-                                              self.info.eos_id, p, gen)
-                        out.setdefault(domain, []).append((prompt, how, self.tok.decode(new)))
+            new = continue_prompts(module, [j[4] for j in jobs], cfg.sample_tokens, cfg.max_seq_length, self.device,
+                                   self.info.eos_id, [j[3] for j in jobs], gen)
+            for (domain, prompt, how, _, _), ids in zip(jobs, new):
+                out.setdefault(domain, []).append((prompt, how, self.tok.decode(ids)))
         finally:
             module.train(was_training)
         return out

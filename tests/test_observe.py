@@ -101,3 +101,56 @@ def test_observe_flags_are_checked(tmp_path):
                   check=False)
     assert proc.returncode == 1
     assert "error: --memory-snapshot: records the CUDA allocator's history; this run is on cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_samples_of_all_prompts_in_one_batch_equal_each_prompt_alone(masking):
+    """Every prompt's continuation is generated in one batch, one forward pass per new token, padded on the right;
+    each greedy row equals the row decoded alone (rows of different lengths, one cut to the model's window, one
+    stopping at EOS early), with and without document masking."""
+    import torch
+
+    from scaletrain.model import Llama, get_model_config
+    from scaletrain.samples import continue_prompts
+
+    torch.manual_seed(0)
+    model = Llama(get_model_config("tiny")).eval()
+    eos = 3
+    if masking:
+        model.set_document_masking(eos)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(4, 512, (n,), generator=g).tolist() for n in (3, 11, 1, 6)]
+    rows[1][4] = eos  # a document boundary inside a prompt
+    max_len, new_tokens = 8, 7
+
+    def alone(ids, stop):
+        out = list(ids)
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([out[-max_len:]]))[0, -1].argmax())
+            out.append(nxt)
+            if nxt == stop:
+                break
+        return out[len(ids):]
+
+    expected = [alone(r, None) for r in rows]
+    # an EOS id that makes one row stop after its third new token, as that row of the batch must
+    k = 2
+    row = next(i for i, e in enumerate(expected) if e[k] not in e[:k])
+    stop_at = expected[row][k]
+    expected_eos = [alone(r, stop_at) for r in rows]
+    calls = []
+
+    def forward(batch):
+        calls.append(batch.shape)
+        return model(batch)
+
+    assert continue_prompts(forward, rows, new_tokens, max_len, torch.device("cpu"), None, [0.0] * 4) == expected
+    assert len(calls) == new_tokens and all(s[0] == 4 for s in calls), calls
+    got = continue_prompts(model, rows, new_tokens, max_len, torch.device("cpu"), stop_at, [0.0] * 4)
+    assert got == expected_eos and len(got[row]) == k + 1
+    # a nucleus row beside them draws from the seeded generator: the same seed, the same text
+    tops = [0.0, 0.9, 0.0, 0.9]
+    a, b = (continue_prompts(model, rows, new_tokens, max_len, torch.device("cpu"), None, tops,
+                             torch.Generator().manual_seed(5)) for _ in range(2))
+    assert a == b and a[0] == expected[0] and a[2] == expected[2]
