@@ -94,6 +94,9 @@ def test_observe_flags_are_checked(tmp_path):
     bad.write_text(json.dumps({"arxvi": ["x"]}))
     with pytest.raises(ConfigError, match="names arxvi, which this run does not train on"):
         load_prompts(str(bad), ["arxiv", "general"])
+    bad.write_text(json.dumps({"arxiv": ["x", " "]}))
+    with pytest.raises(ConfigError, match="an empty prompt under arxiv"):
+        load_prompts(str(bad), ["arxiv", "general"])
     lines = tmp_path / "p.txt"
     lines.write_text("one\n\ntwo\n")
     assert load_prompts(str(lines), ["a", "b"]) == {"a": ["one", "two"], "b": ["one", "two"]}
