@@ -3,7 +3,7 @@
 # throughput sweeps. Each phase has its own time limit so the script always reaches the end
 # and packs what it measured.
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase)
-# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e docmask memory
+# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e docmask memory loss
 # On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -72,6 +72,9 @@ for p in $PHASES; do
     memory)  # scaletrain estimate vs torch.cuda.max_memory_allocated, every engine, AC off/on (goal: within 10%)
       phase memory 420 python3 benchmarks/memory_estimate.py --models small base large@4 --engines fsdp zero2 zero3 \
         --worlds 1 --checkpointing off on --micro-batch-size 2 --seq 2048 --steps 2 --output "$R" ;;
+    loss)  # the chunked loss vs F.cross_entropy on fp32 logits at a 128k vocabulary: peak memory and time
+      phase loss 120 python3 benchmarks/loss_memory.py --width 2048 --layers 2 --tokens 16384 --repeats 5 \
+        --output "$R" ;;
     *) echo "unknown phase $p" | tee -a "$LOG" ;;
   esac
 done

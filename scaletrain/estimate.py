@@ -48,10 +48,11 @@ Activations, saved for backward, bytes per token of each block (``model/llama.py
   With activation checkpointing each block keeps only its input (a·D per token); one block's activations
   are rebuilt at a time in backward, once the loss's buffers are freed, with its MLP's two gradients 2a·F
   alive at once: the peak holds L·a·D + max(loss, block + 2a·F).
-Loss: the final norm (4 + 2a)·D + 4, the int64 token ids and labels 16; log-softmax keeps its fp32 output 4V
-per token (``tests/test_estimate.py`` checks these saved bytes against autograd's own, exactly), and its
-backward holds that output, its incoming gradient and its result at once: 12V·S bytes at the start of the
-backward (+4V·S with --z-loss, whose logsumexp keeps the fp32 logits).
+Loss: the final norm (4 + 2a)·D + 4, the int64 token ids and labels 16, and the logits a·V, over which the
+loss writes their softmax for backward (``model/loss.py``; ``tests/test_estimate.py`` checks these saved bytes
+against autograd's own, exactly): (4 + 2a)·D + 20 + a·V per token. The loss goes through the logits C rows
+at a time (C·V = 2^24): at the end of the forward a chunk's exp temporary in fp32 and, for bf16/fp16 logits,
+its fp32 copy are alive too, 4·min(C, S)·V or 8·min(C, S)·V more, counted in the loss (so in the max above).
 
 ``resident=True`` estimates resident memory on a CPU, where a buffer counts only the part written (a reduce
 bucket larger than the gradients it holds is not touched past them); on a GPU the allocator reserves it whole.
@@ -132,11 +133,12 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def activation_bytes_per_token(mc, a: int, checkpointing: bool, z_loss: bool = False) -> tuple[int, int]:
-    """(bytes per token held by the blocks at the start of backward, bytes per token of the loss's peak)."""
+def activation_bytes_per_token(mc, a: int, checkpointing: bool, loss_temporary: float = 0) -> tuple[float, float]:
+    """(bytes per token held by the blocks at the start of backward, bytes per token of the loss's peak);
+    ``loss_temporary``: the loss's chunk temporaries at the end of the forward, per token."""
     d, f, h, q = mc.d_model, mc.ffn_dim, mc.n_heads, mc.head_dim
     block = 2 * (4 + 2 * a) * d + 8 + 4 * a * h * q + 4 * h + 4 * a * f
-    loss = (4 + 2 * a) * d + 4 + 16 + 12 * mc.vocab_size + (4 * mc.vocab_size if z_loss else 0)
+    loss = (4 + 2 * a) * d + 4 + 16 + a * mc.vocab_size + loss_temporary
     if not checkpointing:
         return mc.n_layers * block, loss
     # one block rebuilt in backward (after the loss's buffers are gone) with its MLP's two gradients 2a·F:
@@ -177,8 +179,11 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         notes.append("optimizer offload: the fp32 states live in host memory; the device rows count what stays")
 
     tokens = cfg.micro_batch_size * cfg.max_seq_length
-    blocks_pt, loss_pt = activation_bytes_per_token(mc, a, cfg.gradient_checkpointing, cfg.z_loss > 0)
-    activations, loss = blocks_pt * tokens, loss_pt * tokens
+    from scaletrain.model.loss import chunk_rows
+
+    chunk = (4 if a == 4 else 8) * min(chunk_rows(mc.vocab_size), tokens) * mc.vocab_size
+    blocks_pt, loss_pt = activation_bytes_per_token(mc, a, cfg.gradient_checkpointing, chunk / tokens)
+    activations, loss = int(blocks_pt * tokens), int(loss_pt * tokens)
 
     def bucket(elements: float, dtype_bytes: int, holds: float) -> int:
         """A buffer of ``elements``: on a GPU allocated whole; resident on a CPU only where written."""
@@ -252,8 +257,8 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
             "optimizer state": (optim, optim, optim), "activations": (activations, 0, 0),
             "loss and logits": (loss, 0, 0), "buffers": (buffers_bwd, buffers_end, buffers_step)}
     device_bytes = int(device_memory_gib * GiB) if device_memory_gib else None
-    other = activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing)[0] * tokens
-    return MemoryEstimate(engine, rows, (blocks_pt + loss_pt) * cfg.max_seq_length, device_bytes, notes,
+    other = int(activation_bytes_per_token(mc, a, not cfg.gradient_checkpointing, chunk / tokens)[0] * tokens)
+    return MemoryEstimate(engine, rows, int((blocks_pt + loss_pt) * cfg.max_seq_length), device_bytes, notes,
                           cfg.gradient_checkpointing, other)
 
 

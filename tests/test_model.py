@@ -5,7 +5,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaletrain.model import PRESETS, Llama, flops_per_token, get_model_config, hf_state_dict_key, num_params
+from scaletrain.model import (
+    IGNORE_INDEX,
+    PRESETS,
+    Llama,
+    flops_per_token,
+    get_model_config,
+    hf_state_dict_key,
+    num_params,
+)
 
 
 def _hf_model(cfg):
@@ -96,3 +104,63 @@ def test_meta_init_then_materialise_matches_shapes():
     model.to_empty(device="cpu")
     model.init_weights()
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("z_weight", [0.0, 1e-2])
+def test_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype, z_weight, monkeypatch):
+    """The loss in chunks (here 7 rows of a 50-token vocabulary, so 6 chunks with a short last one), its softmax
+    written over the logits for backward, equals F.cross_entropy on the fp32 logits plus the z-term in value
+    and gradient; ignored rows add nothing; without a gradient wanted the logits are left as they were."""
+    import torch.nn.functional as F
+
+    from scaletrain.model import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * 50)
+    torch.manual_seed(0)
+    base = (torch.randn(40, 50) * 3).to(dtype)
+    labels = torch.randint(0, 50, (40,))
+    labels[[0, 13, 14, 39]] = IGNORE_INDEX
+    ref_in = base.clone().requires_grad_()
+    x = ref_in.float()
+    valid = (labels != IGNORE_INDEX).float()
+    ref = F.cross_entropy(x, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref_z = z_weight * (torch.logsumexp(x, -1).square() * valid).sum()
+    (ref + ref_z).mul(0.37).backward()
+    ours_in = base.clone().requires_grad_()
+    logits = ours_in * 1  # a non-leaf, as the lm_head's output is
+    loss, z = loss_mod.cross_entropy_sum(logits, labels, z_weight)
+    loss.mul(0.37).backward()
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(loss, ref + ref_z, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(z, ref_z, rtol=1e-6, atol=1e-6)
+    assert not z.requires_grad
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    assert ours_in.grad[[0, 13, 14, 39]].abs().sum() == 0
+    with torch.no_grad():  # evaluation: no gradient made, the logits untouched
+        before = base.clone()
+        torch.testing.assert_close(loss_mod.cross_entropy_sum(base, labels, z_weight)[0], ref + ref_z,
+                                   rtol=1e-6, atol=1e-5)
+        assert torch.equal(base, before)
+
+
+def test_the_models_loss_is_its_logits_cross_entropy():
+    """Llama(ids, labels) in both reductions equals F.cross_entropy over Llama(ids)'s logits, and its gradients
+    equal that loss's; the loss keeps only the logits for backward (the estimate's a·V per token)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Llama(get_model_config("tiny"))
+    ids, labels = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+    labels[0, :5] = IGNORE_INDEX
+    logits = model(ids)
+    for reduction in ("sum", "mean"):
+        ref = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction=reduction)
+        torch.testing.assert_close(model(ids, labels=labels, reduction=reduction), ref, rtol=1e-6, atol=1e-6)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids, labels=labels).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .loss import IGNORE_INDEX, cross_entropy_sum
 from .presets import ModelConfig
-
-IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
@@ -271,18 +270,20 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         if labels is None:
             return logits
-        logits, labels = logits.float().view(B * T, -1), labels.reshape(B * T)
-        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
-        if not (self.z_loss and self.training):
-            return loss
-        # z-loss (PaLM, Chowdhery et al. 2022, sec. 5): z_loss * log(Z)^2 per target token keeps the softmax
-        # normaliser near 1 (logits from drifting); returned inside the loss, kept apart in last_z_loss for logging
-        targets = (labels != IGNORE_INDEX).float()
-        z = self.z_loss * (torch.logsumexp(logits, dim=-1).square() * targets).sum()
+        # the loss a chunk of rows at a time, its gradient written over the logits (model/loss.py); z-loss (PaLM,
+        # Chowdhery et al. 2022, sec. 5): z_loss * log(Z)^2 per target token keeps the softmax normaliser near 1
+        # (logits from drifting), inside the training loss, kept apart in last_z_loss for logging
+        labels = labels.reshape(B * T)
+        z_weight = self.z_loss if self.training else 0.0
+        loss, z = cross_entropy_sum(logits.view(B * T, -1), labels, z_weight)
         if reduction == "mean":
-            z = z / targets.sum().clamp(min=1)
-        self.last_z_loss = z.detach()
-        return loss + z
+            count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+            loss, z = loss / count, z / count
+        elif reduction != "sum":
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        if z_weight:
+            self.last_z_loss = z
+        return loss
 
 
 def hf_state_dict_key(name: str) -> str:
