@@ -61,7 +61,9 @@ class MetricsLogger:
     """Fans metrics out to the console, ``metrics.jsonl``, TensorBoard and W&B (rank 0 only)."""
 
     def __init__(self, cfg, run_dir: str, enabled: bool, config_dict: dict[str, Any], start_step: int = 0,
-                 resumed: bool = False) -> None:
+                 resumed: bool = False, rollback: bool = False) -> None:
+        """``rollback``: the run resumed a checkpoint older than its newest one (a crash resumes its newest: the
+        steps it logs again are the ones W&B has, by exact resume)."""
         self.enabled = enabled
         self.tb = self.wandb = self.bar = None
         self.jsonl = None
@@ -82,10 +84,11 @@ class MetricsLogger:
                     print(f"scaletrain: run '{cfg.run_name}' starts over: the logs of its earlier start "
                           f"(metrics.jsonl, TensorBoard events, W&B id, ...) moved to {aside}, so that the run's "
                           f"folder holds one course; nothing was deleted", flush=True)
+            dropped = []
             for log in (jsonl, Path(run_dir) / "samples.jsonl"):
                 _end_torn_line(log)
                 if start_step:  # a resume logs the steps after its checkpoint again
-                    _drop_steps_after(log, start_step)
+                    dropped.append(_drop_steps_after(log, start_step))
             self.jsonl = open(jsonl, "a")
             (Path(run_dir) / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         except OSError as e:
@@ -100,7 +103,9 @@ class MetricsLogger:
             self.tb = SummaryWriter(log_dir=run_dir, purge_step=start_step + 1 if start_step else None)
             _quiet_tensorboard_thread()
         if cfg.use_wandb:
-            self.wandb = _init_wandb(cfg, run_dir, config_dict)
+            last = max((d for d in dropped if d is not None), default=None)
+            self.wandb = _init_wandb(cfg, run_dir, config_dict,
+                                     (start_step, last) if rollback and last is not None else None)
 
     def advance(self) -> None:
         """One optimizer step done (moves the progress bar; no host sync)."""
@@ -285,15 +290,18 @@ def set_aside_earlier_logs(run_folder: Path) -> Path | None:
     return aside
 
 
-def _drop_steps_after(jsonl: Path, step: int) -> None:
-    """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again)."""
+def _drop_steps_after(jsonl: Path, step: int) -> int | None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again); returns the
+    last step dropped, or None."""
     if not jsonl.exists():
-        return
+        return None
     lines = jsonl.read_text().splitlines(keepends=True)
-    kept = []
+    kept, dropped = [], None
     for line in lines:
         try:
-            if int(json.loads(line)["step"]) > step:
+            logged = int(json.loads(line)["step"])
+            if logged > step:
+                dropped = max(dropped or logged, logged)
                 continue
         except (ValueError, KeyError, TypeError):
             pass  # another writer's line: kept as it was
@@ -302,13 +310,14 @@ def _drop_steps_after(jsonl: Path, step: int) -> None:
         tmp = jsonl.with_name(jsonl.name + ".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, jsonl)
+    return dropped
 
 
-def wandb_run_id(run_dir: str) -> str:
+def wandb_run_id(run_dir: str, new: bool = False) -> str:
     """The W&B run id of this run folder: made once, kept in ``run_dir/wandb_id``, so every start of the run (a
-    resume, a requeued job) continues the same W&B run."""
+    resume, a requeued job) continues the same W&B run; ``new``: a fresh one replaces it."""
     path = Path(run_dir) / "wandb_id"
-    if path.exists():
+    if path.exists() and not new:
         return path.read_text().strip()
     import secrets
 
@@ -317,8 +326,13 @@ def wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
-def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
-    """W&B run, or None with a warning: a logging service must never stop training."""
+def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any], rewound: tuple[int, int] | None = None):
+    """W&B run, or None with a warning: a logging service must never stop training. Every start of a run goes to W&B
+    group ``run_name``. ``rewound`` (resumed step, last step logged): a rollback, the resume of an older checkpoint
+    than the run's newest, from before steps W&B has already recorded. W&B keeps a run's steps increasing and
+    ignores steps logged below its last one (rewinding a run is a preview feature of its server), so the steps after
+    the checkpoint would be dropped up to the last logged one, and its charts keep the abandoned course. This course
+    logs to a new W&B run of the same group instead, and the earlier run keeps the abandoned steps."""
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not os.environ.get("WANDB_API_KEY"):
         warnings.warn(f"--use-wandb without WANDB_API_KEY: logging offline to {os.path.join(run_dir, 'wandb')} "
@@ -327,8 +341,16 @@ def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any]):
     try:
         import wandb
 
-        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_name,
-                          id=wandb_run_id(run_dir), resume="allow", config=config_dict, dir=run_dir, mode=mode,
+        run_id = wandb_run_id(run_dir)
+        if rewound is not None and (Path(run_dir) / "wandb_id").exists():
+            earlier, run_id = run_id, wandb_run_id(run_dir, new=True)
+            config_dict = {**config_dict, "rewound_from": {"wandb_run": earlier, "step": rewound[0],
+                                                           "last_logged_step": rewound[1]}}
+            print(f"scaletrain: resumed at step {rewound[0]}, before step {rewound[1]} that W&B run {earlier} has "
+                  f"already recorded (W&B ignores steps logged out of order): this course logs to a new W&B run "
+                  f"{run_id} in group {cfg.run_name!r}; {earlier} keeps the abandoned steps", flush=True)
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_name, group=cfg.run_name,
+                          id=run_id, resume="allow", config=config_dict, dir=run_dir, mode=mode,
                           settings=wandb.Settings(init_timeout=60, silent=True))
     except Exception as e:  # network down, bad key, ...
         print(f"warning: Weights & Biases disabled: {e}", file=sys.stderr, flush=True)

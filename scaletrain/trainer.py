@@ -264,7 +264,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 print(f"scaletrain: the run is complete at --max-steps {cfg.max_steps}: nothing to train (give a "
                       f"larger --max-steps to go on)", flush=True)
     logger = MetricsLogger(cfg, os.path.join(cfg.run_dir, cfg.run_name), env.is_main, cfg.to_dict(), state.step,
-                           resumed=bool(plan.resume))
+                           resumed=bool(plan.resume), rollback=ckpt.rolled_back)
     fpt = flops_per_token(model_cfg, cfg.max_seq_length)
     peak = _resolve_peak(cfg, env.device)
     estimate = engine.memory_estimate(model_cfg)

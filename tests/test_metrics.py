@@ -258,11 +258,11 @@ def test_throughput_stops_the_doubling_where_memory_runs_out(tmp_path):
 
 
 def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monkeypatch):
-    """No --checkpoint-dir: run `a` keeps config, metrics, TensorBoard events, W&B files and checkpoints in
-    runs/a. Restarted from its step-2 checkpoint (a crash after step 6, say), the steps after 2 are logged once,
-    in metrics.jsonl and in TensorBoard, and W&B continues the same run id. Run `b` with --resume auto does not
-    take `a`'s checkpoints; --resume latest without a run name asks which run. A line the crash cut short is
-    dropped, not joined to the next one logged."""
+    """No --checkpoint-dir: run `a` keeps config, metrics, TensorBoard events, W&B files and checkpoints in runs/a.
+    Rolled back to its step-2 checkpoint, the steps after 2 are logged once, in metrics.jsonl and in TensorBoard,
+    and to a new W&B run of the same group; resumed from its newest, the same W&B run goes on. Run `b` with --resume
+    auto does not take `a`'s checkpoints; --resume latest without a run name asks which run. A line the crash cut
+    short is dropped, not joined to the next one logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -282,9 +282,22 @@ def test_one_folder_per_run_and_a_resumed_run_continues_its_logs(tmp_path, monke
     acc = EventAccumulator(str(run))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]  # purged, then logged again: once each
+    # a rollback (step 2 resumed, step 6 the newest checkpoint): W&B ignores steps below its last one, so the
+    # new course goes to a new W&B run of the group `a`; the first keeps steps 1-6 of the abandoned course
+    first_id = sorted((run / "wandb").glob("offline-run-*"))[0].name.rsplit("-", 1)[1]
     run_id = (run / "wandb_id").read_text().strip()
-    starts = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(starts) == 2 and all(p.name.endswith(run_id) for p in starts)  # one W&B run, two starts
+    assert run_id != first_id and sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")) \
+        == sorted([first_id, run_id])
+    assert f"scaletrain: resumed at step 2, before step 6 that W&B run {first_id} has already recorded" in again.stdout
+    assert f"logs to a new W&B run {run_id} in group 'a'" in again.stdout
+    # a crash after step 7 was logged, resumed from the newest checkpoint (6): the steps logged again are those
+    # W&B has (an exact resume), and the W&B run goes on
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 4.1}\n')
+    crash = launch("python", args + ["--max-steps", "8", "--resume", "latest"], tmp_path, run_name="a", cwd=tmp_path)
+    assert "at step 6" in crash.stdout and "new W&B run" not in crash.stdout
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert [m["step"] for m in read_metrics(tmp_path, "a")] == [1, 2, 3, 4, 5, 6, 7, 8]
     other = launch("python", args + ["--resume", "auto"], tmp_path, run_name="b", cwd=tmp_path)
     assert "resumed" not in other.stdout and (tmp_path / "runs" / "b" / "checkpoints" / "final").is_dir()
     ask = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *RUN, "--resume", "latest",

@@ -66,6 +66,7 @@ class CheckpointManager:
         self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, env.world_size, group,
                                      estimate_bytes=checkpoint_bytes(model_cfg))
         self.group = group
+        self.rolled_back = False  # set by resume: it moved checkpoints past the resumed one aside (rank 0)
         self.model_cfg, self.tokenizer, self.tokenizer_file = model_cfg, tokenizer, tokenizer_file
         self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
         self.last_saved: Path | None = None
@@ -183,5 +184,6 @@ class CheckpointManager:
         self.loader.load_state_dict(run_state["data"])
         if self.env.is_main:  # a rollback: what lies past this step is of the course the run leaves
             moved = set_aside_later(self.store.dir, path, self.state.step)
+            self.rolled_back = moved is not None
             if moved:
                 warn(moved)
