@@ -11,8 +11,9 @@ writes its gradient; the logits are the lm_head's output, needed by nothing else
 buffer by the incoming gradient g and subtracts g at each label, a chunk at a time in fp32. So the loss holds
 the logits buffer (a·V bytes per token, a the logits' dtype size) and the labels, plus one chunk's fp32
 temporaries, with log-softmax's arithmetic and no recomputation (measured in fp32 against float64: the same
-mean relative error per gradient element as F.cross_entropy's, 2.45e-7). Rows labelled ``IGNORE_INDEX``
-contribute nothing.
+mean relative error per gradient element as F.cross_entropy's, 2.45e-7). fp16 logits hold the softmax times
+``FP16_SCALE``, so small probabilities stay out of fp16's subnormals. Rows labelled ``IGNORE_INDEX`` contribute
+nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32 (131 rows at a 128k vocabulary)
+# fp16 logits hold the softmax times this: fp16's normal range starts at 6.1e-5, so a 128k vocabulary's
+# probabilities (~1e-5 and below) would be subnormal, rounded to 6e-8 steps; times 2^10 they keep 11 bits
+# down to 6e-8 (before, the gradient was stored in fp16 after the loss scale, which plays the same part)
+FP16_SCALE = 1024.0
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -53,6 +58,8 @@ class _CrossEntropySum(torch.autograd.Function):
                 if z_weight:  # d(z·lse²)/dx = 2·z·lse·softmax
                     x.mul_((1 + 2 * z_weight * lse)[:, None])
                 x.mul_(valid[:, None])
+                if logits.dtype == torch.float16:
+                    x.mul_(FP16_SCALE)
                 if x.dtype != logits.dtype:
                     logits[s:s + step].copy_(x)
         if want_grad:
@@ -71,7 +78,7 @@ class _CrossEntropySum(torch.autograd.Function):
             x = d_logits[s:s + step].float()
             y = labels[s:s + step]
             valid = y != IGNORE_INDEX
-            x.mul_(grad)
+            x.mul_(grad / FP16_SCALE if d_logits.dtype == torch.float16 else grad)
             x.scatter_add_(1, torch.where(valid, y, 0)[:, None], (-grad * valid)[:, None].to(x.dtype))
             if x.dtype != d_logits.dtype:
                 d_logits[s:s + step].copy_(x)
