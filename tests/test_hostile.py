@@ -141,6 +141,41 @@ def test_lock_rules(tmp_path, monkeypatch):
     held.release()
 
 
+def test_a_lock_of_an_ended_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """The next job of a chain (--dependency=afterany) after a job killed outright on another node: the lock,
+    refreshed seconds ago, is taken over once Slurm says the holder's job ended (or no longer knows it); a job
+    that is running, or requeued and pending, keeps its lock; without scontrol the 10 minutes rule stays."""
+    standin = tmp_path / "slurm"
+    standin.mkdir()
+    monkeypatch.setenv("PATH", f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_STANDIN_DIR", str(standin))
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    record = {"host": "node-7", "pid": 1234, "run_name": "chain", "slurm_job_id": "100", "started": "earlier"}
+    for state in ("RUNNING", "PENDING", "COMPLETING"):
+        (standin / "jobstate_100").write_text(state)
+        (folder / LOCK).write_text(json.dumps(record))
+        with pytest.raises(CheckpointError, match=r"in use by run 'chain' \(pid 1234 on node-7"):
+            FolderLock(folder, "chain")
+    for state in ("NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED"):
+        (standin / "jobstate_100").write_text(state)
+        (folder / LOCK).write_text(json.dumps(record))
+        lock = FolderLock(folder, "chain")
+        assert f"its Slurm job 100 has ended ({state})" in lock.warning
+        assert json.loads((folder / LOCK).read_text())["slurm_job_id"] == "101"
+        lock.release()
+    (standin / "jobstate_100").unlink()  # ended long ago: the controller has forgotten it
+    (folder / LOCK).write_text(json.dumps(record))
+    lock = FolderLock(folder, "chain")
+    assert "its Slurm job 100 is no longer known to Slurm (it ended)" in lock.warning
+    lock.release()
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol here: only the age can tell
+    (folder / LOCK).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="in use by run 'chain'"):
+        FolderLock(folder, "chain")
+
+
 # ---- 2. a save failing on one rank -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["fsdp", "zero2"])
 def test_a_save_failing_on_one_rank_stops_every_rank_at_once(tmp_path, kind):

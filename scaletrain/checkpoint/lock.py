@@ -2,16 +2,25 @@
 
 The lock file holds the holder's host, pid, run name, Slurm job id and start time; the holder touches it
 every 30 s. A second run on the same folder stops and names the holder, unless the lock is stale: its
-process is gone (same host), it belongs to this same Slurm job (a requeued attempt), or nobody touched it
-for 10 minutes (a holder on another host that died). A stale lock is taken over with a warning;
-``--force-lock`` takes any lock (for a holder you know is dead).
+process is gone (same host), it belongs to this same Slurm job (a requeued attempt), its Slurm job has ended
+(``scontrol show job`` says so, or no longer knows the job), or nobody touched it for 10 minutes (a holder on
+another host that died). A stale lock is taken over with a warning; ``--force-lock`` takes any lock (for a
+holder you know is dead).
+
+The Slurm check is for job chains (``sbatch --dependency=afterany:<job>``, the usual way to train for weeks):
+a job killed outright (node failure, out-of-memory kill) cannot release its lock, and the next job of the
+chain starts seconds later on another node. Without the check it was refused, and so was every job after it
+that started within the 10 minutes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -33,6 +42,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# the states of a job that will not run again (a requeued one is PENDING, REQUEUED or RUNNING once more)
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+
+
+def slurm_job_state(job: str) -> str | None:
+    """Slurm job ``job``'s state as ``scontrol show job`` reports it (RUNNING, NODE_FAIL, ...), ``"UNKNOWN"``
+    when the controller no longer knows the job (it ended more than MinJobAge ago), or None when Slurm cannot
+    be asked (no scontrol, no answer)."""
+    exe = shutil.which("scontrol")
+    if exe is None or not re.fullmatch(r"[0-9_]+", job):
+        return None
+    try:
+        p = subprocess.run([exe, "show", "job", "--oneliner", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if p.returncode != 0:
+        return "UNKNOWN" if "invalid job id" in (p.stdout + p.stderr).lower() else None
+    m = re.search(r"\bJobState=([A-Z_]+)", p.stdout)
+    return m.group(1) if m else None
+
+
 def _stale(holder: dict, age_s: float) -> str | None:
     """Why the lock may be taken over, or None when its holder may still be running."""
     if holder.get("host") == socket.gethostname():
@@ -44,6 +75,12 @@ def _stale(holder: dict, age_s: float) -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job_id") == job:
         return f"it is an earlier attempt of this Slurm job {job}"
+    if holder.get("slurm_job_id"):
+        state = slurm_job_state(str(holder["slurm_job_id"]))
+        if state in ENDED_STATES:
+            return f"its Slurm job {holder['slurm_job_id']} has ended ({state})"
+        if state == "UNKNOWN":
+            return f"its Slurm job {holder['slurm_job_id']} is no longer known to Slurm (it ended)"
     if age_s > STALE_S:
         return f"it was last refreshed {age_s / 60:.0f} minutes ago"
     return None
