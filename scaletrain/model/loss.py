@@ -88,6 +88,6 @@ class _CrossEntropySum(torch.autograd.Function):
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_weight: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy + z_weight·Σ lse², the z-term alone, detached) over rows of ``logits`` (N, V) whose
-    ``labels`` (N,) are not ``IGNORE_INDEX``. With a gradient wanted, ``logits`` is overwritten by it: pass
-    the lm_head's output, used by nothing else."""
+    ``labels`` (N,) are not ``IGNORE_INDEX``. With a gradient wanted, ``logits`` is overwritten by their softmax
+    (backward makes the gradient there): pass the lm_head's output, used by nothing else."""
     return _CrossEntropySum.apply(logits, labels, float(z_weight))
