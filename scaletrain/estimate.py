@@ -23,6 +23,11 @@ States (persistent from the first optimizer step on):
     master partition 4P/N, moments 8P/N; the gradients' reduce buckets, a·B each (B = reduce_bucket_size
     elements, two with overlap_comm), the partition's gradients a·P/N, and at the step their fp32 copy
     4P/N (none in fp32, where ``.to(float32)`` returns the same tensor) and the optimizer's temporary 4P/N.
+    In bf16/fp16 with ``data_types.grad_accum_dtype`` fp32 (our configs) the partition's gradients are a
+    flat fp32 buffer 4P/N from the first reduce on (so no copy at the step), and backward ends in reduces,
+    one rank's part at a time (m = min(B, P/N) elements a call), that flatten it (a·m) and cast it to
+    ``communication_data_type`` (c·m, when c ≠ a); gloo copies that again on CPU, c·m·(1 + 1/N) at N > 1
+    (measured, small at world 2: 405 MiB that the estimate lacked before).
   * DeepSpeed ZeRO-3: parameter partitions a·P/N, fp32 master 4P/N, moments 8P/N, the flat fp32 gradient
     partition 4P/N (allocated at initialisation, so present at both moments) and the reduce bucket c·B (c the
     bytes of ``communication_data_type``, fp32 in our configs: the bucket is allocated in it);
@@ -214,12 +219,25 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         n_buckets = 2 if zero.get("overlap_comm", False) else 1
         params = a * p + 4 * shard  # the model whole in the compute dtype + fp32 master partition
         optim = 8 * shard
-        # the partition's gradients, and at the step their fp32 copy (``.to(float32)``: none when they are fp32)
-        grads = a * shard + (4 * shard if a != 4 else 0)
         buckets = sum(bucket(b, a, max(0.0, p - i * b)) for i in range(n_buckets))
         temp = 0 if fused else 4 * shard
         buffers_bwd, buffers_step, buffers_end = buckets, buckets + temp, buckets
-        grads_end = a * shard
+        accum = str(((ds_config or {}).get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+        if a != 4 and accum in ("fp32", "float32"):
+            # bf16/fp16 with grad_accum_dtype fp32: the partition's gradients live in a flat fp32 buffer from the
+            # first reduce on (so the step makes no fp32 copy), and each reduce flattens its gradients (a·m, m
+            # elements a call: up to the bucket, and the part one rank owns) and casts them to the communication
+            # dtype (c·m); gloo copies that again on CPU. Measured (small, 2 CPU ranks): the peak is there, 405
+            # MiB above the model without these terms
+            grads = grads_end = 4 * shard
+            c = _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)
+            m = min(b, shard)
+            buffers_end += int(a * m + (c * m if c != a else 0)
+                               + (c * m * (1 + 1 / n) if device_type == "cpu" and n > 1 else 0))
+        else:
+            # the partition's gradients, and at the step their fp32 copy (``.to(float32)``: none when they are fp32)
+            grads = a * shard + (4 * shard if a != 4 else 0)
+            grads_end = a * shard
         if offload:
             params, optim = a * p, 0
             grads, buffers_step = a * shard, buckets
