@@ -209,8 +209,12 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
             gathered_grads = (a + 4) * pb  # one block's, before its reduce-scatter
         buffers_bwd, buffers_step = gathered + gathered_grads, temp
         # the backward ends in the root (lm_head first, the embedding last): it is gathered, with its gradients
-        # unsharded before their reduce-scatter (with accumulation, every unsharded gradient until the last one)
-        buffers_end = 2 * a * pr + (a * p if cfg.gradient_accumulation_steps > 1 else 0)
+        # unsharded until they are copied into the reduce-scatter's input (fp32, the reduce dtype), which is
+        # kept, with its output 4·P_r/N, to the end of backward (with accumulation, every unsharded gradient
+        # until the last one)
+        rs_in = 4 * pr
+        buffers_end = max(2 * a * pr + rs_in, a * pr + rs_in + rs_in // n) \
+            + (a * p if cfg.gradient_accumulation_steps > 1 else 0)
         if offload:
             params, optim, grads, temp = 0, 0, 0, 0
             buffers_step = 0
