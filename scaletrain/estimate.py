@@ -5,6 +5,7 @@ The peak of a step is the largest of three moments (Megatron's ``report_theoreti
 
     backward start: states + gathered parameters + activations of every block + the loss's buffers
     backward end:   states + gradients + the root (embedding, lm_head) gathered with its unsharded gradients
+                    (FSDP2: and their reduce-scatter's fp32 input 4·P_r, kept with its output to the end)
     optimizer step: states + gradients + the optimizer's temporaries (+ the engine's gradient buffers)
 
 Symbols: P parameters (a tied embedding counted once), N world size, a bytes of the compute dtype (2 for
