@@ -270,7 +270,7 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         if labels is None:
             return logits
-        # the loss a chunk of rows at a time, its gradient written over the logits (model/loss.py); z-loss (PaLM,
+        # the loss a chunk of rows at a time, their softmax written over the logits (model/loss.py); z-loss (PaLM,
         # Chowdhery et al. 2022, sec. 5): z_loss * log(Z)^2 per target token keeps the softmax normaliser near 1
         # (logits from drifting), inside the training loss, kept apart in last_z_loss for logging
         labels = labels.reshape(B * T)
