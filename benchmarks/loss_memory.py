@@ -25,11 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import child_env, rss_mib  # noqa: E402
+from benchmarks.common import child_env, own_mappings, rss_mib  # noqa: E402
 
 
 def worker(a: argparse.Namespace) -> None:
-    import ctypes
     import dataclasses
 
     import torch
@@ -37,8 +36,7 @@ def worker(a: argparse.Namespace) -> None:
 
     from scaletrain.model import Llama, get_model_config
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: freed tensors leave the resident set
+    own_mappings()  # freed tensors leave the resident set
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
@@ -61,7 +59,7 @@ def worker(a: argparse.Namespace) -> None:
 
     step()
     model.zero_grad(set_to_none=False)  # the gradients' memory stays allocated, outside the measured part
-    libc.malloc_trim(0)
+    own_mappings()  # what the warm-up freed into the heap goes back
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

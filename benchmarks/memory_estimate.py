@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import child_env, engine_argv, free_port, rss_mib  # noqa: E402
+from benchmarks.common import child_env, engine_argv, free_port, own_mappings, rss_mib  # noqa: E402
 
 
 def _warm_up(cfg, cls) -> None:
@@ -60,17 +60,6 @@ def _warm_up(cfg, cls) -> None:
     engine.train_step([(x, x, x.numel())])
     del engine  # not closed: that would end the process group the run goes on with
     gc.collect()
-
-
-def _own_mappings() -> None:
-    """glibc: blocks of 64 KiB and up in mappings of their own, unmapped when freed (what MALLOC_MMAP_THRESHOLD_
-    asks at the start; ``deepspeed.py``'s ZeRO-3 build leaves it at 32 MiB, under which freed tensors stay in the
-    heap and in RSS: ZeRO-3 tiny measured 1.4x the estimate that way, a heap's high-water mark, not tensors)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)  # and what the build freed into the heap goes back
 
 
 class Peaks:
@@ -136,7 +125,7 @@ def worker(a: argparse.Namespace) -> None:
     def engine_init(self, model, cfg, env, **kwargs):
         self._estimate_model_config = model.config
         real_engine_init(self, model, cfg, env, **kwargs)
-        _own_mappings()  # the ZeRO-3 build sets glibc's threshold to 32 MiB afterwards (engine/deepspeed.py)
+        own_mappings()  # the ZeRO-3 build sets glibc's threshold to 32 MiB afterwards (engine/deepspeed.py)
 
     cls.__init__ = engine_init
     trainer.train(cfg)

@@ -235,7 +235,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
             # dtype (c·m); gloo copies that again on CPU. Measured (small, 2 CPU ranks): the peak is there, 405
             # MiB above the model without these terms
             grads = grads_end = 4 * shard
-            c = _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)
+            c = _comm_bytes(ds_config, a)
             m = min(b, shard)
             buffers_end += int(a * m + (c * m if c != a else 0)
                                + (c * m * (1 + 1 / n) if device_type == "cpu" and n > 1 else 0))
@@ -262,7 +262,7 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
         gathered = a * (p - small) if min(live, reuse) >= p else int(a * min(p - small, pb + prefetch))
         sub = int(min(group, shard))
         temp = 4 * sub + (0 if fused else 4 * sub)  # a sub-group's flattened fp32 gradients (+ foreach's temporary)
-        c = _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)
+        c = _comm_bytes(ds_config, a)
         reduce_bucket = bucket(b, c, p)
         interleaved = int(c * min(b, p))  # reduce_scatter_coalesced's copy, written whole
         gloo = int(c * min(b, p) * (1 + 1 / n)) if device_type == "cpu" and n > 1 else 0
@@ -286,6 +286,11 @@ def estimate_memory(cfg, model_config, world_size: int, resident: bool = False, 
 
 
 _COMM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # the names DeepSpeed accepts for communication_data_type
+
+
+def _comm_bytes(ds_config: dict | None, a: int) -> int:
+    """Bytes an element of ``communication_data_type`` (unset: the compute dtype's, ``a``)."""
+    return _COMM_BYTES.get(str((ds_config or {}).get("communication_data_type") or "").lower(), a)
 
 
 def _persistent_elements(mc, threshold: float) -> int:

@@ -301,7 +301,7 @@ def _drop_steps_after(jsonl: Path, step: int) -> int | None:
         try:
             logged = int(json.loads(line)["step"])
             if logged > step:
-                dropped = max(dropped or logged, logged)
+                dropped = logged if dropped is None else max(dropped, logged)
                 continue
         except (ValueError, KeyError, TypeError):
             pass  # another writer's line: kept as it was
@@ -341,9 +341,10 @@ def _init_wandb(cfg, run_dir: str, config_dict: dict[str, Any], rewound: tuple[i
     try:
         import wandb
 
-        run_id = wandb_run_id(run_dir)
-        if rewound is not None and (Path(run_dir) / "wandb_id").exists():
-            earlier, run_id = run_id, wandb_run_id(run_dir, new=True)
+        id_file = Path(run_dir) / "wandb_id"
+        earlier = id_file.read_text().strip() if rewound is not None and id_file.exists() else None
+        run_id = wandb_run_id(run_dir, new=earlier is not None)
+        if earlier is not None:
             config_dict = {**config_dict, "rewound_from": {"wandb_run": earlier, "step": rewound[0],
                                                            "last_logged_step": rewound[1]}}
             print(f"scaletrain: resumed at step {rewound[0]}, before step {rewound[1]} that W&B run {earlier} has "
