@@ -117,10 +117,12 @@ def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path |
     for source in cfg.data_sources:
         infos[source] = load_manifest(Path(cfg.data_dir) / source).tokenizer
     first = next(iter(infos.values()))
-    if any(t.identity != first.identity or t.add_bos != first.add_bos for t in infos.values()):
-        detail = ", ".join(f"{s}: {t.name} ({t.identity[:19]}..., add_bos={t.add_bos})" for s, t in infos.items())
-        raise ShardError(f"--data-sources were prepared with different tokenizers or BOS settings ({detail}); "
-                         f"prepare them all the same way")
+    if any((t.identity, t.add_bos, t.parse_special) != (first.identity, first.add_bos, first.parse_special)
+           for t in infos.values()):
+        detail = ", ".join(f"{s}: {t.name} ({t.identity[:19]}..., add_bos={t.add_bos}, parse_special="
+                           f"{t.parse_special})" for s, t in infos.items())
+        raise ShardError(f"--data-sources were prepared with different tokenizers, BOS or special-token settings "
+                         f"({detail}); prepare them all the same way (--add-bos, --parse-special-tokens)")
     file = Path(cfg.data_dir) / cfg.data_sources[0] / TOKENIZER_FILE
     if first.kind == "hf":
         if not file.is_file():

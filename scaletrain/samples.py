@@ -103,7 +103,7 @@ class Sampler:
         self.cfg, self.device = cfg, device
         self.info = tokenizer_info
         self.tok = load_tokenizer(str(tokenizer_file) if tokenizer_file else None, tokenizer_info.eos_token,
-                                  tokenizer_info.bos_token)
+                                  tokenizer_info.bos_token, tokenizer_info.parse_special)
         self.prompts = load_prompts(cfg.sample_prompts, list(cfg.data_sources))
 
     def sample(self, module, step: int) -> dict[str, list[tuple[str, str, str]]]:

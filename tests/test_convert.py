@@ -233,7 +233,7 @@ def _bpe_with_s_tokens(raw, path):
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["byte", "bpe", "bpe_add_bos"])
+@pytest.mark.parametrize("kind", ["byte", "bpe", "bpe_add_bos", "bpe_parse_special"])
 def test_exported_tokenizer_encodes_as_training_did(tmp_path, kind):
     """The export carries the run's tokenizer (read from the checkpoint alone: the shards are gone): AutoTokenizer
     encodes a held-out text to exactly the ids prepare wrote, the special tokens agree everywhere, no token is
@@ -248,15 +248,16 @@ def test_exported_tokenizer_encodes_as_training_did(tmp_path, kind):
 
     raw = create_sample_pretraining_data(tmp_path / "raw", scale=0.02)
     tok = None if kind == "byte" else _bpe_with_s_tokens(raw["general"], tmp_path / "tok.json")
-    add_bos = kind == "bpe_add_bos"
+    add_bos, parse = kind == "bpe_add_bos", kind == "bpe_parse_special"
     data = tmp_path / "pre"
     prepare_domain("general", [str(raw["general"])], str(data), tokenizer=tok, add_bos=add_bos, quiet=True,
-                   shard_tokens=8192, chunk_tokens=1024)
+                   shard_tokens=8192, chunk_tokens=1024, parse_special=parse)
     (tmp_path / "held.jsonl").write_text(json.dumps({"text": HELD_OUT}) + "\n")
     prepare_domain("held", [str(tmp_path / "held.jsonl")], str(tmp_path / "heldout"), tokenizer=tok, add_bos=add_bos,
-                   quiet=True)
+                   quiet=True, parse_special=parse)
     stream = DomainStream(tmp_path / "heldout" / "held")
     written = stream.read(0, stream.total).tolist()  # [bos] + ids + [eos], as prepare wrote them
+    assert (written[-1] in written[:-1]) == parse  # the literal </s> is text unless --parse-special-tokens
     args = [a for a in ARGS if a not in ("--data-kind", "synthetic")]
     launch("python", args + ["--data-dir", str(data), "--data-sources", "general", "--data-mix-weights", "1",
                              "--checkpoint-dir", str(tmp_path / "ck")], tmp_path)

@@ -286,6 +286,54 @@ def test_a_sentencepiece_only_model_folder_says_how_to_get_a_tokenizer_json(tmp_
         load_tokenizer(str(tmp_path))
 
 
+def test_a_special_tokens_string_in_a_document_is_text_unless_asked(data, tmp_path):
+    """A page quoting "<|endoftext|>" ended its document there: prepare gave it the EOS id mid-document (Hugging Face
+    tokenizers parse special tokens in text by default), so --document-masking cut it and EOS was learned inside
+    text. Now it is encoded as its characters; --parse-special-tokens keeps the old reading, the manifest says which
+    (manifests from before the field: parsed), and domains that differ are not mixed."""
+    import json
+
+    from scaletrain.data.manifest import TokenizerInfo, load_manifest
+    from scaletrain.data.shards import DomainStream
+    from scaletrain.run import data_tokenizer
+
+    tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
+    text = "A model stops at <|endoftext|> and pads with <pad>; that is all."
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    written = {}
+    for mode, parse in (("text", False), ("parsed", True)):
+        m = prepare_domain(mode, [str(tmp_path / "in")], str(tmp_path / "out"), tokenizer=tok, quiet=True,
+                           parse_special=parse)
+        assert m.tokenizer.parse_special is parse
+        stream = DomainStream(tmp_path / "out" / mode)
+        written[mode] = stream.read(0, stream.total).tolist()
+    eos, pad = m.tokenizer.eos_id, m.tokenizer.pad_id
+    assert written["text"][-1] == eos and eos not in written["text"][:-1] and pad not in written["text"]
+    assert written["parsed"][:-1].count(eos) == 1 and pad in written["parsed"]
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(tok).decode(written["text"][:-1], skip_special_tokens=False) == text
+    with pytest.raises(TokenizerError, match="--parse-special-tokens: the byte-level tokenizer"):
+        prepare_domain("b", [str(tmp_path / "in")], str(tmp_path / "out"), quiet=True, parse_special=True)
+    # a manifest written before the field: a Hugging Face tokenizer parsed, the byte-level one never did
+    record = json.loads((tmp_path / "out" / "text" / "manifest.json").read_text())["tokenizer"]
+    del record["parse_special"]
+    assert TokenizerInfo.from_dict(record).parse_special is True
+    assert TokenizerInfo.from_dict({**record, "kind": "byte"}).parse_special is False
+    assert load_manifest(tmp_path / "out" / "parsed").tokenizer.parse_special is True
+    from scaletrain.cli import parse_config
+
+    argv = ["--data-dir", str(tmp_path / "out"), "--max-seq-length", "8", "--batch-size", "1", "--data-sources",
+            "text", "parsed", "--data-mix-weights", "0.5", "0.5"]
+    with pytest.raises(ShardError, match=r"parse_special=False\), parsed: .*parse_special=True\)\); prepare them all "
+                                         r"the same way \(--add-bos, --parse-special-tokens\)"):
+        data_tokenizer(parse_config(argv))
+    with pytest.raises(ShardError, match=r"prepared with and without --parse-special-tokens \(text: False, parsed: "
+                                         r"True\)"):
+        ShardLoader(StreamSpec(str(tmp_path / "out"), ("text", "parsed"), (0.5, 0.5), 8, 1, 1, 0, 1, 0))
+
+
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
     tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)

@@ -91,6 +91,7 @@ class EncodeSpec:
     bos_token: str | None
     val_fraction: float
     dtype: str
+    parse_special: bool = False
 
 
 def _piece(texts: list[str], tok, spec: EncodeSpec, all_val: bool = False) -> Piece:
@@ -133,7 +134,7 @@ def _worker(w: int, tasks: list[Task], q, slots, spill_dir: Path, spec: EncodeSp
             lookahead: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     try:
-        tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
+        tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token, spec.parse_special)
         n = 0
         while (i := _claim(claim, head, len(tasks), lookahead)) is not None:
             owner[i] = w
@@ -181,7 +182,7 @@ def encoded_pieces(tasks: list[Task], spec: EncodeSpec, workers: int, stats: Rea
     """The pieces of every task, in task order; each task's read counts are added to ``stats``. ``spill_dir``:
     where pieces that ran ahead wait (created, and removed at the end); ``spilled`` counts them."""
     if workers <= 1 or len(tasks) <= 1:
-        tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token)
+        tok = load_tokenizer(spec.tokenizer, spec.eos_token, spec.bos_token, spec.parse_special)
         for task in tasks:
             task_stats = ReadStats()
             yield from encode_task(task, Reader(spec.opts, task_stats), tok, spec)

@@ -47,13 +47,18 @@ class TokenizerInfo:
     bos_token: str | None = None
     bos_id: int | None = None
     add_bos: bool = False  # prepare put bos_id before every document
+    # a special token's string in a document ("</s>" in a web page) became that token's id; False: its characters
+    # were encoded as text. Manifests and checkpoints from before the field: True for "hf" (what they did)
+    parse_special: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerInfo:
-        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d.get(k) for k in cls.__dataclass_fields__ if k in d}
+        fields.setdefault("parse_special", d.get("kind") == "hf")
+        return cls(**fields)
 
 
 @dataclass

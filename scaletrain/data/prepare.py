@@ -67,12 +67,13 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
                    overwrite: bool = False, quiet: bool = False, add_bos: bool = False,
                    bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True,
-                   val_inputs: Sequence[str] = ()) -> Manifest:
+                   val_inputs: Sequence[str] = (), parse_special: bool = False) -> Manifest:
     """Prepare one domain; returns its manifest. ``opts`` (text key, LaTeX style, document cap) default to
     ``ReadOptions()``; ``skip_bad_lines`` is folded into them. ``dedup``: drop exact duplicates (memory: the
     content-hash table, 16 bytes per document, up to about 3x that while it grows). ``val_inputs``: the validation
     split from these files (a dataset's own, instead of ``val_fraction``); training documents equal to one of them
-    are dropped and counted.
+    are dropped and counted. ``parse_special``: a special token's string in a document becomes its id (otherwise
+    it is encoded as text).
 
     One preparation of a domain at a time: ``<output>/.<domain>.lock`` (the checkpoint folders' lock) is held
     throughout, so a second one stops naming the first instead of deleting its work as a crash's leftovers."""
@@ -97,7 +98,7 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
 def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None, eos_token: str | None,
                     workers: int, val_fraction: float, shard_tokens: int, chunk_tokens: int, skip_bad_lines: bool,
                     overwrite: bool, quiet: bool, add_bos: bool, bos_token: str | None, opts: ReadOptions | None,
-                    dedup: bool, val_inputs: Sequence[str]) -> Manifest:
+                    dedup: bool, val_inputs: Sequence[str], parse_special: bool) -> Manifest:
     opts = opts if opts is not None else ReadOptions()
     opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
     if opts.document_separator == "":
@@ -124,14 +125,14 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
         state = "a complete preparation" if (out / MANIFEST).exists() else "shards but no manifest (incomplete)"
         raise InputError(f"--output: {out} already holds {state}; pass --overwrite to replace it "
                          f"(it is kept until the new one is complete)")
-    tok = load_tokenizer(tokenizer, eos_token, bos_token)
+    tok = load_tokenizer(tokenizer, eos_token, bos_token, parse_special)
     tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
     val_tasks = [dataclasses.replace(t, val=True)
                  for t in plan_tasks(val_inputs, stats.skipped_files, opts, leave_out_eval=False)]
     tasks = val_tasks + plan_tasks(inputs, stats.skipped_files, opts)  # validation first: its copies win
-    spec = EncodeSpec(opts, tokenizer, eos_token, bos_token, val_fraction, dtype.name)
+    spec = EncodeSpec(opts, tokenizer, eos_token, bos_token, val_fraction, dtype.name, parse_special)
     tmp = Path(output) / f".{domain}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for stale in Path(output).glob(f".{domain}.tmp-*") if Path(output).exists() else []:
@@ -317,6 +318,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--add-bos", action="store_true", help="put the tokenizer's begin-of-text token before every "
                                                            "document (recorded in the manifest and the export)")
     p.add_argument("--bos-token", help="begin-of-text token of --tokenizer (default: found by name)")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="a special token's string in a document (</s>, <|endoftext|>, <|im_start|>) becomes that "
+                        "token's id, as Hugging Face tokenizers do by default: for texts written with them on purpose. "
+                        "Default: encoded as the text it is, so that a page quoting one does not end its document "
+                        "there (as Llama 3's and torchtitan's encoders do); recorded in the manifest and the export")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes that read, clean and tokenize (default: every core with a Hugging Face "
                         "--tokenizer, LaTeX, compressed or Parquet inputs; 1 for plain text with the byte-level "
@@ -362,7 +368,8 @@ def run_prepare(args: argparse.Namespace) -> list[Manifest]:
         manifests.append(prepare_domain(domain, inputs, args.output, args.tokenizer, args.eos_token, workers,
                                         args.val_fraction, args.shard_tokens, args.chunk_tokens, args.skip_bad_lines,
                                         args.overwrite, add_bos=args.add_bos, bos_token=args.bos_token, opts=opts,
-                                        dedup=args.dedup, val_inputs=args.val_input))
+                                        dedup=args.dedup, val_inputs=args.val_input,
+                                        parse_special=args.parse_special_tokens))
     return manifests
 
 

@@ -69,11 +69,11 @@ def open_streams(spec: StreamSpec) -> list[DomainStream]:
         detail = ", ".join(f"{n}: {s.manifest.tokenizer.identity}" for n, s in zip(spec.sources, streams))
         raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
                          f"with the same --tokenizer")
-    flags = {s.manifest.tokenizer.add_bos for s in streams}
-    if len(flags) > 1:
-        detail = ", ".join(f"{n}: {s.manifest.tokenizer.add_bos}" for n, s in zip(spec.sources, streams))
-        raise ShardError(f"--data-sources were prepared with and without --add-bos ({detail}); prepare them all "
-                         f"the same way")
+    for flag, name in (("add_bos", "--add-bos"), ("parse_special", "--parse-special-tokens")):
+        if len({getattr(s.manifest.tokenizer, flag) for s in streams}) > 1:
+            detail = ", ".join(f"{n}: {getattr(s.manifest.tokenizer, flag)}" for n, s in zip(spec.sources, streams))
+            raise ShardError(f"--data-sources were prepared with and without {name} ({detail}); prepare them all "
+                             f"the same way")
     return streams
 
 

@@ -62,7 +62,8 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, path: str, eos_token: str | None = None, bos_token: str | None = None) -> None:
+    def __init__(self, path: str, eos_token: str | None = None, bos_token: str | None = None,
+                 parse_special: bool = False) -> None:
         from tokenizers import Tokenizer
 
         p = Path(path)
@@ -83,6 +84,12 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(p))
         except Exception as e:
             raise TokenizerError(f"--tokenizer: {path} is not a Hugging Face tokenizer.json: {e}") from e
+        # a special token's string inside a document is text unless asked otherwise: a web page quoting "</s>" or
+        # "<|endoftext|>" would otherwise end its document there (and split it under --document-masking). Added
+        # tokens that are not special (a vocabulary extension) still match. Llama 3's and torchtitan's tiktoken
+        # encoders do the same (disallowed_special=()); Hugging Face's split_special_tokens is this switch
+        self.parse_special = parse_special
+        self._tok.encode_special_tokens = not parse_special
         self.path = str(p.resolve())
         self.name = p.name
         self.identity = file_identity(p)
@@ -116,7 +123,7 @@ class HFTokenizer:
             raise TokenizerError(f"--add-bos: {self.path} has none of the begin-of-text tokens "
                                  f"{list(BOS_CANDIDATES)}; name the one it uses with --bos-token")
         return TokenizerInfo(self.kind, self.name, self.identity, self.vocab_size, self.eos_token, self.eos_id,
-                             self.pad_token, self.pad_id, self.bos_token, self.bos_id, add_bos)
+                             self.pad_token, self.pad_id, self.bos_token, self.bos_id, add_bos, self.parse_special)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
@@ -147,9 +154,16 @@ def folder_special_tokens(folder: Path) -> dict[str, str]:
     return out
 
 
-def load_tokenizer(path: str | None, eos_token: str | None = None,
-                   bos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    return ByteTokenizer() if path is None else HFTokenizer(path, eos_token, bos_token)
+def load_tokenizer(path: str | None, eos_token: str | None = None, bos_token: str | None = None,
+                   parse_special: bool = False) -> ByteTokenizer | HFTokenizer:
+    """``parse_special``: a special token's string in a text becomes its id (Hugging Face's default) instead of
+    being encoded as the characters it is."""
+    if path is None:
+        if parse_special:
+            raise TokenizerError("--parse-special-tokens: the byte-level tokenizer encodes every text as its bytes; "
+                                 "give a --tokenizer whose special tokens the texts spell out")
+        return ByteTokenizer()
+    return HFTokenizer(path, eos_token, bos_token, parse_special)
 
 
 def file_identity(path: str | Path) -> str:
@@ -291,8 +305,8 @@ def export_hf_tokenizer(info: TokenizerInfo, tokenizer_json: Path | None, out: P
         special["bos_token"] = info.bos_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model_max_length,
               "add_bos_token": info.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    if info.kind == "byte":
-        # training wrote the bytes of a literal "<pad>" in a text, never the special id: keep it so
+    if not info.parse_special:
+        # training saw the characters of a literal "</s>" or "<pad>" in a text, never the special id: keep it so
         config["split_special_tokens"] = True
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
