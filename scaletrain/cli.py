@@ -199,6 +199,9 @@ def pretrain_main(argv: Sequence[str] | None = None) -> None:
         cfg = parse_config(argv)
         from scaletrain.trainer import train
 
-        train(cfg)
+        if train(cfg).interrupted:  # saved, but not done: a `train && convert` chain must not go on
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
     run_entry(main, hard_exit=True)

@@ -8,7 +8,6 @@ in one call per step.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from scaletrain.observe import (
 )
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.spikes import SpikeGuard
+from scaletrain.stop import INTERRUPT, StopSignals
 from scaletrain.train_state import TrainState
 from scaletrain.watchdog import exit_with_launcher
 
@@ -48,6 +48,7 @@ class TrainResult:
     last_loss: float | None
     skipped_steps: int
     preempted: bool = False
+    interrupted: bool = False  # the stop was a Ctrl-C (SIGINT): the entry point exits 130
     checkpoint: str | None = None  # the last checkpoint written
 
 
@@ -145,29 +146,6 @@ class _EpochLimit:
                   f"repeat" + ("" if self.action == "stop" else " (--epoch-limit stop stops the run here; add data "
                                                                  "or lower its weight)"), flush=True)
         return "epoch_limit" if self.action == "stop" else None
-
-
-class _Preemption:
-    """SIGTERM / SIGUSR1 (what schedulers send before they kill) -> save at the next step boundary. SIGHUP too (the
-    terminal a run was started from closed, an ssh session dropped: it killed the run, unsaved), unless the run was
-    started to ignore it (``nohup``): then it goes on."""
-
-    def __init__(self, group) -> None:
-        self.flag, self.group = False, group
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-            signal.signal(signal.SIGHUP, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.flag = True
-
-    def requested(self, data_failed: bool = False) -> tuple[bool, bool]:
-        """Whether any rank got the signal, and whether any rank's data failed: every rank learns both before the
-        step (one CPU collective on the control group, every step), so that all of them save and stop together."""
-        t = torch.tensor([int(self.flag), int(data_failed)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t[0]), bool(t[1])
 
 
 def _fetch(loader, n: int) -> tuple[list, BaseException | None]:
@@ -282,7 +260,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
 
     if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
         ckpt.save("final")
-    preempt = _Preemption(control)
+    signals = StopSignals(control, env.is_main)
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     said_repeats = False  # the first validation pass says whether a held-out split repeats in a pass
     meter = Throughput()
@@ -294,13 +272,13 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             t_data = time.perf_counter()
             fetched, data_error = _fetch(loader, cfg.gradient_accumulation_steps)
             meter.waited(time.perf_counter() - t_data)  # the loader's share of the step (data_wait)
-            preempted, data_failed = preempt.requested(data_error is not None)
-            if preempted or data_failed:  # the step is not taken: its rows are read again after the resume
+            stop_flag, data_failed = signals.requested(data_error is not None)
+            if stop_flag or data_failed:  # the step is not taken: its rows are read again after the resume
                 loader.unread(len(fetched))
                 where = ckpt.stop_here()
                 if data_failed:
                     raise _data_stop(data_error, where, state.step) from data_error
-                stop = "preempted"
+                stop = "interrupted" if stop_flag == INTERRUPT else "preempted"
                 break
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in fetched]
@@ -361,6 +339,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 break
         ckpt.finish()  # commit a background save still in flight
     finally:
+        signals.close()
         profiler.close()
         history.close()
         logger.close()
@@ -368,6 +347,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         where = ckpt.last_saved or plan.resume  # resumed at --max-steps already: nothing new was written
         if stop == "preempted":
             print(f"scaletrain: preempted at step {state.step}: checkpoint {where} saved, exiting", flush=True)
+        elif stop == "interrupted":
+            print(f"scaletrain: interrupted (Ctrl-C) at step {state.step}: checkpoint {where} saved; resume with "
+                  f"--resume latest", flush=True)
         elif stop == "epoch_limit":
             print(f"scaletrain: stopped at step {state.step} (--epoch-limit stop): {epoch_limit.reason}; checkpoint "
                   f"{ckpt.last_saved}. Raise --max-epochs-per-domain to go on, or add data", flush=True)
@@ -379,7 +361,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                   f"scaletrain: for Hugging Face transformers: python launch/convert.py {where} "
                   f"exports/{cfg.run_name}", flush=True)
     result = TrainResult(steps=state.step, tokens_seen=state.tokens_seen, last_loss=last_loss,
-                         skipped_steps=state.skipped_steps, preempted=stop == "preempted",
+                         skipped_steps=state.skipped_steps, preempted=stop in ("preempted", "interrupted"),
+                         interrupted=stop == "interrupted",
                          checkpoint=str(ckpt.last_saved) if ckpt.last_saved else None)
     engine.close()
     return result

@@ -2,6 +2,7 @@
 keep-last-N, and the errors for bad checkpoints."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -177,6 +178,68 @@ def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "preempted at step" in out, out[-3000:]
+
+
+def _ctrl_c_run(tmp_path, launcher, extra_env=None):
+    """A run started as from a terminal, in its own process group (the terminal's foreground group), training until
+    stopped; with DataLoader workers under plain python (Ctrl-C reaches them too)."""
+    from scaletrain.data.prepare import prepare_domain
+    from scaletrain.data.sample import create_sample_pretraining_data
+
+    args = BASE[:] + ["--engine", "deepspeed" if launcher == "deepspeed" else "fsdp", "--batch-size", "2",
+                      "--checkpoint-dir", str(tmp_path / "ck")]
+    args[args.index("--max-steps") + 1] = "100000"
+    if launcher == "python":
+        raw = create_sample_pretraining_data(tmp_path / "raw", scale=0.02)
+        prepare_domain("general", [str(raw["general"])], str(tmp_path / "data"), quiet=True, shard_tokens=8192,
+                       chunk_tokens=1024)
+        args = [a for a in args if a not in ("--data-kind", "synthetic")] + [
+            "--data-dir", str(tmp_path / "data"), "--data-sources", "general", "--data-mix-weights", "1",
+            "--num-workers", "2"]
+    cmd, env = launch_cmd(launcher, args, tmp_path, nproc=2)
+    env.update(extra_env or {})
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout=300)
+    return proc
+
+
+@pytest.mark.parametrize("launcher", ["python", "deepspeed"])
+def test_ctrl_c_saves_then_stops(tmp_path, launcher):
+    """Ctrl-C (SIGINT to the terminal's foreground process group: the launcher, the workers, their DataLoader
+    workers) ended the run with "interrupted" and nothing saved since the last checkpoint. Now it saves the step
+    it is at, on every rank, says so, and exits 130 (a `train && convert` chain stops)."""
+    proc = _ctrl_c_run(tmp_path, launcher)
+    if launcher == "python":  # a worker ended by it left the main process to fail once the prefetched rows ran out
+        metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        for w in workers:
+            w.send_signal(signal.SIGINT)
+        seen = len(metrics.read_text().splitlines())
+        wait_for(lambda: len(metrics.read_text().splitlines()) >= seen + 12)  # more rows than were prefetched
+        assert all(w.is_running() for w in workers) and proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "scaletrain: Ctrl-C: saving a checkpoint after this step" in out, out[-3000:]
+    assert "interrupted (Ctrl-C) at step" in out and "exited unexpectedly" not in out, out[-3000:]
+    if launcher == "python":
+        assert proc.returncode == 130, out[-3000:]
+    saved = newest_checkpoint(tmp_path / "ck")
+    assert saved is not None and saved.name.startswith("step_") and (saved / COMPLETE).exists()
+    assert len(list(saved.glob("train_state_rank*.pt"))) == (2 if launcher == "deepspeed" else 1)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    proc = _ctrl_c_run(tmp_path, "python", {"SCALETRAIN_FAULT": "save_pause:60"})  # the save waits to commit
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for(lambda: any((tmp_path / "ck").glob(".tmp-step_*")))
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted\n" in out and time.time() - t0 < 30, out[-3000:]
+    assert newest_checkpoint(tmp_path / "ck") is None  # the save was not committed; the next start cleans it
 
 
 def test_keep_last_n_keeps_the_right_ones(tmp_path):

@@ -37,8 +37,10 @@ class LoaderStateError(ScaletrainError):
 
 # what schedulers send before they kill (the trainer saves and stops on each): Slurm sends them to every process
 # of the job, DataLoader workers included, and torch's own handler in a worker dies of a SIGTERM from anyone but its
-# parent; the main process then raised DataLoader's "worker ... is killed by signal: Terminated" before it could save
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
+# parent; the main process then raised DataLoader's "worker ... is killed by signal: Terminated" before it could save.
+# SIGINT too: Ctrl-C reaches the workers of a plain `python` run, and a worker ended by it left the main process to
+# fail on "DataLoader worker ... exited unexpectedly" instead of saving
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT}
 
 
 def _start_workers(loader: DataLoader):
@@ -54,10 +56,10 @@ def _start_workers(loader: DataLoader):
 
 def _leave_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: the stop signals are the main process's, which ends the workers once it has saved.
-    SIGUSR1 and SIGHUP are ignored. SIGTERM stays blocked and a thread takes it: from the main process (DataLoader's
-    ``terminate`` of a worker that did not stop when told) it ends the worker, as torch's own handler does, and from
-    anyone else it is dropped (ignoring it altogether left such workers running, and the main process waiting for
-    them at exit)."""
+    SIGUSR1, SIGHUP and SIGINT are ignored. SIGTERM stays blocked and a thread takes it: from the main process
+    (DataLoader's ``terminate`` of a worker that did not stop when told) it ends the worker, as torch's own handler
+    does, and from anyone else it is dropped (ignoring it altogether left such workers running, and the main process
+    waiting for them at exit)."""
     for sig in _STOP_SIGNALS - {signal.SIGTERM}:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS - {signal.SIGTERM})
