@@ -130,6 +130,26 @@ def test_lock_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "99")
     assert "earlier attempt of this Slurm job 99" in FolderLock(tmp_path, "b").warning
     monkeypatch.delenv("SLURM_JOB_ID")
+    # torchrun's elastic restart put rank 0 on another host: an earlier attempt of the same run id may be taken, the
+    # same attempt, another run id and torchrun's default id "none" (no job named) may not
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-5")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    for theirs in ({"run_id": "job-5", "restart": 2}, {"run_id": "job-4", "restart": 0}, None):
+        (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234, torchelastic=theirs)))
+        with pytest.raises(CheckpointError, match=r"in use by run 'a' \(pid 1234 on node-7"):
+            FolderLock(tmp_path, "b")
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234,
+                                                 torchelastic={"run_id": "job-5", "restart": 1})))
+    lock = FolderLock(tmp_path, "b")
+    assert "it is attempt 1 of this torchrun job 'job-5' (this is attempt 2)" in lock.warning
+    assert json.loads((tmp_path / LOCK).read_text())["torchelastic"] == {"run_id": "job-5", "restart": 2}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234,
+                                                 torchelastic={"run_id": "none", "restart": 0})))
+    with pytest.raises(CheckpointError, match=r"in use by run 'a'"):
+        FolderLock(tmp_path, "b")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     # not refreshed for longer than STALE_S: a dead holder elsewhere
     (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234)))
     old = time.time() - STALE_S - 5

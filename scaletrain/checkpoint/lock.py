@@ -1,16 +1,22 @@
 """One run per checkpoint folder: ``checkpoint_dir/.lock``.
 
-The lock file holds the holder's host, pid, run name, Slurm job id and start time; the holder touches it
-every 30 s. A second run on the same folder stops and names the holder, unless the lock is stale: its
-process is gone (same host), it belongs to this same Slurm job (a requeued attempt), its Slurm job has ended
-(``scontrol show job`` says so, or no longer knows the job), or nobody touched it for 10 minutes (a holder on
-another host that died). A stale lock is taken over with a warning; ``--force-lock`` takes any lock (for a
-holder you know is dead).
+The lock file holds the holder's host, pid, run name, Slurm job id, torchrun run id and restart count, and start
+time; the holder touches it every 30 s. A second run on the same folder stops and names the holder, unless the
+lock is stale: its process is gone (same host), it belongs to this same Slurm job (a requeued attempt) or to an
+earlier attempt of this torchrun job (an elastic restart), its Slurm job has ended (``scontrol show job`` says so,
+or no longer knows the job), or nobody touched it for 10 minutes (a holder on another host that died). A stale
+lock is taken over with a warning; ``--force-lock`` takes any lock (for a holder you know is dead).
 
 The Slurm check is for job chains (``sbatch --dependency=afterany:<job>``, the usual way to train for weeks):
 a job killed outright (node failure, out-of-memory kill) cannot release its lock, and the next job of the
 chain starts seconds later on another node. Without the check it was refused, and so was every job after it
 that started within the 10 minutes.
+
+The torchrun check is for elastic restarts (``--max-restarts``): when a worker fails, torchrun stops every worker
+(rank 0 too, often with SIGKILL, leaving its lock) and starts them again, and with a multi-node rendezvous rank 0
+may land on another host. The new rank 0 carries the same ``TORCHELASTIC_RUN_ID`` (``--rdzv-id``) and a higher
+``TORCHELASTIC_RESTART_COUNT``; without the check it was refused, each restart failing the same way until none were
+left. The run id ``none`` (torchrun's default without ``--rdzv-id``) names no job and is not trusted.
 """
 
 from __future__ import annotations
@@ -64,6 +70,17 @@ def slurm_job_state(job: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _elastic() -> dict | None:
+    """This torchrun job's run id and restart count, when torchrun started this process with a run id that names
+    the job (``--rdzv-id``, or the one ``--standalone`` makes)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    try:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", ""))
+    except ValueError:
+        return None
+    return {"run_id": run_id, "restart": restart} if run_id not in ("", "none") else None
+
+
 def _stale(holder: dict, age_s: float) -> str | None:
     """Why the lock may be taken over, or None when its holder may still be running."""
     if holder.get("host") == socket.gethostname():
@@ -75,6 +92,11 @@ def _stale(holder: dict, age_s: float) -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job_id") == job:
         return f"it is an earlier attempt of this Slurm job {job}"
+    ours, theirs = _elastic(), holder.get("torchelastic")
+    if ours and isinstance(theirs, dict) and theirs.get("run_id") == ours["run_id"] and \
+            isinstance(theirs.get("restart"), int) and theirs["restart"] < ours["restart"]:
+        return (f"it is attempt {theirs['restart']} of this torchrun job {ours['run_id']!r} (this is attempt "
+                f"{ours['restart']})")
     if holder.get("slurm_job_id"):
         state = slurm_job_state(str(holder["slurm_job_id"]))
         if state in ENDED_STATES:
@@ -95,7 +117,8 @@ class FolderLock:
         domain), how the refusal names what is locked and what it tells the user to do."""
         self.path = folder / lock_name
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "run_name": run_name,
-                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "torchelastic": _elastic(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.warning: str | None = None
         self._stop = threading.Event()
         folder.mkdir(parents=True, exist_ok=True)
