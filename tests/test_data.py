@@ -286,7 +286,7 @@ def test_a_sentencepiece_only_model_folder_says_how_to_get_a_tokenizer_json(tmp_
         load_tokenizer(str(tmp_path))
 
 
-def test_a_special_tokens_string_in_a_document_is_text_unless_asked(data, tmp_path):
+def test_a_special_tokens_string_in_a_document_is_text_unless_asked(data, tmp_path, capsys):
     """A page quoting "<|endoftext|>" ended its document there: prepare gave it the EOS id mid-document (Hugging Face
     tokenizers parse special tokens in text by default), so --document-masking cut it and EOS was learned inside
     text. Now it is encoded as its characters; --parse-special-tokens keeps the old reading, the manifest says which
@@ -301,13 +301,19 @@ def test_a_special_tokens_string_in_a_document_is_text_unless_asked(data, tmp_pa
     text = "A model stops at <|endoftext|> and pads with <pad>; that is all."
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text(json.dumps({"text": "Nothing special here."}) + "\n")
     written = {}
     for mode, parse in (("text", False), ("parsed", True)):
-        m = prepare_domain(mode, [str(tmp_path / "in")], str(tmp_path / "out"), tokenizer=tok, quiet=True,
-                           parse_special=parse)
+        m = prepare_domain(mode, [str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "a.jsonl")],
+                           str(tmp_path / "out"), tokenizer=tok, parse_special=parse)
         assert m.tokenizer.parse_special is parse
+        assert m.reading["special_token_strings"] == {"<|endoftext|>": 1}  # counted, by the first one spelled
+        said = capsys.readouterr().err
+        assert f"{mode}: 1 documents spell out special tokens (<|endoftext|> in 1): " + (
+            "read as those tokens" if parse else "encoded as text; if they are meant as the tokens") in said, said
         stream = DomainStream(tmp_path / "out" / mode)
-        written[mode] = stream.read(0, stream.total).tolist()
+        both = stream.read(0, stream.total).tolist()
+        written[mode] = both[both.index(m.tokenizer.eos_id) + 1:]  # the second document, after the plain one
     eos, pad = m.tokenizer.eos_id, m.tokenizer.pad_id
     assert written["text"][-1] == eos and eos not in written["text"][:-1] and pad not in written["text"]
     assert written["parsed"][:-1].count(eos) == 1 and pad in written["parsed"]

@@ -49,6 +49,7 @@ class Piece:
     val: np.ndarray  # (n,) bool
     lengths: np.ndarray  # (n,) int64
     tokens: np.ndarray  # (sum lengths,) in the shards' dtype
+    special: np.ndarray  # (n,) int32: the first special token's string the text spells out (its index), or -1
 
 
 def is_val(text: str, fraction: float) -> bool:
@@ -68,17 +69,17 @@ class SpillStats:
 
 
 def _spill(piece: Piece, folder: Path, name: str) -> Path:
-    """Four .npy arrays back to back in one file (no zip, no CRC: the file lives seconds, on local disk)."""
+    """Five .npy arrays back to back in one file (no zip, no CRC: the file lives seconds, on local disk)."""
     path = folder / f"{name}.npy"
     with open(path, "wb") as f:
-        for a in (piece.hashes, piece.val, piece.lengths, piece.tokens):
+        for a in (piece.hashes, piece.val, piece.lengths, piece.tokens, piece.special):
             np.save(f, a, allow_pickle=False)
     return path
 
 
 def _unspill(path: Path) -> Piece:
     with open(path, "rb") as f:
-        piece = Piece(*(np.load(f, allow_pickle=False) for _ in range(4)))
+        piece = Piece(*(np.load(f, allow_pickle=False) for _ in range(5)))
     path.unlink()
     return piece
 
@@ -101,7 +102,8 @@ def _piece(texts: list[str], tok, spec: EncodeSpec, all_val: bool = False) -> Pi
     hashes = np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8")) for t in texts), np.uint64, len(texts))
     val = np.ones(len(texts), dtype=bool) if all_val else \
         np.fromiter((is_val(t, spec.val_fraction) for t in texts), dtype=bool, count=len(texts))
-    return Piece(hashes, val, lengths, tokens)
+    special = np.fromiter((tok.special_in(t) for t in texts), dtype=np.int32, count=len(texts))
+    return Piece(hashes, val, lengths, tokens, special)
 
 
 def encode_task(task: Task, reader: Reader, tok, spec: EncodeSpec) -> Iterator[Piece]:

@@ -20,6 +20,7 @@ complete (written under a temporary name, then renamed); an existing one is refu
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import errno
 import os
@@ -144,6 +145,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     bos = np.array([tok.bos_id] if add_bos else [], dtype=dtype)
     n_docs = n_val = duplicates = in_val = 0
     held_out = ValHashes() if val_tasks else None
+    spelled: collections.Counter[str] = collections.Counter()  # documents that spell out a special token, by token
     spilled = SpillStats()
     t0 = last = time.time()
     try:
@@ -157,6 +159,8 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
             for j in np.flatnonzero(first):  # in input order, whatever the number of workers
                 target = val if piece.val[j] else train
                 target.add(np.concatenate([bos, piece.tokens[ends[j] - piece.lengths[j]: ends[j]], eos]))
+                if piece.special[j] >= 0:
+                    spelled[tok.special_strings[piece.special[j]]] += 1
                 n_docs += 1
                 n_val += bool(piece.val[j])
             if not quiet and time.time() - last > 2:
@@ -184,6 +188,7 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                                      "max_document_bytes": opts.max_document_bytes, "dedup": dedup,
                                      "document_separator": opts.document_separator,
                                      "val_inputs": [str(i) for i in val_inputs],
+                                     "special_token_strings": dict(spelled.most_common()),
                                      "skipped_files": [list(x) for x in stats.skipped_files]})
         if tok.path:
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
@@ -206,6 +211,8 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
                   + (f"; dropped {dropped_text}{hint}" if dropped_text else "")
                   + (f"; {spilled.pieces:,} pieces ({spilled.bytes / 2**20:,.0f} MiB) waited on disk while their "
                      f"worker ran ahead" if spilled.pieces else ""), file=sys.stderr)
+        if spelled and not quiet:
+            print(_spelled_note(domain, spelled, parse_special), file=sys.stderr)
         for name, why in stats.skipped_files if not quiet else ():
             print(f"  skipped {name}: {why}", file=sys.stderr)
         if val_fraction and not n_val:  # a run on it reports no val_loss for the domain, as if none was asked for
@@ -225,6 +232,16 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spelled_note(domain: str, spelled: collections.Counter, parse_special: bool) -> str:
+    """What prepare did with documents that spell out a special token's string, and the flag for the other way."""
+    top = ", ".join(f"{t} in {n:,}" for t, n in spelled.most_common(3)) + (" ..." if len(spelled) > 3 else "")
+    if parse_special:
+        return (f"{domain}: {sum(spelled.values()):,} documents spell out special tokens ({top}): read as those tokens "
+                f"(--parse-special-tokens); an end-of-text token there ends its document")
+    return (f"{domain}: {sum(spelled.values()):,} documents spell out special tokens ({top}): encoded as text; if "
+            f"they are meant as the tokens (chat-formatted data, say), prepare again with --parse-special-tokens")
 
 
 _DROPPED = {"duplicates": "exact duplicates", "in_validation": "training documents equal to a --val-input one",

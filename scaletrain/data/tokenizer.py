@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -53,6 +54,11 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
+    special_strings: tuple[str, ...] = ()
+
+    def special_in(self, text: str) -> int:
+        return -1  # every text is its bytes
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -90,6 +96,11 @@ class HFTokenizer:
         # encoders do the same (disallowed_special=()); Hugging Face's split_special_tokens is this switch
         self.parse_special = parse_special
         self._tok.encode_special_tokens = not parse_special
+        self.special_strings = tuple(sorted(t.content for t in self._tok.get_added_tokens_decoder().values()
+                                            if t.special))
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special_strings, key=len,
+                                                                              reverse=True))) \
+            if self.special_strings else None
         self.path = str(p.resolve())
         self.name = p.name
         self.identity = file_identity(p)
@@ -131,6 +142,12 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.uint32) for e in
                 self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def special_in(self, text: str) -> int:
+        """The index in ``special_strings`` of the first special token's string ``text`` spells out, or -1: prepare
+        counts such documents and says how it read them."""
+        m = self._special_re.search(text) if self._special_re is not None else None
+        return self.special_strings.index(m.group(0)) if m else -1
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
