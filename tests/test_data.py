@@ -340,6 +340,42 @@ def test_a_special_tokens_string_in_a_document_is_text_unless_asked(data, tmp_pa
         ShardLoader(StreamSpec(str(tmp_path / "out"), ("text", "parsed"), (0.5, 0.5), 8, 1, 1, 0, 1, 0))
 
 
+def test_a_tokenizer_that_puts_its_bos_first_gets_it_by_default(data, tmp_path, capsys):
+    """A Llama folder's tokenizer puts <|begin_of_text|> before every text (its post-processor: what the model was
+    trained on, and what AutoTokenizer gives). prepare left it out unless --add-bos, so continued pre-training from
+    such a model trained on documents without the token it always began with. Now the default follows the
+    tokenizer; --no-add-bos (add_bos=False) leaves it out; a trained BPE (no post-processor) gets none."""
+    import json
+
+    from tokenizers import Tokenizer, processors
+
+    from scaletrain.data.prepare import add_prepare_args
+    from scaletrain.data.shards import DomainStream
+
+    plain, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "plain.json"))
+    llama = Tokenizer.from_file(plain)
+    bos = llama.token_to_id("<|begin_of_text|>")
+    llama.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                         special_tokens=[("<|begin_of_text|>", bos)])
+    (tmp_path / "llama").mkdir()
+    llama.save(str(tmp_path / "llama" / "tokenizer.json"))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "One document."}) + "\n")
+    for name, tok, flag, first in (("llama", str(tmp_path / "llama"), None, True), ("off", str(tmp_path / "llama"),
+                                   False, False), ("plain", plain, None, False)):
+        m = prepare_domain(name, [str(tmp_path / "in.jsonl")], str(tmp_path / "out"), tokenizer=tok, add_bos=flag)
+        stream = DomainStream(tmp_path / "out" / name)
+        assert m.tokenizer.add_bos is first and (stream.read(0, 1).tolist() == [bos]) is first, name
+        said = capsys.readouterr().err
+        assert ("<|begin_of_text|> goes before every document, as tokenizer.json's post-processor puts it" in said) \
+            is first, said
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_prepare_args(p)
+    base = ["--input", "x", "--output", "y"]
+    assert [p.parse_args(base + f).add_bos for f in ([], ["--add-bos"], ["--no-add-bos"])] == [None, True, False]
+
+
 def test_domains_with_different_tokenizers_are_refused(data, tmp_path):
     tok, _ = train_bpe([str(data / "raw" / "general")], 400, str(tmp_path / "tok.json"))
     prepare_domain("arxiv", [str(data / "raw" / "arxiv")], str(tmp_path / "mix"), tokenizer=tok, quiet=True, **SMALL)

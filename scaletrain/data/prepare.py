@@ -13,7 +13,8 @@ a shard holds up to ``--shard-tokens`` tokens (``writer.py``). Tars are written 
 USTAR format with mtime 0: the same bytes for the same input, whatever the number of workers. ``manifest.json``
 lists the shards, their members' data offsets, token counts and checksums, the tokenizer with its special tokens,
 and what was dropped and why (``manifest.py`` is the contract). ``--add-bos`` puts the tokenizer's BOS before
-every document (recorded, so an export adds it exactly as training saw it). The domain folder appears only when
+every document (recorded, so an export adds it exactly as training saw it); by default a tokenizer whose
+post-processor puts one before a text (a Llama folder's) gets it, others not. The domain folder appears only when
 complete (written under a temporary name, then renamed); an existing one is refused unless ``--overwrite``.
 """
 
@@ -66,15 +67,15 @@ def _recover_domain(root: Path, domain: str) -> list[str]:
 def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None = None,
                    eos_token: str | None = None, workers: int = 1, val_fraction: float = 0.0,
                    shard_tokens: int = 2**26, chunk_tokens: int = 2**18, skip_bad_lines: bool = False,
-                   overwrite: bool = False, quiet: bool = False, add_bos: bool = False,
+                   overwrite: bool = False, quiet: bool = False, add_bos: bool | None = None,
                    bos_token: str | None = None, opts: ReadOptions | None = None, dedup: bool = True,
                    val_inputs: Sequence[str] = (), parse_special: bool = False) -> Manifest:
     """Prepare one domain; returns its manifest. ``opts`` (text key, LaTeX style, document cap) default to
     ``ReadOptions()``; ``skip_bad_lines`` is folded into them. ``dedup``: drop exact duplicates (memory: the
     content-hash table, 16 bytes per document, up to about 3x that while it grows). ``val_inputs``: the validation
     split from these files (a dataset's own, instead of ``val_fraction``); training documents equal to one of them
-    are dropped and counted. ``parse_special``: a special token's string in a document becomes its id (otherwise
-    it is encoded as text).
+    are dropped and counted. ``add_bos`` None: as the tokenizer's post-processor does. ``parse_special``: a
+    special token's string in a document becomes its id (otherwise it is encoded as text).
 
     One preparation of a domain at a time: ``<output>/.<domain>.lock`` (the checkpoint folders' lock) is held
     throughout, so a second one stops naming the first instead of deleting its work as a crash's leftovers."""
@@ -98,7 +99,8 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
 
 def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None, eos_token: str | None,
                     workers: int, val_fraction: float, shard_tokens: int, chunk_tokens: int, skip_bad_lines: bool,
-                    overwrite: bool, quiet: bool, add_bos: bool, bos_token: str | None, opts: ReadOptions | None,
+                    overwrite: bool, quiet: bool, add_bos: bool | None, bos_token: str | None,
+                    opts: ReadOptions | None,
                     dedup: bool, val_inputs: Sequence[str], parse_special: bool) -> Manifest:
     opts = opts if opts is not None else ReadOptions()
     opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
@@ -127,6 +129,12 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
         raise InputError(f"--output: {out} already holds {state}; pass --overwrite to replace it "
                          f"(it is kept until the new one is complete)")
     tok = load_tokenizer(tokenizer, eos_token, bos_token, parse_special)
+    if add_bos is None:  # as the tokenizer encodes a text: a Llama folder's puts its BOS first, a trained BPE none
+        add_bos = tok.adds_bos
+        if add_bos and not quiet:
+            print(f"{domain}: {tok.bos_token} goes before every document, as {tok.name}'s post-processor puts it "
+                  f"before a text (what the model it comes with was trained on); --no-add-bos leaves it out",
+                  file=sys.stderr)
     tok_info = tok.info(add_bos)
     dtype = token_dtype(tok.vocab_size)
     stats = ReadStats()
@@ -332,8 +340,10 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="a local Hugging Face tokenizer.json, or a model folder that has one (its "
                    "tokenizer_config.json names the EOS/BOS tokens; default: byte-level)")
     p.add_argument("--eos-token", help="end-of-text token of --tokenizer (default: found by name)")
-    p.add_argument("--add-bos", action="store_true", help="put the tokenizer's begin-of-text token before every "
-                                                           "document (recorded in the manifest and the export)")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the tokenizer's begin-of-text token before every document, or not (recorded in the "
+                        "manifest and the export). Default: as the tokenizer's own post-processor does: yes for a "
+                        "Llama or Mistral folder (the model was trained so), no for a trained BPE or the byte level")
     p.add_argument("--bos-token", help="begin-of-text token of --tokenizer (default: found by name)")
     p.add_argument("--parse-special-tokens", action="store_true",
                    help="a special token's string in a document (</s>, <|endoftext|>, <|im_start|>) becomes that "

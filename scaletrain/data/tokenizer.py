@@ -55,6 +55,7 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     special_strings: tuple[str, ...] = ()
+    adds_bos = False
 
     def special_in(self, text: str) -> int:
         return -1  # every text is its bytes
@@ -113,6 +114,17 @@ class HFTokenizer:
         self.pad_token, self.pad_id = self._find(None, ("<pad>",), "", "") or eos
         self.bos_token, self.bos_id = self._find(bos_token or bos_default, BOS_CANDIDATES, "--bos-token",
                                                  "begin-of-text", required=bos_token is not None) or (None, None)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own post-processor puts its BOS before a text (Llama's, Mistral's: what
+        ``AutoTokenizer(text)`` gives, and what the model was trained on); prepare's ``--add-bos`` follows it
+        unless told."""
+        if self.bos_id is None:
+            return False
+        probe = "Check: 1 + 1 = 2."
+        full, bare = self._tok.encode(probe).ids, self._tok.encode(probe, add_special_tokens=False).ids
+        return full[:1] == [self.bos_id] and full[1:] == bare
 
     def _in_vocab(self, token: str | None) -> str | None:
         return token if token and self._tok.token_to_id(token) is not None else None
