@@ -78,7 +78,7 @@ def model_config_for(cfg: PreTrainingConfig, vocab_size: int | None = None,
                           max_seq_len=max(base.max_seq_len, cfg.max_seq_length))
 
 
-def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
+def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None, is_main: bool = True):
     """--init-from's weights, with the checks that need them: the data must be tokenized as the source was."""
     if not cfg.init_from:
         return None
@@ -94,6 +94,8 @@ def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
     if tokenizer is None:
         return source
     if source.tokenizer_json is not None and file_identity(source.tokenizer_json) == tokenizer.identity:
+        if hf is not None and not tokenizer.add_bos and is_main:
+            _say_missing_bos(cfg.init_from, source.tokenizer_json.parent)
         return source  # the data was prepared with the folder's own tokenizer.json
     if theirs and theirs.get("identity") == tokenizer.identity:
         return source  # with the tokenizer the checkpoint's run (or the run an export came from) trained on
@@ -107,6 +109,18 @@ def _init_source(cfg: PreTrainingConfig, tokenizer: TokenizerInfo | None):
                           f"is not the one the data was prepared with ({tokenizer.name}, "
                           f"{tokenizer.identity[:19]}...); prepare the data with --tokenizer {cfg.init_from}")
     return source
+
+
+def _say_missing_bos(init_from: str, folder: Path) -> None:
+    """Data prepared without the BOS that the model folder's tokenizer puts before every text: the model never
+    saw a text without it (shards prepared before prepare followed the tokenizer, or with --no-add-bos)."""
+    from scaletrain.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(str(folder))
+    if tok.adds_bos:
+        warn(f"--init-from {init_from}: its tokenizer puts {tok.bos_token} before every text, and the model was "
+             f"trained so; this data was prepared without it. Unless that is meant, prepare the data again "
+             f"(prepare now adds it for this tokenizer; --no-add-bos leaves it out)")
 
 
 def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path | None]:
@@ -331,7 +345,7 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     if cfg.warmup_steps is None:  # recorded as a number in the config dump and every checkpoint
         cfg = cfg.replace(warmup_steps=cfg.warmup)
     tokenizer, tokenizer_file = data_tokenizer(cfg)
-    source = _init_source(cfg, tokenizer)
+    source = _init_source(cfg, tokenizer, env.is_main)
     from_file = bool(cfg.model_config) or source is not None  # a file's rows are what they are: every id must fit
     vocab = (tokenizer.vocab_size if from_file else model_vocab_size(tokenizer.vocab_size)) if tokenizer else None
     model_cfg = model_config_for(cfg, vocab, source.model_config if source else None)

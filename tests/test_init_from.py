@@ -343,6 +343,35 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
     assert "weights from Hugging Face model" in proc.stdout and "qwen2, safetensors" in proc.stdout
 
 
+def test_data_without_the_bos_the_model_folder_puts_first_is_warned_about(tmp_path, capsys):
+    """Shards prepared without the BOS that the folder's tokenizer puts before every text (prepared before prepare
+    followed the tokenizer, or with --no-add-bos): the model never saw a text without it, and the run says so."""
+    from tokenizers import Tokenizer, processors
+
+    from scaletrain.cli import parse_config
+    from scaletrain.data.prepare import prepare_domain
+    from scaletrain.data.tokenizer import train_bpe
+    from scaletrain.run import _init_source, data_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: the quick brown fox."}) + "\n" for i in range(50)))
+    save_hf("qwen2_tied", tmp_path / "hf")
+    plain, _ = train_bpe([str(corpus)], 300, str(tmp_path / "tok.json"))
+    tok = Tokenizer.from_file(plain)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    for add_bos, warned in ((False, True), (None, False)):
+        prepare_domain("d", [str(corpus)], str(tmp_path / "data"), tokenizer=str(tmp_path / "hf"), quiet=True,
+                       add_bos=add_bos, overwrite=True)
+        cfg = parse_config(["--data-dir", str(tmp_path / "data"), "--data-sources", "d", "--data-mix-weights", "1",
+                            "--init-from", str(tmp_path / "hf"), "--max-seq-length", "32"])
+        _init_source(cfg, data_tokenizer(cfg)[0])
+        said = capsys.readouterr().err
+        assert ("its tokenizer puts <|begin_of_text|> before every text, and the model was trained so; this data "
+                "was prepared without it" in said) is warned, said
+
+
 def test_a_model_folder_is_read_from_the_files_its_index_names(tmp_path):
     """Model repositories ship more than the weights transformers loads: Mistral's put a `consolidated.safetensors`
     (Mistral's own names) beside the Hugging Face shards, and a fine-tune may leave an `adapter_model.safetensors`.
