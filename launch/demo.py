@@ -5,6 +5,8 @@ and pre-train for a few steps through the default engine (FSDP2, a world of one)
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,11 @@ def main() -> None:
 
         shutil.rmtree(demo_logs)
     result = train(cfg)
+    if result.interrupted:  # Ctrl-C: the trainer said where it saved
+        sys.stdout.flush()
+        os._exit(130)
+    if result.steps < cfg.max_steps:  # a signal, --stop-at-step: the trainer said why and where it saved
+        return
     print(f"demo done: {result.steps} steps, {result.tokens_seen:,} tokens, last loss {result.last_loss:.3f}")
 
 

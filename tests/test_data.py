@@ -558,3 +558,11 @@ def test_demo_runs(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     logged = [json.loads(x)["step"] for x in (tmp_path / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [2] and not list((tmp_path / "runs" / "demo").glob("superseded-*"))
+    # stopped before its end (here --stop-at-step, before any logged loss): it said "demo done" with a loss of None,
+    # a TypeError
+    stopped = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--data-dir", str(tmp_path), "--steps",
+                              "4", "--stop-at-step", "1", "--run-dir", str(tmp_path / "runs"), "--no-use-tensorboard",
+                              "--checkpoint-dir", str(tmp_path / "ck")], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+    assert stopped.returncode == 0 and "stopped at step 1 (--stop-at-step)" in stopped.stdout, stopped.stderr[-3000:]
+    assert "demo done" not in stopped.stdout
