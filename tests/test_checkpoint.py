@@ -198,8 +198,10 @@ def _ctrl_c_run(tmp_path, launcher, extra_env=None):
             "--num-workers", "2"]
     cmd, env = launch_cmd(launcher, args, tmp_path, nproc=2)
     env.update(extra_env or {})
+    # SIGINT at its default, as under a terminal, even when the tests run as a background job (which ignores it, and
+    # so do the runs it starts: a run started so keeps ignoring it, by design)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout=300)
     return proc
@@ -388,3 +390,24 @@ def test_wsd_stable_checkpoint_anneals_with_a_new_max_steps(tmp_path):
     assert lrs[1] == pytest.approx(2e-3) and all(lrs[s] == pytest.approx(2e-3) for s in range(1, 7))  # stable
     assert [lrs[s] for s in range(7, 11)] == pytest.approx([2e-3, 1.55e-3, 1.1e-3, 6.5e-4])  # 4 decay steps
     assert sorted(lrs) == list(range(1, 11))  # one line a step: the resumed run continues the same log
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it():
+    """A background job of a script starts with SIGINT ignored: Ctrl-C in that terminal is not meant for it."""
+    from scaletrain.stop import StopSignals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        StopSignals(None, True).close()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stops = StopSignals(None, False)
+        assert signal.getsignal(signal.SIGINT) == stops._interrupt
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a flag, and the next one raises
+        time.sleep(0.1)
+        assert stops.flag == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        stops.close()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
