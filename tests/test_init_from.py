@@ -317,11 +317,19 @@ def test_model_knows_every_parameter_it_initialises():
             {n for n, _ in model.named_parameters()}
 
 
+CHAT = "{% for m in messages %}<|begin_of_text|>{{ m['role'] }}: {{ m['content'] }}<pad>{% endfor %}"
+
+
 def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_path):
     """prepare --tokenizer FOLDER reads its tokenizer.json with the EOS its tokenizer_config.json names; a run
-    --init-from that folder on those shards starts (the shards' tokenizer is the folder's)."""
+    --init-from that folder on those shards starts (the shards' tokenizer is the folder's), and its export keeps the
+    folder's chat template (it was dropped: apply_chat_template on the export failed), with the template's special
+    tokens read as tokens."""
     import shutil
 
+    from transformers import AutoTokenizer
+
+    from scaletrain.convert import convert
     from scaletrain.data.prepare import main as prepare_main
     from scaletrain.data.tokenizer import train_bpe
 
@@ -331,7 +339,8 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
     save_hf("qwen2_tied", tmp_path / "hf")
     train_bpe([str(corpus)], 300, str(tmp_path / "tok.json"))
     shutil.copy(tmp_path / "tok.json", tmp_path / "hf" / "tokenizer.json")
-    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"}}))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"},
+                                                                       "chat_template": CHAT}))  # as hub repos do
     prepare_main(["--domain", "d", "--input", str(corpus), "--output", str(tmp_path / "data"), "--tokenizer",
                   str(tmp_path / "hf"), "--workers", "1"])
     manifest = json.loads((tmp_path / "data" / "d" / "manifest.json").read_text())
@@ -341,6 +350,25 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
                              "--batch-size", "2", "--eval-interval", "0", "--no-use-tensorboard", "--mixed-precision",
                              "fp32"], tmp_path)
     assert "weights from Hugging Face model" in proc.stdout and "qwen2, safetensors" in proc.stdout
+    out = convert(str(tmp_path / "checkpoints"), str(tmp_path / "export"), quiet=True)
+    chat = [{"role": "user", "content": "the quick fox"}]
+    exported = AutoTokenizer.from_pretrained(str(out))
+    assert exported.apply_chat_template(chat, tokenize=False) == "<|begin_of_text|>user: the quick fox<pad>"
+    ids = exported(exported.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids[0] == exported.convert_tokens_to_ids("<|begin_of_text|>") and ids[-1] == exported.eos_token_id
+
+
+def test_a_chat_template_is_read_where_transformers_saves_it(tmp_path):
+    from scaletrain.data.tokenizer import folder_chat_template
+
+    assert folder_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default",
+                                                                                  "template": CHAT}]}))
+    assert folder_chat_template(tmp_path) == [{"name": "default", "template": CHAT}]  # named templates
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "json " + CHAT}))
+    assert folder_chat_template(tmp_path) == "json " + CHAT
+    (tmp_path / "chat_template.jinja").write_text(CHAT)  # transformers 5's save_pretrained
+    assert folder_chat_template(tmp_path) == CHAT
 
 
 def test_data_without_the_bos_the_model_folder_puts_first_is_warned_about(tmp_path, capsys):

@@ -50,6 +50,7 @@ class TokenizerInfo:
     # a special token's string in a document ("</s>" in a web page) became that token's id; False: its characters
     # were encoded as text. Manifests and checkpoints from before the field: True for "hf" (what they did)
     parse_special: bool = False
+    chat_template: str | list | None = None  # a model folder's (--tokenizer FOLDER), carried to the export
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -75,8 +75,10 @@ class HFTokenizer:
 
         p = Path(path)
         folder_tokens: dict[str, str] = {}
-        if p.is_dir():  # a Hugging Face model folder: its tokenizer.json, and its special tokens as defaults
-            folder_tokens = folder_special_tokens(p)
+        self.chat_template: str | list | None = None
+        if p.is_dir():  # a Hugging Face model folder: its tokenizer.json, its special tokens as defaults, its chat
+            folder_tokens = folder_special_tokens(p)  # template for the export
+            self.chat_template = folder_chat_template(p)
             p = p / "tokenizer.json"
         if not p.is_file():
             spm = p.parent / "tokenizer.model"
@@ -146,7 +148,8 @@ class HFTokenizer:
             raise TokenizerError(f"--add-bos: {self.path} has none of the begin-of-text tokens "
                                  f"{list(BOS_CANDIDATES)}; name the one it uses with --bos-token")
         return TokenizerInfo(self.kind, self.name, self.identity, self.vocab_size, self.eos_token, self.eos_id,
-                             self.pad_token, self.pad_id, self.bos_token, self.bos_id, add_bos, self.parse_special)
+                             self.pad_token, self.pad_id, self.bos_token, self.bos_id, add_bos, self.parse_special,
+                             self.chat_template)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
@@ -181,6 +184,24 @@ def folder_special_tokens(folder: Path) -> dict[str, str]:
             if isinstance(v, str):
                 out[key] = v
     return out
+
+
+def folder_chat_template(folder: Path) -> str | list | None:
+    """A Hugging Face folder's chat template: ``chat_template.jinja`` (what transformers 5 saves), else
+    ``chat_template.json``, else the ``chat_template`` of ``tokenizer_config.json`` (what hub repositories such as
+    Llama 3's and Qwen2.5's ship; a string, or a list of named templates)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = folder / name
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, (str, list)) and template:
+            return template
+    return None
 
 
 def load_tokenizer(path: str | None, eos_token: str | None = None, bos_token: str | None = None,
@@ -334,7 +355,12 @@ def export_hf_tokenizer(info: TokenizerInfo, tokenizer_json: Path | None, out: P
         special["bos_token"] = info.bos_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model_max_length,
               "add_bos_token": info.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    if not info.parse_special:
+    if info.chat_template:
+        # the model folder's, for the model's later fine-tuning and use. Its special tokens must read as tokens,
+        # which split_special_tokens would stop in every text: a literal "</s>" in a text then reads as the token,
+        # as in Llama 3's own Hugging Face tokenizer (its tiktoken training encoder read it as text)
+        config["chat_template"] = info.chat_template
+    elif not info.parse_special:
         # training saw the characters of a literal "</s>" or "<pad>" in a text, never the special id: keep it so
         config["split_special_tokens"] = True
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
