@@ -126,7 +126,7 @@ class HFTokenizer:
             return False
         probe = "Check: 1 + 1 = 2."
         full, bare = self._tok.encode(probe).ids, self._tok.encode(probe, add_special_tokens=False).ids
-        return full[:1] == [self.bos_id] and full[1:] == bare
+        return full[:1] == [self.bos_id] and full[1:1 + len(bare)] == bare  # an EOS after it too: prepare adds one
 
     def _in_vocab(self, token: str | None) -> str | None:
         return token if token and self._tok.token_to_id(token) is not None else None
