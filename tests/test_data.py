@@ -366,9 +366,13 @@ def test_a_tokenizer_that_puts_its_bos_first_gets_it_by_default(data, tmp_path, 
         single="<|begin_of_text|> $A <|endoftext|>",
         special_tokens=[("<|begin_of_text|>", bos), ("<|endoftext|>", eos)])
     both.save(str(tmp_path / "both.json"))
+    (tmp_path / "flagged").mkdir()  # a folder whose tokenizer_config.json turns it off: transformers follows that
+    llama.save(str(tmp_path / "flagged" / "tokenizer.json"))
+    (tmp_path / "flagged" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     for name, tok, flag, first in (("llama", str(tmp_path / "llama"), None, True), ("off", str(tmp_path / "llama"),
                                    False, False), ("plain", plain, None, False), ("both", str(tmp_path / "both.json"),
-                                                                                  None, True)):
+                                                                                  None, True),
+                                   ("flagged", str(tmp_path / "flagged"), None, False)):
         m = prepare_domain(name, [str(tmp_path / "in.jsonl")], str(tmp_path / "out"), tokenizer=tok, add_bos=flag)
         stream = DomainStream(tmp_path / "out" / name)
         assert m.tokenizer.add_bos is first and (stream.read(0, 1).tolist() == [bos]) is first, name

@@ -76,9 +76,12 @@ class HFTokenizer:
         p = Path(path)
         folder_tokens: dict[str, str] = {}
         self.chat_template: str | list | None = None
+        self._folder_add_bos = None
         if p.is_dir():  # a Hugging Face model folder: its tokenizer.json, its special tokens as defaults, its chat
             folder_tokens = folder_special_tokens(p)  # template for the export
             self.chat_template = folder_chat_template(p)
+            # transformers rebuilds a Llama/Gemma tokenizer's post-processor from these flags when it loads one
+            self._folder_add_bos = _folder_json(p, "tokenizer_config.json").get("add_bos_token")
             p = p / "tokenizer.json"
         if not p.is_file():
             spm = p.parent / "tokenizer.model"
@@ -121,9 +124,12 @@ class HFTokenizer:
     def adds_bos(self) -> bool:
         """Whether the tokenizer's own post-processor puts its BOS before a text (Llama's, Mistral's: what
         ``AutoTokenizer(text)`` gives, and what the model was trained on); prepare's ``--add-bos`` follows it
-        unless told."""
+        unless told. A folder's ``tokenizer_config.json`` ``add_bos_token``, when set, decides, as it does for
+        transformers."""
         if self.bos_id is None:
             return False
+        if isinstance(self._folder_add_bos, bool):
+            return self._folder_add_bos
         probe = "Check: 1 + 1 = 2."
         full, bare = self._tok.encode(probe).ids, self._tok.encode(probe, add_special_tokens=False).ids
         return full[:1] == [self.bos_id] and full[1:1 + len(bare)] == bare  # an EOS after it too: prepare adds one
@@ -173,17 +179,23 @@ def folder_special_tokens(folder: Path) -> dict[str, str]:
     may be a string or a dict with its "content"."""
     out: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
-        f = folder / name
-        try:
-            data = json.loads(f.read_text()) if f.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
+        data = _folder_json(folder, name)
         for key in ("eos_token", "bos_token"):
-            v = data.get(key) if isinstance(data, dict) else None
+            v = data.get(key)
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str):
                 out[key] = v
     return out
+
+
+def _folder_json(folder: Path, name: str) -> dict:
+    """A JSON object file of a Hugging Face folder ({} when absent or not an object)."""
+    f = folder / name
+    try:
+        data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def folder_chat_template(folder: Path) -> str | list | None:
@@ -193,12 +205,7 @@ def folder_chat_template(folder: Path) -> str | list | None:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     for name in ("chat_template.json", "tokenizer_config.json"):
-        f = folder / name
-        try:
-            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
-        template = data.get("chat_template") if isinstance(data, dict) else None
+        template = _folder_json(folder, name).get("chat_template")
         if isinstance(template, (str, list)) and template:
             return template
     return None
