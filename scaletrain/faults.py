@@ -8,7 +8,9 @@
 * ``spike:STEP[@RANK]``: the forward passes of optimizer step STEP (1-based) on rank RANK (default 0) have their
   logits scaled 30x, as a poisoned batch's would be: a finite loss and gradient norm far above the recent steps;
 * ``swap_kill``: the process kills itself between the two renames that replace a folder (a checkpoint's
-  ``best``/``final``, a prepared domain with ``--overwrite``).
+  ``best``/``final``, a prepared domain with ``--overwrite``);
+* ``crash:STEP[@RANK]``: rank RANK (default 0) kills itself (SIGKILL, as a node failure or an out-of-memory kill
+  would) before optimizer step STEP, in the first attempt of a job only (torchrun's and Slurm's restart counts 0).
 
 Nothing else reads the variable; a real run never sets it.
 """
@@ -51,3 +53,13 @@ def poisoned_step(rank: int) -> int | None:
         return None
     step, _, who = arg.partition("@")
     return int(step) if rank == int(who or 0) else None
+
+
+def crash_before(step: int, rank: int) -> None:
+    """``crash:STEP[@RANK]``: die here, before optimizer step ``step``, when the fault names this step and rank."""
+    arg = fault("crash")
+    if arg is None or any(os.environ.get(v, "0") != "0" for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")):
+        return
+    at, _, who = arg.partition("@")
+    if step == int(at) and rank == int(who or 0):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -20,7 +20,7 @@ from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
 from scaletrain.errors import ScaletrainError
-from scaletrain.faults import poisoned_step
+from scaletrain.faults import crash_before, poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
@@ -268,6 +268,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     non_blocking = env.device.type == "cuda"
     try:
         while state.step < cfg.max_steps:
+            crash_before(state.step + 1, env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
             profiler.before(state.step + 1)
             t_data = time.perf_counter()
             fetched, data_error = _fetch(loader, cfg.gradient_accumulation_steps)

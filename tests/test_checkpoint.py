@@ -101,6 +101,22 @@ def test_resume_on_the_same_and_another_world_size(tmp_path, kind, launcher):
         assert abs(a - b) < 2e-4 and abs(ga - gb) < 2e-3 * max(1, ga), (kind, straight, resumed)
 
 
+def test_a_torchrun_restart_after_a_crash_resumes_exactly(tmp_path):
+    """torchrun --max-restarts with --resume auto, what a run on a flaky cluster relies on: rank 1 dies (SIGKILL)
+    before step 5; torchrun stops rank 0 and starts both again; they take over the dead run's lock, resume
+    step_000004 and finish with the losses of a run that never crashed."""
+    args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--save-interval", "2", "--resume", "auto"]
+    launch("torchrun", args + ["--checkpoint-dir", str(tmp_path / "ck_straight")], tmp_path, run_name="straight")
+    cmd, env = launch_cmd("torchrun", args + ["--checkpoint-dir", str(tmp_path / "ck")], tmp_path, run_name="crashed")
+    cmd[1:1] = ["--max-restarts", "1"]
+    env["SCALETRAIN_FAULT"] = "crash:5@1"  # the first attempt only
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exitcode: -9" in proc.stderr and "resumed from" in proc.stdout and "step_000004 at step 4" in proc.stdout
+    assert (tmp_path / "ck" / "final" / COMPLETE).is_file()
+    assert losses(tmp_path, "crashed") == losses(tmp_path, "straight")
+
+
 def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     args = BASE + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(ck)]

@@ -30,7 +30,7 @@ from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
 from .base import Engine, param_groups, set_schedule
-from .dist import DistEnv, backend_for, default_dist_env, dist_env, launch_env, local_device
+from .dist import DistEnv, backend_for, default_dist_env, dist_env, init_world, launch_env, local_device
 from .ds_config import DEFAULT_DS_CONFIG, load_ds_config, resolve_ds_config  # noqa: F401 - part of this module's API
 
 _TAG = "deepspeed"
@@ -51,6 +51,7 @@ class DeepSpeedEngine(Engine):
         launch_env()
         device = local_device()
         default_dist_env(device)  # a world of one: its group is made here, and deepspeed joins it
+        init_world(device)  # and a launcher's: torchrun's restarts need it made so
         deepspeed.init_distributed(dist_backend=backend_for(device))
         env = dist_env(device)
         _unlink_shm_workspace(env.rank)

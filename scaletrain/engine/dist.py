@@ -70,3 +70,28 @@ def backend_for(device: torch.device) -> str:
 def dist_env(device: torch.device) -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
+
+
+def init_world(device: torch.device) -> None:
+    """The process group of a launcher's world (a world of one is made by ``default_dist_env``).
+
+    Under torchrun the agent hosts the store the workers meet in (``TORCHELASTIC_USE_AGENT_STORE``), and keeps
+    it across the restarts of ``--max-restarts``; torch's ``env://`` join adds no prefix per attempt ("a new
+    TCPStore for every retry", which neither the static nor the shared c10d rendezvous makes). A restarted rank then
+    read the addresses the crashed attempt's ranks had published and failed with ``Gloo connectFullMesh failed ...
+    Connection refused`` (8 of 12 restarts here, pytorch/pytorch#135712 and #167288 for NCCL). Each attempt joins
+    under its own prefix, ``TORCHELASTIC_RESTART_COUNT``, which every worker of a node's agent shares."""
+    if dist.is_initialized():
+        return
+    device_id = device if device.type == "cuda" else None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        dist.init_process_group(backend_for(device), device_id=device_id)
+        return
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    dist.init_process_group(backend_for(device), store=dist.PrefixStore(f"scaletrain/attempt_{attempt}", agent),
+                            rank=rank, world_size=world, device_id=device_id)

@@ -29,7 +29,7 @@ from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
 from .base import Engine, param_groups, set_schedule
-from .dist import DistEnv, backend_for, default_dist_env, dist_env, launch_env, local_device
+from .dist import DistEnv, default_dist_env, dist_env, init_world, launch_env, local_device
 
 
 class FSDPEngine(Engine):
@@ -41,8 +41,7 @@ class FSDPEngine(Engine):
         launch_env()
         device = local_device()
         default_dist_env(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend_for(device), device_id=device if device.type == "cuda" else None)
+        init_world(device)
         return dist_env(device)
 
     @classmethod
