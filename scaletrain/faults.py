@@ -1,6 +1,6 @@
 """Named fault-injection points for the crash and hostile-world tests; all off unless set.
 
-``SCALETRAIN_FAULT=<kind>[:<arg>]`` in the environment turns one on:
+``SCALETRAIN_FAULT=<kind>[:<arg>][,<kind>[:<arg>]...]`` in the environment turns them on:
 
 * ``save_pause:SECONDS``: a checkpoint save sleeps between writing its files and committing;
 * ``save_enospc[:RANK[@NAME]]``: writing a checkpoint (only checkpoint NAME, e.g. ``step_000004``, if given)
@@ -11,6 +11,8 @@
   ``best``/``final``, a prepared domain with ``--overwrite``);
 * ``crash:STEP[@RANK]``: rank RANK (default 0) kills itself (SIGKILL, as a node failure or an out-of-memory kill
   would) before optimizer step STEP, in the first attempt of a job only (torchrun's and Slurm's restart counts 0).
+* ``plain_join``: the ranks of a torchrun restart join the process group as torch's ``env://`` does, with no
+  prefix per attempt (``engine/dist.py::init_world``), to measure what that prefix mends.
 
 Nothing else reads the variable; a real run never sets it.
 """
@@ -26,9 +28,11 @@ ENV = "SCALETRAIN_FAULT"
 
 def fault(kind: str) -> str | None:
     """The argument of fault ``kind`` when it is on (``""`` without one), else None."""
-    spec = os.environ.get(ENV, "")
-    name, _, arg = spec.partition(":")
-    return arg if spec and name == kind else None
+    for spec in os.environ.get(ENV, "").split(","):
+        name, _, arg = spec.partition(":")
+        if spec and name == kind:
+            return arg
+    return None
 
 
 def kill_between_renames() -> None:

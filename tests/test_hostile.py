@@ -558,3 +558,13 @@ def test_data_failing_mid_run_saves_the_last_step_and_resumes_exactly(tmp_path):
     shard_path.write_bytes(whole)
     launch("torchrun", args + ["--resume", "latest"], tmp_path)
     assert losses("t") == losses("clean")  # steps 1..step before the failure, the rest after the resume
+
+
+def test_faults_combine(monkeypatch):
+    """One variable holds several faults (the restart benchmark crashes a rank and joins as torch does)."""
+    from scaletrain.faults import fault
+
+    monkeypatch.setenv("SCALETRAIN_FAULT", "crash:5@1,plain_join")
+    assert fault("crash") == "5@1" and fault("plain_join") == "" and fault("spike") is None
+    monkeypatch.setenv("SCALETRAIN_FAULT", "")
+    assert fault("crash") is None

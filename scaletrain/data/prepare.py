@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import errno
 import os
-import re
 import shutil
 import sys
 import time
@@ -36,32 +35,13 @@ import numpy as np
 
 from scaletrain.faults import kill_between_renames
 
+from .domain_folder import check_apart, not_a_preparation, recover_domain
 from .encode import EncodeSpec, SeenHashes, SpillStats, encoded_pieces
 from .manifest import MANIFEST, TOKENIZER_FILE, Manifest, Split
 from .sources import SUFFIXES_HELP
 from .text import InputError, ReadOptions, ReadStats, add_reading_args, plan_tasks, reading_options
 from .tokenizer import load_tokenizer, token_dtype
 from .writer import ShardWriter
-
-
-def _recover_domain(root: Path, domain: str) -> list[str]:
-    """Finish or undo an ``--overwrite`` that a crash interrupted between its two renames: a complete new
-    preparation (it has a manifest) takes the missing domain folder's place, else the previous one is put back;
-    leftover old copies are removed. Returns what it did."""
-    out, done = root / domain, []
-    for old in sorted(root.glob(f".{domain}.old-*")) if root.is_dir() else []:
-        if not out.exists():
-            new = next((t for t in sorted(root.glob(f".{domain}.tmp-*")) if (t / MANIFEST).is_file()), None)
-            if new is not None:
-                new.rename(out)
-                done.append(f"{out}: committed the new preparation (a crash fell between its renames)")
-            else:
-                old.rename(out)
-                done.append(f"{out}: restored the previous preparation (its replacement was incomplete)")
-                continue
-        shutil.rmtree(old, ignore_errors=True)
-        done.append(f"removed {old.name}, the copy an interrupted --overwrite replaced")
-    return done
 
 
 def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None = None,
@@ -100,8 +80,7 @@ def prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: s
 def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: str | None, eos_token: str | None,
                     workers: int, val_fraction: float, shard_tokens: int, chunk_tokens: int, skip_bad_lines: bool,
                     overwrite: bool, quiet: bool, add_bos: bool | None, bos_token: str | None,
-                    opts: ReadOptions | None,
-                    dedup: bool, val_inputs: Sequence[str], parse_special: bool) -> Manifest:
+                    opts: ReadOptions | None, dedup: bool, val_inputs: Sequence[str], parse_special: bool) -> Manifest:
     opts = opts if opts is not None else ReadOptions()
     opts = dataclasses.replace(opts, skip_bad_lines=opts.skip_bad_lines or skip_bad_lines)
     if opts.document_separator == "":
@@ -116,10 +95,10 @@ def _prepare_domain(domain: str, inputs: Sequence[str], output: str, tokenizer: 
     if chunk_tokens <= 0 or shard_tokens < chunk_tokens:
         raise InputError(f"--chunk-tokens {chunk_tokens} / --shard-tokens {shard_tokens}: need 0 < chunk <= shard")
     out = Path(output) / domain
-    _check_apart([*inputs, *val_inputs], out)
-    for line in _recover_domain(Path(output), domain):
+    check_apart([*inputs, *val_inputs], out)
+    for line in recover_domain(Path(output), domain):
         print(f"scaletrain prepare: {line}", file=sys.stderr)
-    others = _not_a_preparation(out) if out.exists() else []
+    others = not_a_preparation(out) if out.exists() else []
     if others:  # --overwrite replaces the folder: whatever else is there would be lost
         raise InputError(f"--output: {out} holds files that no preparation writes ({', '.join(others[:4])}"
                          f"{' ...' if len(others) > 4 else ''}); the domain's shards go to --output/--domain, so "
@@ -274,35 +253,6 @@ class ValHashes:
         if self.known is None:
             self.known = np.unique(np.concatenate(self.parts)) if self.parts else np.zeros(0, np.uint64)
         return np.isin(piece.hashes, self.known)
-
-
-def _check_apart(inputs: Sequence[str], out: Path) -> None:
-    """The domain folder is replaced as a whole: an input inside it would be deleted, and an input folder around it
-    would read earlier preparations' shards back in as documents."""
-    target = out.resolve()
-    for item in inputs:
-        src = Path(item).resolve()
-        if src == target or target in src.parents:
-            elsewhere = out.parent.parent / (out.parent.name + "_prepared") if out.parent.name else "prepared"
-            raise InputError(f"--input {item} is inside the domain folder {out} that prepare writes (and replaces "
-                             f"with --overwrite); give an --output outside the inputs, e.g. --output {elsewhere}")
-        if src in target.parents and src.is_dir():
-            raise InputError(f"--output: the domain folder {out} is inside --input {item}, whose walk would read "
-                             f"earlier preparations back in as documents; give an --output outside the inputs")
-
-
-_PREPARATION = re.compile(r"(manifest\.json|tokenizer\.json|shard-\d+\.tar)$")
-
-
-def _not_a_preparation(folder: Path) -> list[str]:
-    """What in a domain folder prepare never writes (its manifest, tokenizer, shards and val/ of shards)."""
-    found = []
-    for p in sorted(folder.iterdir()):
-        if p.is_dir() and p.name == "val":
-            found += [f"val/{q.name}" for q in sorted(p.iterdir()) if q.is_dir() or not _PREPARATION.match(q.name)]
-        elif p.is_dir() or not _PREPARATION.match(p.name):
-            found.append(p.name + ("/" if p.is_dir() else ""))
-    return found
 
 
 def _dropped_text(stats: ReadStats, duplicates: int, in_val: int = 0) -> str:

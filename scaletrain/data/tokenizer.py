@@ -23,6 +23,7 @@ from .manifest import TokenizerInfo
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+PROBE = "Check: 1 + 1 = 2."  # a text to see what a tokenizer's post-processor adds around one
 
 
 class TokenizerError(ScaletrainError):
@@ -130,8 +131,7 @@ class HFTokenizer:
             return False
         if isinstance(self._folder_add_bos, bool):
             return self._folder_add_bos
-        probe = "Check: 1 + 1 = 2."
-        full, bare = self._tok.encode(probe).ids, self._tok.encode(probe, add_special_tokens=False).ids
+        full, bare = self._tok.encode(PROBE).ids, self._tok.encode(PROBE, add_special_tokens=False).ids
         return full[:1] == [self.bos_id] and full[1:1 + len(bare)] == bare  # an EOS after it too: prepare adds one
 
     def _in_vocab(self, token: str | None) -> str | None:
@@ -349,9 +349,8 @@ def export_hf_tokenizer(info: TokenizerInfo, tokenizer_json: Path | None, out: P
                                                                                     "processors": keep}
     text = json.dumps(data, ensure_ascii=False)
     tok = Tokenizer.from_str(text)
-    probe = "Check: 1 + 1 = 2."
-    bare = tok.encode(probe, add_special_tokens=False).ids
-    assert tok.encode(probe).ids == ([info.bos_id] if info.add_bos else []) + bare, "post-processor mismatch"
+    bare = tok.encode(PROBE, add_special_tokens=False).ids
+    assert tok.encode(PROBE).ids == ([info.bos_id] if info.add_bos else []) + bare, "post-processor mismatch"
     for t, i in ((info.eos_token, info.eos_id), (info.pad_token, info.pad_id), (info.bos_token, info.bos_id)):
         if t is not None and tok.token_to_id(t) != i:
             raise TokenizerError(f"tokenizer {info.name}: {t!r} has id {tok.token_to_id(t)}, training used {i}")

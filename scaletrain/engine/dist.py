@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.cluster import check_world, slurm_world
+from scaletrain.faults import fault
 
 
 @dataclass
@@ -78,14 +79,15 @@ def init_world(device: torch.device) -> None:
     Under torchrun the agent hosts the store the workers meet in (``TORCHELASTIC_USE_AGENT_STORE``), and keeps
     it across the restarts of ``--max-restarts``; torch's ``env://`` join adds no prefix per attempt ("a new
     TCPStore for every retry", which neither the static nor the shared c10d rendezvous makes). A restarted rank then
-    read the addresses the crashed attempt's ranks had published and failed with ``Gloo connectFullMesh failed ...
-    Connection refused`` (8 of 12 restarts here, pytorch/pytorch#135712 and #167288 for NCCL). Each attempt joins
-    under its own prefix, ``TORCHELASTIC_RESTART_COUNT``, which every worker of a node's agent shares."""
+    read the addresses the crashed attempt's ranks had published: ``Gloo connectFullMesh failed ... Connection
+    refused``, or a wait on ranks that are gone (3 restarts of 12 came back, ``benchmarks/elastic_restarts.py``;
+    pytorch/pytorch#135712, and #167288 for NCCL). Each attempt joins under its own prefix,
+    ``TORCHELASTIC_RESTART_COUNT``, which every worker of a node's agent shares: 12 of 12."""
     if dist.is_initialized():
         return
     device_id = device if device.type == "cuda" else None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None or fault("plain_join") is not None:
         dist.init_process_group(backend_for(device), device_id=device_id)
         return
     from datetime import timedelta
