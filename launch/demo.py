@@ -5,8 +5,6 @@ and pre-train for a few steps through the default engine (FSDP2, a world of one)
 """
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from scaletrain.cli import parse_config
 from scaletrain.data.loader import ShardLoader, StreamSpec
 from scaletrain.data.sample import SAMPLE_SOURCES, SAMPLE_WEIGHTS, prepare_sample
+from scaletrain.errors import INTERRUPTED, leave
 
 SOURCES, WEIGHTS = list(SAMPLE_SOURCES), list(SAMPLE_WEIGHTS)
 
@@ -58,8 +57,7 @@ def main() -> None:
         shutil.rmtree(demo_logs)
     result = train(cfg)
     if result.interrupted:  # Ctrl-C: the trainer said where it saved
-        sys.stdout.flush()
-        os._exit(130)
+        leave(INTERRUPTED)
     if result.steps < cfg.max_steps:  # a signal, --stop-at-step: the trainer said why and where it saved
         return
     print(f"demo done: {result.steps} steps, {result.tokens_seen:,} tokens, last loss {result.last_loss:.3f}")

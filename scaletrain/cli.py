@@ -193,15 +193,13 @@ def _smoke(cfg: PreTrainingConfig) -> PreTrainingConfig:
 
 def pretrain_main(argv: Sequence[str] | None = None) -> None:
     """``launch/pretrain.py`` and ``scaletrain train``: parse, train, exit (errors: one line, status 1)."""
-    from scaletrain.errors import run_entry
+    from scaletrain.errors import INTERRUPTED, leave, run_entry
 
     def main() -> None:
         cfg = parse_config(argv)
         from scaletrain.trainer import train
 
-        if train(cfg).interrupted:  # saved, but not done: a `train && convert` chain must not go on
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
+        if train(cfg).interrupted:  # saved by Ctrl-C, but not done
+            leave(INTERRUPTED)
 
     run_entry(main, hard_exit=True)

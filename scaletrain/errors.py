@@ -34,6 +34,16 @@ def fail(e: BaseException) -> NoReturn:
     os._exit(1)
 
 
+INTERRUPTED = 130  # the status of a run stopped by Ctrl-C, saved or not: a `train && convert` chain goes no further
+
+
+def leave(status: int) -> NoReturn:
+    """Flush and exit at once (``os._exit``: see ``run_entry``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run_entry(fn: Callable[[], object], hard_exit: bool = False) -> None:
     """Run an entry point: a ScaletrainError becomes a one-line message and exit status 1.
 
@@ -53,8 +63,6 @@ def run_entry(fn: Callable[[], object], hard_exit: bool = False) -> None:
                              + "); free space there, or write elsewhere, and run again"))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        os._exit(130)
+        leave(INTERRUPTED)
     if hard_exit:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave(0)

@@ -59,11 +59,15 @@ def poisoned_step(rank: int) -> int | None:
     return int(step) if rank == int(who or 0) else None
 
 
-def crash_before(step: int, rank: int) -> None:
-    """``crash:STEP[@RANK]``: die here, before optimizer step ``step``, when the fault names this step and rank."""
+def crash_step(rank: int) -> int | None:
+    """The step before which ``crash:STEP[@RANK]`` kills this rank (SIGKILL), if any: in a job's first attempt only
+    (torchrun's and Slurm's restart counts 0), so that the restart it causes runs on."""
     arg = fault("crash")
     if arg is None or any(os.environ.get(v, "0") != "0" for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")):
-        return
+        return None
     at, _, who = arg.partition("@")
-    if step == int(at) and rank == int(who or 0):
-        os.kill(os.getpid(), signal.SIGKILL)
+    return int(at) if rank == int(who or 0) else None
+
+
+def crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

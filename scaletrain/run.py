@@ -31,7 +31,7 @@ from scaletrain.checkpoint.store import (
 )
 from scaletrain.config import ConfigError, PreTrainingConfig
 from scaletrain.data.loader import model_vocab_size
-from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, load_manifest
+from scaletrain.data.manifest import TOKENIZER_FILE, ShardError, TokenizerInfo, check_same_tokenizing, load_manifest
 from scaletrain.data.tokenizer import file_identity
 from scaletrain.errors import ScaletrainError
 from scaletrain.model import ModelConfig, get_model_config
@@ -130,13 +130,8 @@ def data_tokenizer(cfg: PreTrainingConfig) -> tuple[TokenizerInfo | None, Path |
     infos = {}
     for source in cfg.data_sources:
         infos[source] = load_manifest(Path(cfg.data_dir) / source).tokenizer
+    check_same_tokenizing(infos)
     first = next(iter(infos.values()))
-    if any((t.identity, t.add_bos, t.parse_special) != (first.identity, first.add_bos, first.parse_special)
-           for t in infos.values()):
-        detail = ", ".join(f"{s}: {t.name} ({t.identity[:19]}..., add_bos={t.add_bos}, parse_special="
-                           f"{t.parse_special})" for s, t in infos.items())
-        raise ShardError(f"--data-sources were prepared with different tokenizers, BOS or special-token settings "
-                         f"({detail}); prepare them all the same way (--add-bos, --parse-special-tokens)")
     file = Path(cfg.data_dir) / cfg.data_sources[0] / TOKENIZER_FILE
     if first.kind == "hf":
         if not file.is_file():

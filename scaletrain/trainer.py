@@ -20,7 +20,7 @@ from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
 from scaletrain.errors import ScaletrainError
-from scaletrain.faults import crash_before, poisoned_step
+from scaletrain.faults import crash, crash_step, poisoned_step
 from scaletrain.lr import describe as describe_schedule
 from scaletrain.metrics import MetricsLogger, Throughput, memory_gib, mfu, peak_tflops
 from scaletrain.model import Llama, ModelConfig, flops_per_token, num_params
@@ -261,6 +261,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
         ckpt.save("final")
     signals = StopSignals(control, env.is_main)
+    crash_at = crash_step(env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     said_repeats = False  # the first validation pass says whether a held-out split repeats in a pass
     meter = Throughput()
@@ -268,7 +269,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     non_blocking = env.device.type == "cuda"
     try:
         while state.step < cfg.max_steps:
-            crash_before(state.step + 1, env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
+            if state.step + 1 == crash_at:
+                crash()
             profiler.before(state.step + 1)
             t_data = time.perf_counter()
             fetched, data_error = _fetch(loader, cfg.gradient_accumulation_steps)

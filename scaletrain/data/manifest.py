@@ -62,6 +62,20 @@ class TokenizerInfo:
         return cls(**fields)
 
 
+def check_same_tokenizing(infos: dict[str, TokenizerInfo]) -> None:
+    """The domains of a run (name -> their manifest's tokenizer) must be tokenized alike: the same tokenizer, and
+    the same ``--add-bos`` and ``--parse-special-tokens``; otherwise a ShardError naming each domain's."""
+    if len({t.identity for t in infos.values()}) > 1:
+        detail = ", ".join(f"{n}: {t.name} ({t.identity[:19]}...)" for n, t in infos.items())
+        raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
+                         f"with the same --tokenizer")
+    for flag, name in (("add_bos", "--add-bos"), ("parse_special", "--parse-special-tokens")):
+        if len({getattr(t, flag) for t in infos.values()}) > 1:
+            detail = ", ".join(f"{n}: {getattr(t, flag)}" for n, t in infos.items())
+            raise ShardError(f"--data-sources were prepared with and without {name} ({detail}); prepare them all "
+                             f"the same way")
+
+
 @dataclass
 class Shard:
     file: str

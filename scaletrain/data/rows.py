@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from scaletrain.model import IGNORE_INDEX
 
-from .manifest import ShardError
+from .manifest import check_same_tokenizing
 from .mixer import RowMixer
 from .shards import DomainStream
 
@@ -64,16 +64,7 @@ class StreamSpec:
 def open_streams(spec: StreamSpec) -> list[DomainStream]:
     streams = [DomainStream(Path(spec.data_dir) / name, spec.split, spec.seed, key) for name, key in
                zip(spec.sources, spec.order or range(len(spec.sources)))]
-    identities = {s.manifest.tokenizer.identity for s in streams}
-    if len(identities) > 1:
-        detail = ", ".join(f"{n}: {s.manifest.tokenizer.identity}" for n, s in zip(spec.sources, streams))
-        raise ShardError(f"--data-sources were prepared with different tokenizers ({detail}); prepare them all "
-                         f"with the same --tokenizer")
-    for flag, name in (("add_bos", "--add-bos"), ("parse_special", "--parse-special-tokens")):
-        if len({getattr(s.manifest.tokenizer, flag) for s in streams}) > 1:
-            detail = ", ".join(f"{n}: {getattr(s.manifest.tokenizer, flag)}" for n, s in zip(spec.sources, streams))
-            raise ShardError(f"--data-sources were prepared with and without {name} ({detail}); prepare them all "
-                             f"the same way")
+    check_same_tokenizing({n: s.manifest.tokenizer for n, s in zip(spec.sources, streams)})
     return streams
 
 
