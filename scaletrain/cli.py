@@ -34,7 +34,9 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
-_CHOICES = {"model_size": "tiny,small,base,large", "mixed_precision": "fp16,bf16,fp32", "engine": "deepspeed,fsdp",
+# model_size: the presets' names, written out (model/presets.py is behind a package that imports torch)
+_CHOICES = {"model_size": "tiny,small,base,large,llama3-1b,llama3-3b,llama3-8b", "mixed_precision": "fp16,bf16,fp32",
+            "engine": "deepspeed,fsdp",
             "data_kind": "shards,synthetic", "epoch_limit": "warn,stop"}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,32 @@ def parse_steps(text: str) -> tuple[int, int]:
     if not 1 <= first <= last:
         raise ValueError(text)
     return first, last
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_SLURM = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: units (``3h30m``, ``45m``, ``90s``, ``1.5h``, ``2d``) or Slurm's ``--time`` forms
+    (``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``), so that a job's limit can be pasted. A bare
+    number is refused: Slurm reads it as minutes, most tools as seconds. ValueError names what would be right."""
+    t = str(text).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", t)
+    if parts and "".join(n + u for n, u in parts) == t:
+        return sum(float(n) * _UNITS[u] for n, u in parts)
+    m = _SLURM.fullmatch(t)
+    if m and (m.group(1) or m.group(3)):
+        days, a, b, c = (int(g) if g else None for g in m.groups())
+        if days is not None:  # D-HH[:MM[:SS]]
+            return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+        if c is not None:  # HH:MM:SS
+            return a * 3600 + b * 60 + c
+        return a * 60 + b  # MM:SS
+    why = (" (a bare number: Slurm reads it as minutes, most tools as seconds; say which)"
+           if re.fullmatch(r"\d+(\.\d+)?", t) else "")
+    raise ValueError(f"{text!r} is not a duration{why}: give units (90m, 3h30m, 45s, 1.5h) or Slurm's --time form "
+                     f"(HH:MM:SS, MM:SS, D-HH:MM)")
 
 
 def _f(default: Any, doc: str, aliases: tuple[str, ...] = (), flag: str | None = None, **kw: Any) -> Any:
@@ -129,6 +156,10 @@ class PreTrainingConfig:
                                        "committed at the next save or the end of the run")
     stop_at_step: int | None = _f(None, "save a checkpoint and stop after this step, keeping the schedule of "
                                         "--max-steps (fits a run into job time limits)")
+    max_time: str | None = _f(None, "save a checkpoint and stop before this much time has passed since the process "
+                                    "started (3h50m, 45m, or Slurm's 23:30:00, 1-00:00:00): before each step, when "
+                                    "the longest step and save so far would not end in time (Megatron's "
+                                    "--exit-duration-in-mins); exits 0, resume with --resume latest")
     resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir or a run's folder (runs/NAME), "
                                   "'latest' (required) or 'auto' (the newest complete one if any, else start fresh)")
     trust_checkpoint: bool = _f(False, "load checkpoint files that name code to run while unpickling (refused by "

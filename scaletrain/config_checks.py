@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def check(c: PreTrainingConfig) -> None:
     """Raise ConfigError naming the flag for the first invalid value."""
-    from scaletrain.config import DATA_KINDS, ENGINES, PRECISIONS, ConfigError, parse_steps
+    from scaletrain.config import DATA_KINDS, ENGINES, PRECISIONS, ConfigError, parse_duration, parse_steps
     from scaletrain.model.presets import PRESETS
 
     def bad(name: str, msg: str) -> ConfigError:
@@ -63,6 +63,13 @@ def check(c: PreTrainingConfig) -> None:
     for name in ("save_interval", "keep_last_n_checkpoints", "num_workers", "eval_interval"):
         if getattr(c, name) < 0:
             raise bad(name, f"must be >= 0, got {getattr(c, name)}")
+    if c.max_time is not None:
+        try:
+            seconds = parse_duration(c.max_time)
+        except ValueError as e:
+            raise bad("max_time", str(e)) from None
+        if seconds <= 0:
+            raise bad("max_time", f"must be above zero, got {c.max_time!r}")
     if c.stop_at_step is not None and not 0 < c.stop_at_step <= c.max_steps:
         raise bad("stop_at_step", f"must be between 1 and --max-steps={c.max_steps}, got {c.stop_at_step}")
     if c.num_layers is not None and c.num_layers <= 0:

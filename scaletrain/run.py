@@ -200,8 +200,8 @@ def _fresh_start(cfg: PreTrainingConfig, folder: Path) -> None:
          f"{newest.name}, step {meta['step']})")
 
 
-_NOT_COMPARED = {"resume", "stop_at_step", "run_name", "force_lock", "overwrite_checkpoints", "trust_checkpoint",
-                 "verify_checkpoint", "run_dir", "wandb_run_name"}
+_NOT_COMPARED = {"resume", "stop_at_step", "max_time", "run_name", "force_lock", "overwrite_checkpoints",
+                 "trust_checkpoint", "verify_checkpoint", "run_dir", "wandb_run_name"}
 
 
 def _choose_resume(cfg: PreTrainingConfig, env, group) -> tuple[Path | None, dict | None]:

@@ -7,6 +7,8 @@
   started with SIGINT ignored (a background job of a script) keeps ignoring it. The terminal sends it to the
   launcher and, under ``deepspeed`` and plain ``python``, to the workers too; torchrun forwards it to its workers.
 
+``--max-time``: the same save and stop, before the step that would not end in time (``Deadline``).
+
 The flag is per process; ``requested`` tells every rank whether any rank got one (one small collective per step).
 The launchers wait for the save, then kill: torchrun ``--shutdown_timeout`` (30 s by default), DeepSpeed's launch
 process 30 s for each worker in turn.
@@ -16,16 +18,65 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
 
-STOP, INTERRUPT = 1, 2  # the flag: a stop signal, or Ctrl-C (any rank's wins: the run then exits 130)
+# the flag, the largest of every rank's winning: the time limit, a stop signal, or Ctrl-C (the run then exits 130)
+TIME, STOP, INTERRUPT = 1, 2, 3
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc), so that imports and the build count; elsewhere, since
+    this module was imported."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
+
+
+class Deadline:
+    """``--max-time``: whether the next step still ends in time, and the save after it.
+
+    Before each step (after the first of this process, which measures), the run stops when the time since the
+    process started, plus the longest step and the longest save it has seen, would pass the limit; the stop then
+    saves at once. So a save must have been measured for its time to count: before the first one, only a step's
+    time is kept free (give --max-time some minutes under a job's limit, or --save-interval a save early on).
+    A step's time includes its evaluation and logging; its saves count as saves."""
+
+    def __init__(self, limit_s: float | None, clock=process_age) -> None:
+        self.limit_s, self.clock = limit_s, clock
+        self.longest_step = self.longest_save = 0.0
+        self.steps = 0
+        self._t = clock()
+
+    def step_done(self, saved_s: float) -> None:
+        """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving."""
+        now = self.clock()
+        self.longest_step = max(self.longest_step, now - self._t - saved_s)
+        self.longest_save = max(self.longest_save, saved_s)
+        self.steps += 1
+        self._t = now
+
+    def near(self) -> bool:
+        """True when the next step and a save would not end within the limit (never before a step was measured:
+        each start of a run takes at least one step)."""
+        return (self.limit_s is not None and self.steps > 0
+                and self.clock() + self.longest_step + self.longest_save > self.limit_s)
+
+    def describe(self) -> str:
+        return (f"{self.clock():.1f} s of {self.limit_s:.0f} s since the process started; a step took up to "
+                f"{self.longest_step:.1f} s, a save {self.longest_save:.1f} s")
 
 
 class StopSignals:
-    def __init__(self, group, is_main: bool) -> None:
+    def __init__(self, group, is_main: bool, deadline: Deadline | None = None) -> None:
         self.flag, self.group, self.is_main = 0, group, is_main
+        self.deadline = deadline
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._stop)
         if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
@@ -45,9 +96,10 @@ class StopSignals:
                         b"stops at once, without saving)\n")
 
     def requested(self, data_failed: bool = False) -> tuple[int, bool]:
-        """The largest flag of any rank (0, STOP or INTERRUPT), and whether any rank's data failed: every rank
-        learns both before the step, so that all of them save and stop together."""
-        t = torch.tensor([self.flag, int(data_failed)])
+        """The largest flag of any rank (0, TIME, STOP or INTERRUPT), and whether any rank's data failed: every
+        rank learns both before the step, so that all of them save and stop together."""
+        flag = max(self.flag, TIME if self.deadline is not None and self.deadline.near() else 0)
+        t = torch.tensor([flag, int(data_failed)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t[0]), bool(t[1])
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.checkpoint import CheckpointManager
-from scaletrain.config import PreTrainingConfig
+from scaletrain.config import PreTrainingConfig, parse_duration
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
 from scaletrain.engine.base import fill_whole, unfilled_model
@@ -36,7 +36,7 @@ from scaletrain.observe import (
 )
 from scaletrain.run import RunPlan, model_config_for, plan_run
 from scaletrain.spikes import SpikeGuard
-from scaletrain.stop import INTERRUPT, StopSignals
+from scaletrain.stop import INTERRUPT, TIME, Deadline, StopSignals
 from scaletrain.train_state import TrainState
 from scaletrain.watchdog import exit_with_launcher
 
@@ -260,7 +260,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
 
     if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
         ckpt.save("final")
-    signals = StopSignals(control, env.is_main)
+    deadline = Deadline(None if cfg.max_time is None else parse_duration(cfg.max_time))
+    signals = StopSignals(control, env.is_main, deadline)
     crash_at = crash_step(env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     said_repeats = False  # the first validation pass says whether a held-out split repeats in a pass
@@ -281,7 +282,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                 where = ckpt.stop_here()
                 if data_failed:
                     raise _data_stop(data_error, where, state.step) from data_error
-                stop = "interrupted" if stop_flag == INTERRUPT else "preempted"
+                stop = {INTERRUPT: "interrupted", TIME: "time_limit"}.get(stop_flag, "preempted")
                 break
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in fetched]
@@ -338,6 +339,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             t_save = time.perf_counter()
             stop = ckpt.after_step(val_loss, stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
+            deadline.step_done(time.perf_counter() - t_save)
             if stop:
                 break
         ckpt.finish()  # commit a background save still in flight
@@ -356,6 +358,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         elif stop == "epoch_limit":
             print(f"scaletrain: stopped at step {state.step} (--epoch-limit stop): {epoch_limit.reason}; checkpoint "
                   f"{ckpt.last_saved}. Raise --max-epochs-per-domain to go on, or add data", flush=True)
+        elif stop == "time_limit":
+            print(f"scaletrain: stopped at step {state.step} (--max-time {cfg.max_time}: {deadline.describe()}); "
+                  f"checkpoint {where} saved; resume with --resume latest", flush=True)
         elif stop == "stop_at_step":
             print(f"scaletrain: stopped at step {state.step} (--stop-at-step); resume with --resume latest",
                   flush=True)

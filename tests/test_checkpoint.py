@@ -3,6 +3,7 @@ keep-last-N, and the errors for bad checkpoints."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from scaletrain.checkpoint import COMPLETE, newest_checkpoint
+from scaletrain.stop import Deadline
 
 from .conftest import ROOT, launch, launch_cmd, read_metrics, wait_for
 
@@ -176,6 +178,45 @@ def test_a_signal_to_the_launcher_saves_on_every_rank(tmp_path, launcher, sig, c
     if launcher == "deepspeed":
         wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
                                if str(ck) in " ".join(p.info["cmdline"] or [])], timeout=60)  # nothing left behind
+
+
+def test_max_time_keeps_a_step_and_a_save_free_and_always_takes_a_step():
+    now = [100.0]
+    deadline = Deadline(60.0, clock=lambda: now[0])
+    assert not deadline.near() and not Deadline(None).near()  # past the limit, but no step measured yet
+    now[0] = 103.0
+    deadline.step_done(saved_s=0.0)  # a 3 s step
+    assert deadline.near()  # 103 s: this run started past its limit, and took one step
+    deadline = Deadline(60.0, clock=lambda: now[0])
+    for t, saved in ((10.0, 0.0), (12.0, 0.0), (19.0, 5.0), (20.0, 0.0)):  # steps of 2 s; one with a save of 5 s
+        now[0] = t
+        deadline.step_done(saved)
+    assert (deadline.longest_step, deadline.longest_save) == (2.0, 5.0)
+    now[0] = 52.9
+    assert not deadline.near()  # 52.9 + 2 + 5 < 60
+    now[0] = 53.1
+    assert deadline.near()
+
+
+def test_max_time_saves_and_stops_in_time(tmp_path):
+    """--max-time: the run stops before the step that would not end in time, with its checkpoint, and exits 0
+    before the limit (each save here takes 1 s longer, as a large model's would)."""
+    ck = tmp_path / "ck"
+    args = BASE[:] + ["--engine", "fsdp", "--checkpoint-dir", str(ck), "--save-interval", "25", "--max-time", "20s"]
+    args[args.index("--max-steps") + 1] = "100000"
+    args[args.index("--log-interval") + 1] = "25"
+    cmd, env = launch_cmd("python", args, tmp_path)
+    env["SCALETRAIN_FAULT"] = "save_pause:1"
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = re.search(r"stopped at step (\d+) \(--max-time 20s: ([\d.]+) s of 20 s since the process started; a "
+                     r"step took up to [\d.]+ s, a save ([\d.]+) s\); checkpoint (\S+) saved", done.stdout)
+    assert said, done.stdout[-3000:]
+    step, t, save = int(said.group(1)), float(said.group(2)), float(said.group(3))
+    assert t <= 20 and save >= 1, said.group(0)  # saved and out in time; the interval saves measured the save
+    saved = newest_checkpoint(ck)
+    assert saved is not None and saved.name == f"step_{step:06d}" and str(saved) == said.group(4)
+    assert json.loads((saved / COMPLETE).read_text())["step"] == step
 
 
 def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):

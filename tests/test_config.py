@@ -4,7 +4,7 @@ import re
 import pytest
 
 from scaletrain.cli import parse_config
-from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.config import ConfigError, PreTrainingConfig, parse_duration
 from scaletrain.lr import lr_at
 
 from .conftest import ROOT
@@ -55,6 +55,9 @@ from .conftest import ROOT
     (["--run-name", "sweep/lr1"], "(to group runs: --run-dir runs/GROUP --run-name NAME)"),
     (["--run-name", "x "], "--run-name: 'x ' begins or ends with a space; give 'x'"),
     (["--run-name", "a\nb"], "--run-name: 'a\\nb' holds characters that do not print"),
+    (["--max-time", "90"], "--max-time: '90' is not a duration (a bare number: Slurm reads it as minutes"),
+    (["--max-time", "3 hours"], "--max-time: '3 hours' is not a duration: give units (90m, 3h30m"),
+    (["--max-time", "0m"], "--max-time: must be above zero, got '0m'"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as e:
@@ -243,7 +246,10 @@ def test_help_shows_each_default_once_with_readable_placeholders():
     for block in options:
         assert len(re.findall(r"\(default", block)) <= 1, block
         assert "default: None" not in block, block
-    assert "[--model-size {tiny,small,base,large}]" in text and "[--max-steps N]" in text
+    # every preset, the Llama 3 ones too (the placeholder listed only the first four)
+    from scaletrain.model.presets import PRESETS
+
+    assert f"[--model-size {{{','.join(PRESETS)}}}]" in text and "[--max-steps N]" in text
     assert "[--checkpoint-dir PATH]" in text and "[--data-sources NAME [NAME ...]]" in text
     assert not re.search(r"--[\w-]+ [A-Z]+_[A-Z_]+", text)  # no MODEL_CONFIG_NAME-style placeholders
     assert "1% of --max-steps" in " ".join(text.split())  # a % in a doc is printed, not formatted
@@ -304,3 +310,14 @@ def test_a_branch_under_another_run_name_is_not_warned_about_its_own_folder(caps
     _check_resume(parse_config(["--run-name", "b", "--checkpoint-dir", "/scratch/b"]),
                   Path("runs/a/checkpoints/step_3"), meta, "fsdp", env)
     assert "resuming step_3 with --checkpoint-dir '/scratch/b'" in capsys.readouterr().err
+
+
+def test_max_time_reads_units_and_slurms_time_forms():
+    """--max-time takes what a job's limit is written as: units, or Slurm's --time (pasted from #SBATCH --time)."""
+    assert [parse_duration(t) for t in ("3h30m", "45m", "90s", "1.5h", "2d", "1h0m30s", "10M")] == \
+        [12600, 2700, 90, 5400, 172800, 3630, 600]
+    assert [parse_duration(t) for t in ("30:00", "1:30:00", "23:59:59", "2-12", "1-00:30", "1-02:03:04")] == \
+        [1800, 5400, 86399, 216000, 88200, 93784]
+    for bad in ("", "h", "3h 30m", "1:2:3:4", "-5m", "5x"):
+        with pytest.raises(ValueError, match="is not a duration"):
+            parse_duration(bad)
