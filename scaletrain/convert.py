@@ -58,9 +58,21 @@ def hf_config(mc: ModelConfig, dtype: str, max_positions: int, tok: TokenizerInf
                         tok.pad_id if tok else None)
 
 
-def generation_config(tok: TokenizerInfo | None) -> dict:
-    return {"bos_token_id": tok.bos_id if tok else None, "eos_token_id": tok.eos_id if tok else None,
+def generation_config(tok: TokenizerInfo | None, carried: dict | None = None) -> dict:
+    """The export's ``generation_config.json``: the token ids of the run's tokenizer, over the one ``carried`` from
+    --init-from's model folder (as ``save_pretrained`` carries a model's): its decoding defaults stay, and its
+    end-of-text ids stay beside the tokenizer's (Llama 3 Instruct stops at ``<|eom_id|>`` and ``<|eot_id|>`` too)."""
+    out = {k: v for k, v in (carried or {}).items() if k != "transformers_version"}
+    ours = {"bos_token_id": tok.bos_id if tok else None, "eos_token_id": tok.eos_id if tok else None,
             "pad_token_id": tok.pad_id if tok else None}
+    for key, mine in ours.items():
+        theirs = out.get(key)
+        if key == "eos_token_id" and mine is not None and theirs is not None:
+            theirs = theirs if isinstance(theirs, list) else [theirs]
+            out[key] = theirs if mine in theirs else [mine, *theirs]
+        elif mine is not None or key not in out:
+            out[key] = mine
+    return out
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -170,7 +182,8 @@ def convert(ckpt: str, out: str, dtype: str = "bf16", max_shard_size: str | int 
         tok = TokenizerInfo.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
         max_positions = trained_positions(meta.get("config", {}), mc)
         (tmp / "config.json").write_text(json.dumps(hf_config(mc, dtype, max_positions, tok), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
+        generation = generation_config(tok, meta.get("generation_config"))
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         written = ["config.json", "generation_config.json"]
         if tok is not None:
             from scaletrain.data.tokenizer import export_hf_tokenizer

@@ -50,6 +50,14 @@ class RunPlan:
     recovered: tuple[str, ...] = ()  # what crash recovery of the checkpoint folder did (rank 0)
     lock: FolderLock | None = None  # rank 0 holds the checkpoint folder's lock until the run ends
 
+    @property
+    def generation_config(self) -> dict | None:
+        """The generation config the run's checkpoints carry to the export: the resumed checkpoint's, else that of
+        --init-from's model folder (or of the checkpoint it names)."""
+        if self.resume_meta is not None:
+            return self.resume_meta.get("generation_config")
+        return getattr(self.init_source, "generation_config", None)
+
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()

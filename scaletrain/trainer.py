@@ -232,7 +232,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     if poison_at is not None:
         model.norm.register_forward_hook(lambda m, i, o: o * 30 if state.step + 1 == poison_at else o)
     ckpt = CheckpointManager(cfg, env, engine, loader, state, model_cfg, plan.tokenizer, plan.tokenizer_file,
-                             control)
+                             control, generation_config=plan.generation_config)
     if plan.resume:
         ckpt.load(plan.resume)
         if env.is_main:

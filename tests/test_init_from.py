@@ -324,7 +324,8 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
     """prepare --tokenizer FOLDER reads its tokenizer.json with the EOS its tokenizer_config.json names; a run
     --init-from that folder on those shards starts (the shards' tokenizer is the folder's), and its export keeps the
     folder's chat template (it was dropped: apply_chat_template on the export failed), with the template's special
-    tokens read as tokens."""
+    tokens read as tokens, and the folder's generation config through a resume (it was replaced by the three token
+    ids: an Instruct model's extra end-of-turn ids and its sampling defaults were lost)."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -341,16 +342,27 @@ def test_prepare_takes_the_model_folders_tokenizer_and_training_accepts_it(tmp_p
     shutil.copy(tmp_path / "tok.json", tmp_path / "hf" / "tokenizer.json")
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"},
                                                                        "chat_template": CHAT}))  # as hub repos do
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({  # as Llama 3 Instruct's: EOS ids and sampling
+        "bos_token_id": 2, "eos_token_id": [0, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+        "transformers_version": "4.45.0.dev0"}))
     prepare_main(["--domain", "d", "--input", str(corpus), "--output", str(tmp_path / "data"), "--tokenizer",
                   str(tmp_path / "hf"), "--workers", "1"])
     manifest = json.loads((tmp_path / "data" / "d" / "manifest.json").read_text())
     assert manifest["tokenizer"]["eos_token"] == "<pad>"  # the folder's choice, not the first candidate's
-    proc = launch("python", ["--data-dir", str(tmp_path / "data"), "--data-sources", "d", "--data-mix-weights", "1",
-                             "--init-from", str(tmp_path / "hf"), "--max-steps", "2", "--max-seq-length", "32",
-                             "--batch-size", "2", "--eval-interval", "0", "--no-use-tensorboard", "--mixed-precision",
-                             "fp32"], tmp_path)
+    args = ["--data-dir", str(tmp_path / "data"), "--data-sources", "d", "--data-mix-weights", "1", "--init-from",
+            str(tmp_path / "hf"), "--max-steps", "2", "--max-seq-length", "32", "--batch-size", "2", "--eval-interval",
+            "0", "--no-use-tensorboard", "--mixed-precision", "fp32"]
+    proc = launch("python", args + ["--stop-at-step", "1"], tmp_path)
     assert "weights from Hugging Face model" in proc.stdout and "qwen2, safetensors" in proc.stdout
+    launch("python", args + ["--resume", "latest"], tmp_path)
     out = convert(str(tmp_path / "checkpoints"), str(tmp_path / "export"), quiet=True)
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(str(out))
+    ids = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids(["<pad>", "<|endoftext|>", "<|begin_of_text|>"])
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.bos_token_id) == (True, 0.6, 0.9, ids[2])
+    assert ids[1:] == [0, 2] and gen.eos_token_id == [ids[0], 0, 7]  # the tokenizer's EOS (<pad> here, the folder's
+    # choice) and the folder's end-of-text ids: generation stops at each
     chat = [{"role": "user", "content": "the quick fox"}]
     exported = AutoTokenizer.from_pretrained(str(out))
     assert exported.apply_chat_template(chat, tokenize=False) == "<|begin_of_text|>user: the quick fox<pad>"
@@ -429,3 +441,17 @@ def test_a_model_folder_is_read_from_the_files_its_index_names(tmp_path):
     (folder / last).unlink()
     with pytest.raises(CheckpointError, match=rf"{last}, which model.safetensors.index.json names, is missing"):
         HFWeights(folder)
+
+
+def test_the_exported_generation_config_keeps_the_sources_and_the_tokenizers_ids():
+    from scaletrain.convert import generation_config
+    from scaletrain.data.manifest import TokenizerInfo
+
+    tok = TokenizerInfo(kind="hf", name="t", identity="x", vocab_size=10, eos_token="e", eos_id=3, pad_token="e",
+                        pad_id=None, bos_token="b", bos_id=1)
+    assert generation_config(tok) == {"bos_token_id": 1, "eos_token_id": 3, "pad_token_id": None}
+    assert generation_config(None) == {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    carried = {"eos_token_id": [7, 3], "pad_token_id": 4, "top_k": 20, "transformers_version": "4.0"}
+    assert generation_config(tok, carried) == {"eos_token_id": [7, 3], "pad_token_id": 4, "top_k": 20,
+                                               "bos_token_id": 1}
+    assert generation_config(tok, {"eos_token_id": 7})["eos_token_id"] == [3, 7]

@@ -107,6 +107,25 @@ def _exported_tokenizer(folder: Path) -> dict | None:
     return tok if isinstance(tok, dict) and isinstance(tok.get("identity"), str) else None
 
 
+def read_generation_config(folder: Path) -> dict | None:
+    """The folder's ``generation_config.json`` (its model's decoding defaults and end-of-text ids), which the export
+    carries as ``save_pretrained`` would; None without one. A file that is not a JSON object is warned about and
+    left out: it changes nothing in training."""
+    f = folder / "generation_config.json"
+    if not f.is_file():
+        return None
+    try:
+        found = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        found = e
+    if not isinstance(found, dict):
+        from .store import warn
+
+        warn(f"--init-from {folder}: {f.name} is not a JSON object ({found!r:.80}); the export will not carry it")
+        return None
+    return found
+
+
 class HFWeights:
     """A local Hugging Face model folder."""
 
@@ -146,6 +165,7 @@ class HFWeights:
         self.tokenizer_json = tok if tok.is_file() else None
         # an export of ours names the run's tokenizer, of which its tokenizer.json is the Hugging Face form
         self.tokenizer = _exported_tokenizer(self.folder) if self.tokenizer_json is not None else None
+        self.generation_config = read_generation_config(self.folder)
         self.description = f"Hugging Face model {self.folder} ({self.hf_config.get('model_type')}, {self.kind})"
 
     def _torch_load(self, f: Path) -> dict:
@@ -197,6 +217,7 @@ class CheckpointWeights:
         tok = self.path / "tokenizer" / "tokenizer.json"
         self.tokenizer_json = tok if tok.is_file() else None
         self.tokenizer = meta.get("tokenizer")
+        self.generation_config = meta.get("generation_config")  # the model folder's the run started from, if any
         self.description = (f"scaletrain checkpoint {self.path} (step {meta['step']}, {meta['engine']} engine, "
                             f"{meta['world_size']} rank(s))")
 

@@ -61,13 +61,14 @@ class CheckpointManager:
     """Saves and loads a run's checkpoints; all ranks call every method."""
 
     def __init__(self, cfg, env, engine, loader, state, model_cfg, tokenizer=None, tokenizer_file: Path | None = None,
-                 group=None) -> None:
+                 group=None, generation_config: dict | None = None) -> None:
         self.cfg, self.env, self.engine, self.loader, self.state = cfg, env, engine, loader, state
         self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, env.world_size, group,
                                      estimate_bytes=checkpoint_bytes(model_cfg))
         self.group = group
         self.rolled_back = False  # set by resume: it moved checkpoints past the resumed one aside (rank 0)
         self.model_cfg, self.tokenizer, self.tokenizer_file = model_cfg, tokenizer, tokenizer_file
+        self.generation_config = generation_config  # --init-from's model folder's, for the export
         self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
         self.last_saved: Path | None = None
 
@@ -111,7 +112,8 @@ class CheckpointManager:
                 "best_val_loss": None if math.isinf(st.best_val_loss) else st.best_val_loss,
                 "world_size": self.env.world_size, "engine": self.engine.name,
                 "model_config": asdict(self.model_cfg), "config": self.cfg.to_dict(),
-                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
+                **({"generation_config": self.generation_config} if self.generation_config else {})}
 
     def save(self, name: str, background: bool = False) -> Path:
         step = self.state.step
