@@ -157,7 +157,8 @@ class PreTrainingConfig:
     stop_at_step: int | None = _f(None, "save a checkpoint and stop after this step, keeping the schedule of "
                                         "--max-steps (fits a run into job time limits)")
     max_time: str | None = _f(None, "save a checkpoint and stop before this much time has passed since the process "
-                                    "started (3h50m, 45m, or Slurm's 23:30:00, 1-00:00:00): before each step, when "
+                                    "(under torchrun: torchrun) started (3h50m, 45m, or Slurm's 23:30:00, "
+                                    "1-00:00:00): before each step, when "
                                     "the longest step and save so far would not end in time (Megatron's "
                                     "--exit-duration-in-mins); exits 0, resume with --resume latest")
     resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir or a run's folder (runs/NAME), "

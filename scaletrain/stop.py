@@ -26,12 +26,19 @@ import torch.distributed as dist
 # the flag, the largest of every rank's winning: the time limit, a stop signal, or Ctrl-C (the run then exits 130)
 TIME, STOP, INTERRUPT = 1, 2, 3
 
-def process_age() -> float:
-    """Seconds since this process started (Linux: /proc), so that imports and the build count; elsewhere, since
-    this module was imported."""
+def _age(pid: int | str) -> float:
+    """Seconds since process ``pid`` started (Linux: its start in clock ticks since boot, /proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def run_age() -> float:
+    """Seconds since this run started: since this process did (its imports and build count), or under torchrun since
+    its agent did (the worker's parent), so that the workers a restart after a crash starts keep the job's clock
+    instead of starting a new one; where /proc is missing, since this module was imported."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+        return _age(os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else "self")
     except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic() - _IMPORTED
 
@@ -42,13 +49,13 @@ _IMPORTED = time.monotonic()
 class Deadline:
     """``--max-time``: whether the next step still ends in time, and the save after it.
 
-    Before each step (after the first of this process, which measures), the run stops when the time since the
-    process started, plus the longest step and the longest save it has seen, would pass the limit; the stop then
-    saves at once. So a save must have been measured for its time to count: before the first one, only a step's
-    time is kept free (give --max-time some minutes under a job's limit, or --save-interval a save early on).
+    Before each step (after the first of this process, which measures), the run stops when the time since the run
+    started (``run_age``), plus the longest step and the longest save it has seen, would pass the limit; the stop
+    then saves at once. So a save must have been measured for its time to count: before the first one, only a
+    step's time is kept free (give --max-time some minutes under a job's limit, or --save-interval a save early on).
     A step's time includes its evaluation and logging; its saves count as saves."""
 
-    def __init__(self, limit_s: float | None, clock=process_age) -> None:
+    def __init__(self, limit_s: float | None, clock=run_age) -> None:
         self.limit_s, self.clock = limit_s, clock
         self.longest_step = self.longest_save = 0.0
         self.steps = 0
@@ -69,7 +76,7 @@ class Deadline:
                 and self.clock() + self.longest_step + self.longest_save > self.limit_s)
 
     def describe(self) -> str:
-        return (f"{self.clock():.1f} s of {self.limit_s:.0f} s since the process started; a step took up to "
+        return (f"{self.clock():.1f} s of {self.limit_s:.0f} s since the start; a step took up to "
                 f"{self.longest_step:.1f} s, a save {self.longest_save:.1f} s")
 
 

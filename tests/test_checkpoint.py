@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -15,7 +16,7 @@ import torch
 from scaletrain.checkpoint import COMPLETE, newest_checkpoint
 from scaletrain.stop import Deadline
 
-from .conftest import ROOT, launch, launch_cmd, read_metrics, wait_for
+from .conftest import ROOT, clean_env, launch, launch_cmd, read_metrics, wait_for
 
 BASE = ["--data-kind", "synthetic", "--model-size", "tiny", "--max-seq-length", "32", "--max-steps", "6",
         "--warmup-steps", "1", "--learning-rate", "2e-3", "--log-interval", "1", "--eval-interval", "0",
@@ -198,6 +199,21 @@ def test_max_time_keeps_a_step_and_a_save_free_and_always_takes_a_step():
     assert deadline.near()
 
 
+def test_max_time_counts_from_torchruns_start_so_that_a_restart_keeps_the_clock():
+    """A torchrun worker's clock starts with its agent (its parent), not with itself: the workers a restart after a
+    crash starts would otherwise get the whole --max-time again, past the job's own limit."""
+    code = "import time; from scaletrain.stop import run_age; time.sleep(1); print(run_age())"
+    time.sleep(1.5)  # this process (the stand-in agent) is older than its child by this much, at least
+
+    def age(**env):
+        done = subprocess.run([sys.executable, "-c", code], env={**clean_env(), **env}, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=True)
+        return float(done.stdout)
+
+    alone, worker = age(), age(TORCHELASTIC_RUN_ID="job")
+    assert 1 <= alone < worker - 1.4, (alone, worker)
+
+
 def test_max_time_saves_and_stops_in_time(tmp_path):
     """--max-time: the run stops before the step that would not end in time, with its checkpoint, and exits 0
     before the limit (each save here takes 1 s longer, as a large model's would)."""
@@ -209,7 +225,7 @@ def test_max_time_saves_and_stops_in_time(tmp_path):
     env["SCALETRAIN_FAULT"] = "save_pause:1"
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    said = re.search(r"stopped at step (\d+) \(--max-time 20s: ([\d.]+) s of 20 s since the process started; a "
+    said = re.search(r"stopped at step (\d+) \(--max-time 20s: ([\d.]+) s of 20 s since the start; a "
                      r"step took up to [\d.]+ s, a save ([\d.]+) s\); checkpoint (\S+) saved", done.stdout)
     assert said, done.stdout[-3000:]
     step, t, save = int(said.group(1)), float(said.group(2)), float(said.group(3))
