@@ -6,6 +6,7 @@ shell variable as 0. Benchmarks run as far as their argparse call. Every block m
 test checks that each marked block has its test."""
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -109,11 +110,22 @@ def _check_script(path: Path, args: list[str]) -> None:
     source = path.read_text()
     if "argparse" not in source or "def main(" not in source:
         return  # reads sys.argv itself: existence is what can be checked
-    parse = argparse.ArgumentParser.parse_args
+    parse, parse_known = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+    inside = []  # parse_args calls parse_known_args, then refuses what is left
 
     def parse_then_stop(self, a=None, namespace=None):
-        parse(self, a, namespace)
+        inside.append(1)
+        try:
+            parse(self, a, namespace)
+        finally:
+            inside.pop()
         raise _Parsed
+
+    def known_then_stop(self, a=None, namespace=None):  # a script that hands the rest on (launch/demo.py)
+        found = parse_known(self, a, namespace)
+        if not inside:
+            raise _Parsed
+        return found
 
     spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -121,6 +133,7 @@ def _check_script(path: Path, args: list[str]) -> None:
     spec.loader.exec_module(module)
     argv, sys.argv = sys.argv, [str(path), *args]
     argparse.ArgumentParser.parse_args = parse_then_stop
+    argparse.ArgumentParser.parse_known_args = known_then_stop
     try:
         module.main()
         raise AssertionError(f"{path.name} ran without parsing its flags")
@@ -128,6 +141,7 @@ def _check_script(path: Path, args: list[str]) -> None:
         pass
     finally:
         argparse.ArgumentParser.parse_args = parse
+        argparse.ArgumentParser.parse_known_args = parse_known
         sys.argv = argv
         sys.modules.pop(spec.name, None)
 
@@ -349,3 +363,38 @@ def test_train_tokenizer_reports_the_size_it_reached(tmp_path):
     assert size < 32000
     assert f"wrote {tmp_path / 'tok.json'} (vocab {size}; fewer than --vocab-size 32000: the corpus had no more " \
            f"merges" in p.stdout
+
+
+def _gpu_session_commands(tmp_path: Path) -> dict[str, list[list[str]]]:
+    """Each phase of benchmarks/gpu_session.sh -> the commands it runs, as the script expands them (its ``phase``
+    replaced by one that prints them; nothing runs)."""
+    import subprocess
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    phases = re.search(r"^# Phases: (.*)$", script, flags=re.M).group(1).split()
+    stub = 'phase() { shift 2; printf "%s\\0" "$@"; printf "\\n\\0"; }\n'
+    text, n = re.subn(r"^phase\(\) \{.*?^\}\n", lambda m: stub, script, flags=re.M | re.S)
+    text, m = re.subn(r"^\{ nvidia-smi.*$", "", text, flags=re.M)  # the device's description: none here
+    assert n == m == 1, "gpu_session.sh changed its shape: update this test"
+    (tmp_path / "session.sh").write_text(text)
+    out = {}
+    for phase in phases:
+        done = subprocess.run(["bash", str(tmp_path / "session.sh"), phase], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60, check=True)
+        out[phase] = [c.strip("\0").split("\0") for c in done.stdout.split("\n\0") if c.strip("\0")]
+    return out
+
+
+def test_every_gpu_session_command_parses(tmp_path):
+    """A lent GPU is rare and short (15 minutes a session): a flag renamed since the script was written would spend
+    its phase on an argparse error. Each command of each phase parses here, as README's commands do."""
+    commands = _gpu_session_commands(tmp_path)
+    assert set(commands) >= {"train", "engine_overhead", "tp_base", "e2e", "docmask", "memory", "loss"}
+    for phase, cmds in commands.items():
+        assert cmds, f"phase {phase} runs nothing"
+        for argv in cmds:
+            assert argv[0] == "python3", argv
+            try:
+                _check(["python", *argv[1:]])
+            except SystemExit as e:
+                raise AssertionError(f"gpu_session.sh phase {phase}: no longer parses: {' '.join(argv)}") from e
