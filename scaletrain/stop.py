@@ -61,11 +61,13 @@ class Deadline:
         self.steps = 0
         self._t = clock()
 
-    def step_done(self, saved_s: float) -> None:
-        """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving."""
+    def step_done(self, saved_s: float, longest_save_s: float) -> None:
+        """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving, and the
+        longest save in the foreground so far took ``longest_save_s`` (a stop's save is one: a background save's
+        time on the loop says nothing of it)."""
         now = self.clock()
         self.longest_step = max(self.longest_step, now - self._t - saved_s)
-        self.longest_save = max(self.longest_save, saved_s)
+        self.longest_save = longest_save_s
         self.steps += 1
         self._t = now
 

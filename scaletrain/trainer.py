@@ -339,7 +339,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             t_save = time.perf_counter()
             stop = ckpt.after_step(val_loss, stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
-            deadline.step_done(time.perf_counter() - t_save)
+            deadline.step_done(time.perf_counter() - t_save, ckpt.longest_save_s)
             if stop:
                 break
         ckpt.finish()  # commit a background save still in flight

@@ -186,12 +186,12 @@ def test_max_time_keeps_a_step_and_a_save_free_and_always_takes_a_step():
     deadline = Deadline(60.0, clock=lambda: now[0])
     assert not deadline.near() and not Deadline(None).near()  # past the limit, but no step measured yet
     now[0] = 103.0
-    deadline.step_done(saved_s=0.0)  # a 3 s step
+    deadline.step_done(0.0, 0.0)  # a 3 s step
     assert deadline.near()  # 103 s: this run started past its limit, and took one step
     deadline = Deadline(60.0, clock=lambda: now[0])
     for t, saved in ((10.0, 0.0), (12.0, 0.0), (19.0, 5.0), (20.0, 0.0)):  # steps of 2 s; one with a save of 5 s
         now[0] = t
-        deadline.step_done(saved)
+        deadline.step_done(saved, longest_save_s=5.0 if t >= 19 else 0.0)
     assert (deadline.longest_step, deadline.longest_save) == (2.0, 5.0)
     now[0] = 52.9
     assert not deadline.near()  # 52.9 + 2 + 5 < 60
@@ -467,7 +467,7 @@ def test_wsd_stable_checkpoint_anneals_with_a_new_max_steps(tmp_path):
 
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it():
     """A background job of a script starts with SIGINT ignored: Ctrl-C in that terminal is not meant for it."""
-    from scaletrain.stop import StopSignals
+    from scaletrain.stop import INTERRUPT, StopSignals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     try:
@@ -479,7 +479,7 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it():
         assert signal.getsignal(signal.SIGINT) == stops._interrupt
         os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a flag, and the next one raises
         time.sleep(0.1)
-        assert stops.flag == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert stops.flag == INTERRUPT and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         stops.close()
     finally:
         for s, h in before.items():

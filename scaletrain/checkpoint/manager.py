@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class CheckpointManager:
         self.generation_config = generation_config  # --init-from's model folder's, for the export
         self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
         self.last_saved: Path | None = None
+        self.longest_save_s = 0.0  # of the saves in the foreground: what a stop's save will take (--max-time)
 
     # ---- policy ----------------------------------------------------------------------------------
     def after_step(self, val_loss: float | None = None, stop_for: str | None = None) -> str | None:
@@ -133,7 +135,10 @@ class CheckpointManager:
             self.engine.save(str(folder))
             return None
 
+        t0 = time.perf_counter()
         path = self.store.save(local, collective, name, self.meta(), background=background)
+        if not background:
+            self.longest_save_s = max(self.longest_save_s, time.perf_counter() - t0)
         self._written = (step, name)
         self.last_saved = path
         if self.env.is_main:
