@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .recovery import set_aside_later
 from .safe import UnsafeCheckpointError, load_run_state
@@ -67,6 +68,12 @@ class CheckpointManager:
         self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_last_n_checkpoints, env.rank, env.world_size, group,
                                      estimate_bytes=checkpoint_bytes(model_cfg))
         self.group = group
+        # a background save's collectives (DCP's planning: gather, all_gather, reduce_scatter) run in its own thread,
+        # while the loop runs its own on ``group`` every step (the stop check): two threads on one gloo group pair
+        # different collectives across ranks and hang (2 ranks, a save every 2 steps: 3 runs of 3 hung). So a group of
+        # their own, as torchtitan's async checkpointer has.
+        self.background_group = (dist.new_group(backend="gloo") if cfg.async_checkpoint and dist.is_initialized()
+                                 else group)
         self.rolled_back = False  # set by resume: it moved checkpoints past the resumed one aside (rank 0)
         self.model_cfg, self.tokenizer, self.tokenizer_file = model_cfg, tokenizer, tokenizer_file
         self.generation_config = generation_config  # --init-from's model folder's, for the export
@@ -131,7 +138,7 @@ class CheckpointManager:
 
         def collective(folder: Path, in_background: bool):
             if in_background:
-                return self.engine.save_async(str(folder), self.group)
+                return self.engine.save_async(str(folder), self.background_group)
             self.engine.save(str(folder))
             return None
 
