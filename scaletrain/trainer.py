@@ -236,8 +236,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     if plan.resume:
         ckpt.load(plan.resume)
         if env.is_main:
-            print(f"scaletrain: resumed from {plan.resume} at step {state.step} (saved by "
-                  f"{plan.resume_meta['world_size']} ranks, now {env.world_size})", flush=True)
+            ranks = int(plan.resume_meta["world_size"])
+            print(f"scaletrain: resumed from {plan.resume} at step {state.step} (saved by {ranks} "
+                  f"rank{'s' if ranks != 1 else ''}, now {env.world_size})", flush=True)
             if state.step >= cfg.max_steps:
                 print(f"scaletrain: the run is complete at --max-steps {cfg.max_steps}: nothing to train (give a "
                       f"larger --max-steps to go on)", flush=True)
@@ -279,10 +280,11 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             stop_flag, data_failed = signals.requested(data_error is not None)
             if stop_flag or data_failed:  # the step is not taken: its rows are read again after the resume
                 loader.unread(len(fetched))
-                where = ckpt.stop_here()
+                stop = "data_error" if data_failed else \
+                    {INTERRUPT: "interrupted", TIME: "time_limit"}.get(stop_flag, "preempted")
+                where = ckpt.stop_here(stop)
                 if data_failed:
                     raise _data_stop(data_error, where, state.step) from data_error
-                stop = {INTERRUPT: "interrupted", TIME: "time_limit"}.get(stop_flag, "preempted")
                 break
             batches = [(x.to(env.device, non_blocking=non_blocking), y.to(env.device, non_blocking=non_blocking), n)
                        for x, y, n in fetched]

@@ -236,7 +236,8 @@ def test_max_time_saves_and_stops_in_time(tmp_path):
     assert t <= 20 and save >= 1, said.group(0)  # saved and out in time; the interval saves measured the save
     saved = newest_checkpoint(ck)
     assert saved is not None and saved.name == f"step_{step:06d}" and str(saved) == said.group(4)
-    assert json.loads((saved / COMPLETE).read_text())["step"] == step
+    record = json.loads((saved / COMPLETE).read_text())
+    assert record["step"] == step and record["stopped_for"] == "time_limit"  # what launch/slurm/requeue.sh reads
 
 
 def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):

@@ -95,16 +95,22 @@ def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp
 @pytest.mark.parametrize("command, restarts, final, said, requeued, code", [
     ("true", "0", True, "run cluster is complete", False, 0),
     ("true", "0", False, "stopped before the end of the run without a signal; not requeued", False, 0),
+    ("true", "0", "stop_at_step", "stopped before the end of the run without a signal; not requeued", False, 0),
+    ("true", "0", "time_limit", "the run stopped at --max-time", True, 0),  # it was not requeued
     ("false", "0", False, "step ended with status 1 before the end of the run; requeueing job 7", True, 0),
     ("false", "3", False, "step failed with status 1 (restart 3 of 3); not requeued", False, 1),
 ])
 def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, command, restarts, final, said,
                                                                      requeued, code):
-    """launch/slurm/requeue.sh without a signal: a finished run ends, a step stopped on purpose is not requeued, a
-    failed one is requeued up to MAX_RESTARTS times."""
-    if final:
+    """launch/slurm/requeue.sh without a signal: a finished run ends, a step stopped on purpose is not requeued, one
+    stopped at --max-time is, a failed one is requeued up to MAX_RESTARTS times."""
+    if final is True:
         (tmp_path / "ck" / "final").mkdir(parents=True)
         (tmp_path / "ck" / "final" / "COMPLETE.json").write_text("{}")
+    elif final:  # a checkpoint of a run that stopped itself, and why, written as the trainer writes it
+        (tmp_path / "ck" / "step_000007").mkdir(parents=True)
+        (tmp_path / "ck" / "step_000007" / "COMPLETE.json").write_text(json.dumps({"stopped_for": final}, indent=1))
+        (tmp_path / "ck" / "latest").write_text("step_000007\n")
     env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7",
                     SLURM_RESTART_COUNT=restarts, MAX_RESTARTS="3", CHECKPOINT_DIR=str(tmp_path / "ck"),
                     RUN_NAME="cluster", SLURM_STANDIN_DIR=str(tmp_path))

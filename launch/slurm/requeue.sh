@@ -6,7 +6,9 @@
 # SIGTERM to srun, which forwards it to its tasks (torchrun agents, or the training processes themselves); every
 # rank saves a checkpoint at the step it is in and exits. Then, unless the run wrote its final checkpoint, the
 # job is requeued (scontrol requeue keeps the job id, so RUN_NAME and the folder stay) and the next start resumes
-# with --resume auto. A failed step is requeued at most MAX_RESTARTS times (SLURM_RESTART_COUNT counts them).
+# with --resume auto. A failed step is requeued at most MAX_RESTARTS times (SLURM_RESTART_COUNT counts them). A run
+# that stopped itself at --max-time (its latest checkpoint's COMPLETE.json says "stopped_for": "time_limit") is
+# requeued too; one stopped on purpose (--stop-at-step, --epoch-limit stop) is not.
 
 run_step() {
     local signalled=0 status
@@ -21,6 +23,13 @@ run_step() {
     trap - USR1 TERM
     if [ -f "$CHECKPOINT_DIR/final/COMPLETE.json" ]; then
         echo "scaletrain-slurm: run $RUN_NAME is complete: $CHECKPOINT_DIR/final"
+        return 0
+    fi
+    local latest=""
+    [ -f "$CHECKPOINT_DIR/latest" ] && latest=$(head -n 1 "$CHECKPOINT_DIR/latest")
+    if [ "$status" = 0 ] && [ -n "$latest" ] && grep -q '"stopped_for": "time_limit"' "$CHECKPOINT_DIR/$latest/COMPLETE.json" 2>/dev/null; then
+        echo "scaletrain-slurm: the run stopped at --max-time ($CHECKPOINT_DIR/$latest); requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
     if [ "$signalled" = 1 ] || { [ "$status" != 0 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_RESTARTS:-3}" ]; }; then

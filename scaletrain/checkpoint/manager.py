@@ -93,21 +93,26 @@ class CheckpointManager:
             self.save("final")
             return None
         if stop_for:
-            self.save(step_name(step))
+            self.save(step_name(step), stopped_for=stop_for)
             return stop_for
         if step == cfg.stop_at_step:
-            self.save(step_name(step))
+            self.save(step_name(step), stopped_for="stop_at_step")
             return "stop_at_step"
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(step_name(step), background=cfg.async_checkpoint)
         return None
 
-    def stop_here(self) -> Path | None:
-        """A checkpoint of the last step done, for a stop before the next one (a signal, data that failed):
-        ``step_N``, unless the step's own checkpoint was just written; then every save is committed."""
-        if not (self._written and self._written[0] == self.state.step and self._written[1].startswith("step_")):
-            self.save(step_name(self.state.step))
+    def stop_here(self, reason: str) -> Path | None:
+        """A checkpoint of the last step done, for a stop before the next one (a signal, the time limit, data that
+        failed): ``step_N``, its record saying why (``stopped_for``: what launch/slurm/requeue.sh reads). When the
+        step's own checkpoint was just written, its files are kept (linked) under a record that says so."""
+        name = step_name(self.state.step)
+        written = self._written is not None and self._written == (self.state.step, name)
+        if not written:
+            self.save(name, stopped_for=reason)
         self.finish()
+        if written:
+            self._save_links(name, name, stopped_for=reason)
         return self.last_saved
 
     def finish(self) -> None:
@@ -115,19 +120,22 @@ class CheckpointManager:
         self.store.finish()
 
     # ---- writing ---------------------------------------------------------------------------------
-    def meta(self) -> dict[str, Any]:
+    def meta(self, stopped_for: str | None = None) -> dict[str, Any]:
+        """COMPLETE.json's record; ``stopped_for``: why the run stopped at this checkpoint (time_limit, preempted,
+        interrupted, stop_at_step, epoch_limit, data_error), absent where it went on."""
         st = self.state
         return {"format": FORMAT, "step": st.step, "tokens_seen": st.tokens_seen,
                 "best_val_loss": None if math.isinf(st.best_val_loss) else st.best_val_loss,
                 "world_size": self.env.world_size, "engine": self.engine.name,
                 "model_config": asdict(self.model_cfg), "config": self.cfg.to_dict(),
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
-                **({"generation_config": self.generation_config} if self.generation_config else {})}
+                **({"generation_config": self.generation_config} if self.generation_config else {}),
+                **({"stopped_for": stopped_for} if stopped_for else {})}
 
-    def save(self, name: str, background: bool = False) -> Path:
+    def save(self, name: str, background: bool = False, stopped_for: str | None = None) -> Path:
         step = self.state.step
         if self._written and self._written[0] == step and not background:
-            return self._save_links(self._written[1], name)
+            return self._save_links(self._written[1], name, stopped_for)
         run_state = {"train": self.state.state_dict(), "data": self.loader.state_dict()}
 
         def local(folder: Path) -> None:
@@ -143,7 +151,7 @@ class CheckpointManager:
             return None
 
         t0 = time.perf_counter()
-        path = self.store.save(local, collective, name, self.meta(), background=background)
+        path = self.store.save(local, collective, name, self.meta(stopped_for), background=background)
         if not background:
             self.longest_save_s = max(self.longest_save_s, time.perf_counter() - t0)
         self._written = (step, name)
@@ -152,7 +160,9 @@ class CheckpointManager:
             print(f"scaletrain: {'writing' if background else 'saved'} {path}", flush=True)
         return path
 
-    def _save_links(self, source: str, name: str) -> Path:
+    def _save_links(self, source: str, name: str, stopped_for: str | None = None) -> Path:
+        """Checkpoint ``name`` made of ``source``'s files (same step): hard links, and a record of its own (also
+        ``source`` itself again, to record why the run stopped there)."""
         src = self.store.dir / source
 
         def local(folder: Path) -> None:
@@ -160,10 +170,10 @@ class CheckpointManager:
                 _link_tree(src, folder)
 
         files = read_meta(src).get("files")  # the same bytes: the same checksums
-        path = self.store.save(local, lambda folder, bg: None, name, self.meta(), files=files)
+        path = self.store.save(local, lambda folder, bg: None, name, self.meta(stopped_for), files=files)
         self._written = (self.state.step, name)
         self.last_saved = path
-        if self.env.is_main:
+        if self.env.is_main and source != name:
             print(f"scaletrain: saved {path} (the files of {source}, same step)", flush=True)
         return path
 
