@@ -36,8 +36,7 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 # model_size: the presets' names, written out (model/presets.py is behind a package that imports torch)
 _CHOICES = {"model_size": "tiny,small,base,large,llama3-1b,llama3-3b,llama3-8b", "mixed_precision": "fp16,bf16,fp32",
-            "engine": "deepspeed,fsdp",
-            "data_kind": "shards,synthetic", "epoch_limit": "warn,stop"}
+            "engine": "deepspeed,fsdp", "data_kind": "shards,synthetic", "epoch_limit": "warn,stop"}
 
 
 def _metavar(name: str, typ: type) -> str:

@@ -158,9 +158,9 @@ class PreTrainingConfig:
                                         "--max-steps (fits a run into job time limits)")
     max_time: str | None = _f(None, "save a checkpoint and stop before this much time has passed since the process "
                                     "(under torchrun: torchrun) started (3h50m, 45m, or Slurm's 23:30:00, "
-                                    "1-00:00:00): before each step, when "
-                                    "the longest step and save so far would not end in time (Megatron's "
-                                    "--exit-duration-in-mins); exits 0, resume with --resume latest")
+                                    "1-00:00:00): before each step, when the longest step and save so far would not "
+                                    "end in time (Megatron's --exit-duration-in-mins); exits 0, resume with --resume "
+                                    "latest")
     resume: str | None = _f(None, "resume: a checkpoint folder, a checkpoint_dir or a run's folder (runs/NAME), "
                                   "'latest' (required) or 'auto' (the newest complete one if any, else start fresh)")
     trust_checkpoint: bool = _f(False, "load checkpoint files that name code to run while unpickling (refused by "
