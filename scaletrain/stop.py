@@ -23,8 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-# the flag, the largest of every rank's winning: the time limit, a stop signal, or Ctrl-C (the run then exits 130)
+# the flag (the largest any rank has wins): the time limit, a stop signal, or Ctrl-C (the run then exits 130)
 TIME, STOP, INTERRUPT = 1, 2, 3
+
 
 def _age(pid: int | str) -> float:
     """Seconds since process ``pid`` started (Linux: its start in clock ticks since boot, /proc/PID/stat field 22)."""
@@ -59,12 +60,14 @@ class Deadline:
         self.limit_s, self.clock = limit_s, clock
         self.longest_step = self.longest_save = 0.0
         self.steps = 0
-        self._t = clock()
+        self._t = clock() if limit_s is not None else 0.0
 
     def step_done(self, saved_s: float, longest_save_s: float) -> None:
         """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving, and the
         longest save in the foreground so far took ``longest_save_s`` (a stop's save is one: a background save's
         time on the loop says nothing of it)."""
+        if self.limit_s is None:
+            return
         now = self.clock()
         self.longest_step = max(self.longest_step, now - self._t - saved_s)
         self.longest_save = longest_save_s
