@@ -253,8 +253,19 @@ class PreTrainingConfig:
 
     def with_derived_defaults(self) -> PreTrainingConfig:
         """This config with the defaults that follow from given flags (before validation; the explicit set
-        unchanged): --max-steps from --max-tokens, and the end learning rate from a given peak (10% of it: a lone
-        --learning-rate 1e-5 was refused, the default end 3e-5 above it)."""
+        unchanged): --max-steps from --max-tokens, the end learning rate from a given peak (10% of it: a lone
+        --learning-rate 1e-5 was refused, the default end 3e-5 above it), and the weights of given --data-sources
+        (one source: all of it; the default 0.3 0.7 belongs to the default arxiv general, and other sources without
+        weights are refused: a lone --data-sources mine was refused as "2 weights for 1", weights never given)."""
+        if "data_sources" in self.explicit and "data_mix_weights" not in self.explicit:
+            default = self.__dataclass_fields__["data_sources"].default_factory()
+            if len(self.data_sources) == 1:
+                object.__setattr__(self, "data_mix_weights", [1.0])
+            elif self.data_sources != default:
+                raise ConfigError(f"--data-mix-weights: not given for --data-sources {' '.join(self.data_sources)}; "
+                                  f"give each source's token share (equal shares: --data-mix-weights "
+                                  f"{' '.join('1' * len(self.data_sources))}); the default "
+                                  f"{' '.join(f'{w:g}' for w in self.data_mix_weights)} is for {' '.join(default)}")
         if "learning_rate" in self.explicit and "min_learning_rate" not in self.explicit:
             # rounded: 3e-4 (what the user would write), not 3.0000000000000003e-4
             object.__setattr__(self, "min_learning_rate", float(f"{self.learning_rate / 10:.12g}"))

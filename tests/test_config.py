@@ -174,6 +174,20 @@ def test_global_batch_derives_the_accumulation_for_any_world_size():
     assert cfg.warmup == 5  # schedule defaults follow the derived length
 
 
+def test_given_data_sources_without_weights():
+    """One source needs no weight (it was refused: "2 weights for 1 --data-sources", the default's two); the
+    default weights stay with the default sources, in their order; other sources must say their shares."""
+    assert parse_config(["--data-sources", "mine"]).data_mix_weights == [1.0]
+    assert parse_config(["--data-sources", "arxiv", "general"]).data_mix_weights == [0.3, 0.7]
+    assert parse_config(["--data-sources", "a", "b", "--data-mix-weights", "1", "3"]).data_mix_weights == [1.0, 3.0]
+    for sources in (["general", "arxiv"], ["a", "b", "c"]):
+        with pytest.raises(ConfigError, match=f"--data-mix-weights: not given for --data-sources {' '.join(sources)}; "
+                                              f"give each source's token share \\(equal shares: --data-mix-weights "
+                                              f"{' '.join('1' * len(sources))}\\); the default 0.3 0.7 is for arxiv "
+                                              f"general"):
+            parse_config(["--data-sources", *sources])
+
+
 def test_the_end_learning_rate_follows_a_given_peak():
     """--learning-rate 1e-5 alone (a continued pre-training rate) was refused: the end of the decay stayed at its
     default 3e-5, above the peak. Unless given, it is 10% of the peak (3e-5 for the default 3e-4, as before)."""
