@@ -134,7 +134,9 @@ class PreTrainingConfig:
     z_loss: float = _f(0.0, "weight of the z-loss, mean of log(sum(exp(logits)))^2 per target token (PaLM uses "
                             "1e-4; 0: off); logged as z_loss, not part of loss")
     # precision, memory, speed
-    mixed_precision: str = _f("bf16", "fp16, bf16 or fp32")
+    mixed_precision: str = _f("bf16", "fp16, bf16 or fp32 (default: bf16 where the device computes it natively, a "
+                                      "GPU from Ampere on or a CPU with AVX512-BF16/AMX; fp32 elsewhere, where bf16 "
+                                      "is emulated several times slower)")
     gradient_checkpointing: bool = _f(False, "recompute each transformer block in backward")
     compile: bool = _f(False, "torch.compile each transformer block")
     # engine

@@ -277,8 +277,14 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
 
 
 def resolve_for_world(cfg: PreTrainingConfig, engine_cls, world_size: int, device_type: str) -> PreTrainingConfig:
-    """The config on ``world_size`` ranks: the accumulation --global-batch-size derives, then what the engine's own
-    configuration decides (an engine whose own file sets batch sizes refuses ones that break the global batch)."""
+    """The config on ``world_size`` ranks: the accumulation --global-batch-size derives, the precision the device
+    computes natively when none was given (bf16, else fp32: ``bf16_native``), then what the engine's own
+    configuration decides (an engine whose own file sets batch sizes refuses ones that break the global batch; a
+    DeepSpeed file that enables bf16 has it)."""
+    from scaletrain.engine.dist import bf16_native
+
+    if "mixed_precision" not in cfg.explicit and cfg.mixed_precision == "bf16" and not bf16_native(device_type):
+        cfg = cfg.replace(mixed_precision="fp32")
     cfg = engine_cls.resolve_config(cfg.for_world_size(world_size), world_size, device_type)
     assert cfg.global_batch_size is None or _global_batch(cfg.to_dict(), world_size) == cfg.global_batch_size, cfg
     return cfg

@@ -174,6 +174,25 @@ def test_global_batch_derives_the_accumulation_for_any_world_size():
     assert cfg.warmup == 5  # schedule defaults follow the derived length
 
 
+def test_the_default_precision_is_what_the_device_computes_natively(monkeypatch):
+    """bf16 by default only where the hardware has it: a CPU without AVX512-BF16/AMX emulates it (a step 6.8x as long
+    as fp32, measured on such a host), and it was the default there too. A given flag, or a DeepSpeed file that
+    enables bf16, still decides."""
+    import scaletrain.engine.dist as dist_mod
+    from scaletrain.engine import get_engine_class
+    from scaletrain.run import resolve_for_world
+
+    assert isinstance(dist_mod.bf16_native("cpu"), bool) and dist_mod.bf16_native("mps") is False
+    fsdp, ds = get_engine_class("fsdp"), get_engine_class("deepspeed")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(dist_mod, "bf16_native", lambda device_type, n=native: n)
+        assert resolve_for_world(parse_config([]), fsdp, 1, "cpu").mixed_precision == expected
+        assert resolve_for_world(parse_config(["--mixed-precision", "bf16"]), fsdp, 1, "cpu").mixed_precision == "bf16"
+        assert resolve_for_world(parse_config(["--mixed-precision", "fp32"]), fsdp, 1, "cpu").mixed_precision == "fp32"
+        shipped = parse_config(["--ds_config", str(ROOT / "ds_configs" / "zero3_bf16.json")])
+        assert resolve_for_world(shipped, ds, 2, "cpu").mixed_precision == "bf16"  # the file enables it
+
+
 def test_given_data_sources_without_weights():
     """One source needs no weight (it was refused: "2 weights for 1 --data-sources", the default's two); the
     default weights stay with the default sources, in their order; other sources must say their shares."""
