@@ -148,8 +148,9 @@ class PreTrainingConfig:
     # checkpoints
     checkpoint_dir: str | None = _f(None, "where the checkpoint folders (step_NNNNNN, final, best) go (default: "
                                            "the run's folder, run_dir/run_name/checkpoints)")
-    save_interval: int = _f(0, "save a step_N checkpoint every N steps (0: none); every run that completes "
-                               "writes final")
+    save_interval: int = _f(1000, "save a step_N checkpoint every N steps (0: none), so that a crash loses at most "
+                                  "N steps (with 0 and no validation split, a run had no checkpoint until final); "
+                                  "every run that completes writes final")
     save_best: bool = _f(True, "keep a 'best' checkpoint of the lowest validation loss; each improvement writes "
                                "a full checkpoint (12-14 bytes per parameter: ~90 GB for 7B), --no-save-best "
                                "skips that")

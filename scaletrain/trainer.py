@@ -195,7 +195,11 @@ def _header(plan: RunPlan, engine: Engine, env, start_step: int, global_batch: i
             + (f"scaletrain: {start}\n" if start else "") +
             f"scaletrain: data {data}\n"
             f"scaletrain: schedule: {describe_schedule(cfg)}\n"
-            f"scaletrain: checkpoints -> {cfg.checkpoint_dir}, logs -> {os.path.join(cfg.run_dir, cfg.run_name)}")
+            f"scaletrain: checkpoints -> {cfg.checkpoint_dir}, logs -> {os.path.join(cfg.run_dir, cfg.run_name)}; "
+            + (f"step_N every {cfg.save_interval} steps" + (f" (the last {cfg.keep_last_n_checkpoints} kept)"
+                                                             if cfg.keep_last_n_checkpoints else "")
+               if cfg.save_interval else "no step_N checkpoints (--save-interval 0): a crash loses the run to its "
+                                         "last best or final"))
 
 
 def train(cfg: PreTrainingConfig) -> TrainResult:

@@ -343,6 +343,8 @@ def test_a_run_with_default_flags_ends_with_a_final_checkpoint(tmp_path):
     assert (final / COMPLETE).is_file() and json.loads((final / COMPLETE).read_text())["step"] == 3
     assert (final.parent / "latest").read_text().strip() == "final"
     assert f"python launch/convert.py {final} exports/t" in proc.stdout
+    # a checkpoint every 1000 steps by default (it was none: without a validation split, nothing until final)
+    assert "; step_N every 1000 steps (the last 3 kept)" in proc.stdout
 
 
 def test_best_survives_a_resume_from_an_earlier_step(tmp_path):
