@@ -52,33 +52,37 @@ class Deadline:
 
     Before each step (after the first of this process, which measures), the run stops when the time since the run
     started (``run_age``), plus the longest step and the longest save it has seen, would pass the limit; the stop
-    then saves at once. So a save must have been measured for its time to count: before the first one, only a
-    step's time is kept free (give --max-time some minutes under a job's limit, or --save-interval a save early on).
+    then saves at once. So a save must have been measured (or recorded in the resumed checkpoint) for its time to
+    count: before the first one, only a step's time is kept free (give --max-time some minutes under a job's limit,
+    or --save-interval a save early on).
     A step's time includes its evaluation and logging; its saves count as saves."""
 
     def __init__(self, limit_s: float | None, clock=run_age) -> None:
         self.limit_s, self.clock = limit_s, clock
         self.longest_step = self.longest_save = 0.0
-        self.steps = 0
+        self.steps, self.next_saves = 0, False
         self._t = clock() if limit_s is not None else 0.0
 
-    def step_done(self, saved_s: float, longest_save_s: float) -> None:
+    def step_done(self, saved_s: float, longest_save_s: float, next_saves: bool = False) -> None:
         """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving, and the
         longest save in the foreground so far took ``longest_save_s`` (a stop's save is one: a background save's
-        time on the loop says nothing of it)."""
+        time on the loop says nothing of it). ``next_saves``: the next step writes a checkpoint of its own (an
+        interval one, say), so that a stop after it would be a second save."""
         if self.limit_s is None:
             return
         now = self.clock()
         self.longest_step = max(self.longest_step, now - self._t - saved_s)
         self.longest_save = longest_save_s
+        self.next_saves = next_saves
         self.steps += 1
         self._t = now
 
     def near(self) -> bool:
-        """True when the next step and a save would not end within the limit (never before a step was measured:
-        each start of a run takes at least one step)."""
+        """True when the next step (with its own save, if it writes one) and a stop's save would not end within the
+        limit (never before a step was measured: each start of a run takes at least one step)."""
+        saves = 2 if self.next_saves else 1
         return (self.limit_s is not None and self.steps > 0
-                and self.clock() + self.longest_step + self.longest_save > self.limit_s)
+                and self.clock() + self.longest_step + saves * self.longest_save > self.limit_s)
 
     def describe(self) -> str:
         return (f"{self.clock():.1f} s of {self.limit_s:.0f} s since the start; a step took up to "

@@ -345,7 +345,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             t_save = time.perf_counter()
             stop = ckpt.after_step(val_loss, stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
-            deadline.step_done(time.perf_counter() - t_save, ckpt.longest_save_s)
+            evaluates = val_loader is not None and cfg.eval_interval > 0 and (done + 1) % cfg.eval_interval == 0
+            deadline.step_done(time.perf_counter() - t_save, ckpt.longest_save_s, ckpt.saves_at(done + 1, evaluates))
             if stop:
                 break
         ckpt.finish()  # commit a background save still in flight

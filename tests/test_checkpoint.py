@@ -193,13 +193,21 @@ def test_max_time_keeps_a_step_and_a_save_free_and_always_takes_a_step():
     deadline.step_done(0.0, 0.0)  # a 3 s step
     assert deadline.near()  # 103 s: this run started past its limit, and took one step
     deadline = Deadline(60.0, clock=lambda: now[0])
-    for t, saved in ((10.0, 0.0), (12.0, 0.0), (19.0, 5.0), (20.0, 0.0)):  # steps of 2 s; one with a save of 5 s
-        now[0] = t
-        deadline.step_done(saved, longest_save_s=5.0 if t >= 19 else 0.0)
+    for t, saved, longest in ((10.0, 0.0, 0.0), (12.0, 0.0, 0.0), (19.0, 5.0, 5.0), (21.0, 0.0, 5.0)):
+        now[0] = t  # steps of 2 s; one with a save of 5 s
+        deadline.step_done(saved, longest)
     assert (deadline.longest_step, deadline.longest_save) == (2.0, 5.0)
     now[0] = 52.9
     assert not deadline.near()  # 52.9 + 2 + 5 < 60
     now[0] = 53.1
+    assert deadline.near()
+    # the next step writes an interval checkpoint, so a stop after it is a second save: both are kept free (the stop
+    # came one save late, past the limit, when the step before an interval save went on)
+    now[0] = 23.0
+    deadline.step_done(0.0, 5.0, next_saves=True)
+    now[0] = 47.9
+    assert not deadline.near()  # 47.9 + 2 + 2 x 5 < 60
+    now[0] = 48.1
     assert deadline.near()
 
 
@@ -238,6 +246,16 @@ def test_max_time_saves_and_stops_in_time(tmp_path):
     assert saved is not None and saved.name == f"step_{step:06d}" and str(saved) == said.group(4)
     record = json.loads((saved / COMPLETE).read_text())
     assert record["step"] == step and record["stopped_for"] == "time_limit"  # what launch/slurm/requeue.sh reads
+    assert record["save_seconds"] >= 1  # how long its save took, slowed as it was
+    # resumed without the slowdown: the estimate starts from the record's save time, not from none (the stop's own
+    # save here takes a fraction of a second; the longest save said is the record's)
+    env.pop("SCALETRAIN_FAULT")
+    args[args.index("--max-time") + 1] = "1s"  # past it at once: one step, then the stop
+    again = subprocess.run(launch_cmd("python", args + ["--resume", "latest"], tmp_path)[0], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    said = re.search(r"stopped at step (\d+) \(--max-time 1s: .* a save ([\d.]+) s\)", again.stdout)
+    assert again.returncode == 0 and said, again.stdout[-3000:] + again.stderr[-3000:]
+    assert int(said.group(1)) == step + 1 and float(said.group(2)) >= 1, said.group(0)
 
 
 def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):

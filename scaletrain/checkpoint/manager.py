@@ -102,6 +102,13 @@ class CheckpointManager:
             self.save(step_name(step), background=cfg.async_checkpoint)
         return None
 
+    def saves_at(self, step: int, evaluates: bool) -> bool:
+        """Whether ``after_step`` at ``step`` may write a checkpoint in the foreground (``evaluates``: validation runs
+        after that step, and may find a new best)."""
+        cfg = self.cfg
+        return (step in (cfg.max_steps, cfg.stop_at_step) or (evaluates and cfg.save_best)
+                or bool(cfg.save_interval and step % cfg.save_interval == 0 and not cfg.async_checkpoint))
+
     def stop_here(self, reason: str) -> Path | None:
         """A checkpoint of the last step done, for a stop before the next one (a signal, the time limit, data that
         failed): ``step_N``, its record saying why (``stopped_for``: what launch/slurm/requeue.sh reads). When the
@@ -180,7 +187,7 @@ class CheckpointManager:
     # ---- reading ---------------------------------------------------------------------------------
     def load(self, path: Path) -> None:
         """Restore the train state, the engine and the data position from checkpoint ``path``."""
-        read_meta(path)
+        meta = read_meta(path)
         rank_file = path / STATE_FILE.format(rank=self.env.rank)
         if not rank_file.is_file():  # resharding onto more ranks: start from rank 0's copy
             rank_file = path / STATE_FILE.format(rank=0)
@@ -206,6 +213,9 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path}: the {self.engine.name} engine cannot load its state "
                                   f"({describe_failure(e)})") from e
         self.loader.load_state_dict(run_state["data"])
+        # how long a save of this run took (its record, when written in the foreground): --max-time's estimate
+        # before this process has saved, instead of none
+        self.longest_save_s = max(self.longest_save_s, float(meta.get("save_seconds") or 0.0))
         if self.env.is_main:  # a rollback: what lies past this step is of the course the run leaves
             moved = set_aside_later(self.store.dir, path, self.state.step)
             self.rolled_back = moved is not None

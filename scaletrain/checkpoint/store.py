@@ -253,6 +253,7 @@ class CheckpointStore:
         commit happens at once, or for a background write at the next ``save`` or ``finish``. ``files``: the
         checksums when they are known already (a copy of another checkpoint's files)."""
         self.finish()
+        started = time.perf_counter()
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
         if self.rank == 0:
@@ -270,7 +271,7 @@ class CheckpointStore:
             pause = fault("save_pause")
             if pause:
                 time.sleep(float(pause))
-        self._pending = (name, tmp, final, meta, future, error, failed if any(failed) else None, files)
+        self._pending = (name, tmp, final, meta, future, error, failed if any(failed) else None, files, started)
         if not background:
             self.finish()
         return final
@@ -280,7 +281,7 @@ class CheckpointStore:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        name, tmp, final, meta, future, error, failed, files = pending
+        name, tmp, final, meta, future, error, failed, files, started = pending
         if future is not None and error is None:
             _, error = _attempt(future.result)
         digests: dict[str, list] = dict(files or {})
@@ -299,6 +300,8 @@ class CheckpointStore:
             raise self._failure(final, failed, error)
         if self.rank == 0:
             record = dict(meta, name=name, saved_at=time.time(), hash=HASH, files=dict(sorted(digests.items())))
+            if future is None and files is None:  # written in the foreground, not linked: what a save takes here
+                record["save_seconds"] = round(time.perf_counter() - started, 3)
             atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
             old = None
             if final.exists():  # re-saving best/final: swap, then drop the old one (see recover)
