@@ -265,6 +265,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
 
     if state.step == cfg.max_steps == 0:  # --max-steps 0: the initial weights are the run's result
         ckpt.save("final")
+    def evaluates(step: int) -> bool:  # validation runs after this step
+        return val_loader is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
+
     deadline = Deadline(None if cfg.max_time is None else parse_duration(cfg.max_time))
     signals = StopSignals(control, env.is_main, deadline)
     crash_at = crash_step(env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
@@ -310,7 +313,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
                     print(f"scaletrain: step {done}: {what} {path}", flush=True)
             metrics: dict[str, float] = {}
             val_loss = None
-            if val_loader is not None and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+            if evaluates(done):
                 t_eval = time.perf_counter()
                 metrics.update(evaluate(engine, val_loader, cfg.eval_steps, env.device,
                                         dict(zip(cfg.data_sources, cfg.data_mix_weights)),
@@ -345,8 +348,8 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             t_save = time.perf_counter()
             stop = ckpt.after_step(val_loss, stop_for=limit)
             meter.exclude(time.perf_counter() - t_save)
-            evaluates = val_loader is not None and cfg.eval_interval > 0 and (done + 1) % cfg.eval_interval == 0
-            deadline.step_done(time.perf_counter() - t_save, ckpt.longest_save_s, ckpt.saves_at(done + 1, evaluates))
+            deadline.step_done(time.perf_counter() - t_save, ckpt.longest_save_s,
+                               ckpt.saves_at(done + 1, evaluates(done + 1)))
             if stop:
                 break
         ckpt.finish()  # commit a background save still in flight

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,6 @@ class CheckpointManager:
         self.generation_config = generation_config  # --init-from's model folder's, for the export
         self._written: tuple[int, str] | None = None  # (step, name) of the last checkpoint committed
         self.last_saved: Path | None = None
-        self.longest_save_s = 0.0  # of the saves in the foreground: what a stop's save will take (--max-time)
 
     # ---- policy ----------------------------------------------------------------------------------
     def after_step(self, val_loss: float | None = None, stop_for: str | None = None) -> str | None:
@@ -101,6 +99,12 @@ class CheckpointManager:
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(step_name(step), background=cfg.async_checkpoint)
         return None
+
+    @property
+    def longest_save_s(self) -> float:
+        """The longest save written in the foreground here, or recorded by the resumed checkpoint: what a stop's
+        save will take (--max-time)."""
+        return self.store.longest_save_s
 
     def saves_at(self, step: int, evaluates: bool) -> bool:
         """Whether ``after_step`` at ``step`` may write a checkpoint in the foreground (``evaluates``: validation runs
@@ -157,10 +161,7 @@ class CheckpointManager:
             self.engine.save(str(folder))
             return None
 
-        t0 = time.perf_counter()
         path = self.store.save(local, collective, name, self.meta(stopped_for), background=background)
-        if not background:
-            self.longest_save_s = max(self.longest_save_s, time.perf_counter() - t0)
         self._written = (step, name)
         self.last_saved = path
         if self.env.is_main:
@@ -215,7 +216,7 @@ class CheckpointManager:
         self.loader.load_state_dict(run_state["data"])
         # how long a save of this run took (its record, when written in the foreground): --max-time's estimate
         # before this process has saved, instead of none
-        self.longest_save_s = max(self.longest_save_s, float(meta.get("save_seconds") or 0.0))
+        self.store.longest_save_s = max(self.store.longest_save_s, float(meta.get("save_seconds") or 0.0))
         if self.env.is_main:  # a rollback: what lies past this step is of the course the run leaves
             moved = set_aside_later(self.store.dir, path, self.state.step)
             self.rolled_back = moved is not None

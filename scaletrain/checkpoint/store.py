@@ -234,6 +234,7 @@ class CheckpointStore:
         self.dir = Path(ckpt_dir)
         self.keep_last_n, self.rank, self.world, self.group = keep_last_n, rank, world_size, group
         self.estimate_bytes = estimate_bytes
+        self.longest_save_s = 0.0  # of the saves written in the foreground (their records' save_seconds)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -298,10 +299,13 @@ class CheckpointStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._barrier()
             raise self._failure(final, failed, error)
+        timed = {}
+        if future is None and files is None:  # written in the foreground, not linked: what a save takes here
+            timed["save_seconds"] = round(time.perf_counter() - started, 3)
+            self.longest_save_s = max(self.longest_save_s, timed["save_seconds"])
         if self.rank == 0:
-            record = dict(meta, name=name, saved_at=time.time(), hash=HASH, files=dict(sorted(digests.items())))
-            if future is None and files is None:  # written in the foreground, not linked: what a save takes here
-                record["save_seconds"] = round(time.perf_counter() - started, 3)
+            record = dict(meta, name=name, saved_at=time.time(), hash=HASH, files=dict(sorted(digests.items())),
+                          **timed)
             atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
             old = None
             if final.exists():  # re-saving best/final: swap, then drop the old one (see recover)
