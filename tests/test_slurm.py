@@ -97,8 +97,10 @@ def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp
     ("true", "0", False, "stopped before the end of the run without a signal; not requeued", False, 0),
     ("true", "0", "stop_at_step", "stopped before the end of the run without a signal; not requeued", False, 0),
     ("true", "0", "time_limit", "the run stopped at --max-time", True, 0),  # it was not requeued
-    ("false", "0", False, "step ended with status 1 before the end of the run; requeueing job 7", True, 0),
-    ("false", "3", False, "step failed with status 1 (restart 3 of 3); not requeued", False, 1),
+    ("false", "0", False, "step failed with status 1 (failure 1 of 3 since checkpoint none); requeueing job 7", True,
+     0),
+    # three time-limit requeues before do not count against a failure (SLURM_RESTART_COUNT counts them all)
+    ("false", "3", "time_limit", "failure 1 of 3 since checkpoint step_000007); requeueing job 7", True, 0),
 ])
 def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, command, restarts, final, said,
                                                                      requeued, code):
@@ -118,6 +120,35 @@ def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, com
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == code and said in p.stdout, p.stdout + p.stderr
     assert (tmp_path / "requeued").exists() == requeued
+
+
+def test_failures_in_a_row_without_a_new_checkpoint_end_the_chain(tmp_path):
+    """A failed step is requeued MAX_RESTARTS times in a row without a new checkpoint, counted in the checkpoint
+    folder across the job's starts: a new checkpoint starts the count again, a fourth failure at the same one ends."""
+    ck = tmp_path / "ck"
+
+    def attempt(restarts: int, latest: str | None) -> subprocess.CompletedProcess:
+        if latest:
+            (ck / latest).mkdir(parents=True, exist_ok=True)
+            (ck / latest / "COMPLETE.json").write_text("{}")
+            (ck / "latest").write_text(latest + "\n")
+        (tmp_path / "requeued").unlink(missing_ok=True)
+        env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7",
+                        SLURM_RESTART_COUNT=str(restarts), MAX_RESTARTS="2", CHECKPOINT_DIR=str(ck),
+                        RUN_NAME="cluster", SLURM_STANDIN_DIR=str(tmp_path))
+        return subprocess.run(["bash", "-c", "source launch/slurm/requeue.sh; run_step false"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    said = [attempt(0, None), attempt(1, None), attempt(2, "step_000100"), attempt(3, "step_000200"),
+            attempt(4, None), attempt(5, None)]
+    assert [p.returncode for p in said] == [0, 0, 0, 0, 0, 1], [p.stdout for p in said]
+    assert [p.stdout.split("(")[1].split(")")[0] for p in said] == [
+        "failure 1 of 2 since checkpoint none", "failure 2 of 2 since checkpoint none",
+        "failure 1 of 2 since checkpoint step_000100", "failure 1 of 2 since checkpoint step_000200",
+        "failure 2 of 2 since checkpoint step_000200",
+        "3 failures in a row since checkpoint step_000200, MAX_RESTARTS 2"]
+    assert not (tmp_path / "requeued").exists()
+    assert (ck / ".slurm_failures").read_text() == "step_000200 3\n"
 
 
 def test_a_stop_signal_to_every_process_of_the_job_saves_with_dataloader_workers(tmp_path):
