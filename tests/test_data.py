@@ -463,8 +463,15 @@ def test_prepare_never_replaces_its_inputs_or_reads_its_output(tmp_path):
 def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
     import shutil
 
-    with pytest.raises(ShardError, match="data domain folder .*nope does not exist; prepare it"):
+    with pytest.raises(ShardError, match="data domain folder .*nope does not exist; --data-dir .*pre holds the "
+                                         "prepared domains .*general .*or prepare it with"):
         DomainStream(data / "pre" / "nope")
+    # the folder above the domains (make pretrain's data/sample for data/sample/pretraining) names the one below
+    pre = data / "pre"
+    with pytest.raises(ShardError, match=f"general does not exist; {pre} holds it: --data-dir {pre}$"):
+        DomainStream(data / "general")
+    with pytest.raises(ShardError, match="--data-dir .*absent does not exist either; prepare a domain into it"):
+        DomainStream(tmp_path / "absent" / "general")
     copy = tmp_path / "general"
     shutil.copytree(data / "pre" / "general", copy)
     shard = copy / "shard-00001.tar"

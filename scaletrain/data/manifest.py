@@ -168,12 +168,29 @@ def _raw_text_hint(d: Path) -> str:
             f"(once per domain), then train with --data-dir {out}")
 
 
+def _missing_domain_hint(d: Path) -> str:
+    """What to do about a domain folder that is not there: the --data-dir one level down that has it (the sample's
+    data/sample/pretraining given as data/sample), the domains the folder does hold, or the command to prepare it."""
+    root = d.parent
+    if root.is_dir():
+        below = sorted(p.parent for p in root.glob(f"*/{d.name}/{MANIFEST}"))
+        if below:
+            return f"{below[0].parent} holds it: --data-dir {below[0].parent}"
+        held = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
+        if held:
+            return (f"--data-dir {root} holds the prepared domains {', '.join(held)} (--data-sources names them), or "
+                    f"prepare it with `scaletrain prepare --domain {d.name} --input ... --output {root}`")
+    elif root != Path("."):
+        return (f"--data-dir {root} does not exist either; prepare a domain into it with "
+                f"`scaletrain prepare --domain {d.name} --input ... --output {root}`")
+    return f"prepare it with `scaletrain prepare --domain {d.name} --input ... --output {root}`"
+
+
 def load_manifest(domain_dir: str | Path) -> Manifest:
     """The manifest of a prepared domain folder; errors say how to prepare one."""
     d = Path(domain_dir)
     if not d.is_dir():
-        raise ShardError(f"data domain folder {d} does not exist; prepare it with "
-                         f"`scaletrain prepare --domain {d.name} --input ... --output {d.parent}`")
+        raise ShardError(f"data domain folder {d} does not exist; {_missing_domain_hint(d)}")
     path = d / MANIFEST
     if not path.is_file():
         raise ShardError(f"{d} has no {MANIFEST}: {_raw_text_hint(d)}")
