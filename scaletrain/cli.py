@@ -40,7 +40,7 @@ _CHOICES = {"model_size": "tiny,small,base,large,llama3-1b,llama3-3b,llama3-8b",
 
 
 def _metavar(name: str, typ: type) -> str:
-    """A readable placeholder for --help: N, NUM, PATH, NAME or the choices (not MODEL_SIZE)."""
+    """A readable placeholder for --help: N, NUM, PATH, DURATION, NAME or the choices (not MODEL_SIZE)."""
     if name in _CHOICES:
         return "{" + _CHOICES[name] + "}"
     if typ is int:
@@ -52,6 +52,8 @@ def _metavar(name: str, typ: type) -> str:
         return "PATH"
     if name == "profile_steps":
         return "A:B"
+    if name == "max_time":
+        return "DURATION"
     return "NAME"
 
 

@@ -284,6 +284,7 @@ def test_help_shows_each_default_once_with_readable_placeholders():
 
     assert f"[--model-size {{{','.join(PRESETS)}}}]" in text and "[--max-steps N]" in text
     assert "[--checkpoint-dir PATH]" in text and "[--data-sources NAME [NAME ...]]" in text
+    assert "[--max-time DURATION]" in text
     assert not re.search(r"--[\w-]+ [A-Z]+_[A-Z_]+", text)  # no MODEL_CONFIG_NAME-style placeholders
     assert "1% of --max-steps" in " ".join(text.split())  # a % in a doc is printed, not formatted
 
