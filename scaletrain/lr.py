@@ -60,8 +60,9 @@ def schedule_kwargs(cfg) -> dict:
 
 def describe(cfg) -> str:
     """The schedule in words, for the run's header."""
-    warm = f"lr warms up to {cfg.learning_rate:g} over {cfg.warmup} steps" + (
-        "" if "warmup_steps" in cfg.explicit else " (1% of --max-steps; set --warmup-steps to choose)")
+    warm = f"lr warms up to {cfg.learning_rate:g} over {cfg.warmup} step{'s' * (cfg.warmup != 1)}" + (
+        "" if "warmup_steps" in cfg.explicit else
+        " (the default: 1% of --max-steps, at least 1 and at most 2000; set --warmup-steps to choose)")
     if cfg.lr_schedule == "constant":
         return f"{warm}, then stays there (constant) to step {cfg.max_steps}"
     if cfg.lr_schedule == "wsd":

@@ -355,8 +355,8 @@ def test_a_run_with_default_flags_ends_with_a_final_checkpoint(tmp_path):
     convert (and a 3-step run must not trip on a default warmup longer than the run)."""
     proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "3", "--max-seq-length", "32", "--batch-size",
                              "2", "--no-use-tensorboard"], tmp_path, cwd=tmp_path)
-    assert "schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps; set --warmup-steps to choose), then " \
-           "cosine to 3e-05 at step 3" in proc.stdout
+    assert "schedule: lr warms up to 0.0003 over 1 step (the default: 1% of --max-steps, at least 1 and at most " \
+           "2000; set --warmup-steps to choose), then cosine to 3e-05 at step 3" in proc.stdout
     final = tmp_path / "runs" / "t" / "checkpoints" / "final"  # the run's own folder
     assert (final / COMPLETE).is_file() and json.loads((final / COMPLETE).read_text())["step"] == 3
     assert (final.parent / "latest").read_text().strip() == "final"

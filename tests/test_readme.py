@@ -256,7 +256,7 @@ def test_the_first_hour_block_runs_as_written(tmp_path):
     for p in (train, resume):
         assert "scaletrain: data data/mine (mine 1; packed rows; tokenizer byte-v1, vocab 258)" in p.stdout
         assert "scaletrain: checkpoints -> runs/mine/checkpoints, logs -> runs/mine" in p.stdout
-        assert "scaletrain: schedule: lr warms up to 0.0003 over 1 steps (1% of --max-steps" in p.stdout
+        assert "scaletrain: schedule: lr warms up to 0.0003 over 1 step (the default: 1% of --max-steps" in p.stdout
     # ... and convert says what it read, what it wrote and how to load it
     convert = next(p for c, p in zip(commands, outputs) if "launch/convert.py" in c)
     assert "converting runs/mine/checkpoints/final: step 4, fsdp engine, saved by 1 rank" in convert.stdout
