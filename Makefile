@@ -22,8 +22,8 @@ install: $(STAMP)
 # Main job: the embedded sample corpus -> WebDataset shards (arxiv 30% / general 70%) -> pretrain
 # the tiny preset on 2 CPU processes (FSDP2, gloo), with validation loss, ending with runs/sample/checkpoints/final
 # and the command that converts it for transformers; about 2 minutes. Run again, it continues that run (--resume
-# auto: a finished one says so and trains nothing) rather than writing over its checkpoints. fp32: a CPU without
-# native bf16 emulates it (measured 6.8x slower per step on this 2-core AMD machine).
+# auto: a finished one says so and trains nothing) rather than writing over its checkpoints. fp32: the same losses
+# on any CPU (the default is bf16 where the CPU has it natively, AMX or AVX512-BF16, and fp32 elsewhere).
 pretrain: install
 	$(BIN)/python launch/demo.py --prepare-only
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 launch/pretrain.py \
