@@ -57,8 +57,58 @@ def _metavar(name: str, typ: type) -> str:
     return "NAME"
 
 
+# other tools' names for our flags (DeepSpeed's, Megatron's, Hugging Face Trainer's, nanoGPT's), for "did you mean"
+_PEER_FLAGS = {
+    "deepspeed_config": "--ds_config", "deepspeed": "--ds_config", "lr": "--learning-rate",
+    "min_lr": "--min-learning-rate", "seq_len": "--max-seq-length", "seq_length": "--max-seq-length",
+    "block_size": "--max-seq-length", "max_seq_len": "--max-seq-length", "context_length": "--max-seq-length",
+    "train_iters": "--max-steps", "max_iters": "--max-steps", "num_steps": "--max-steps", "train_steps": "--max-steps",
+    "total_steps": "--max-steps", "lr_warmup_iters": "--warmup-steps", "warmup_iters": "--warmup-steps",
+    "warmup": "--warmup-steps", "save": "--checkpoint-dir", "save_dir": "--checkpoint-dir",
+    "output_dir": "--checkpoint-dir", "out_dir": "--checkpoint-dir", "load": "--resume",
+    "resume_from_checkpoint": "--resume", "clip_grad": "--max-grad-norm", "grad_clip": "--max-grad-norm",
+    "gradient_clipping": "--max-grad-norm", "bf16": "--mixed-precision bf16", "fp16": "--mixed-precision fp16",
+    "train_batch_size": "--global-batch-size", "per_device_train_batch_size": "--micro-batch-size",
+    "model_name_or_path": "--init-from", "recompute_activations": "--gradient-checkpointing",
+    "activation_checkpointing": "--gradient-checkpointing", "save_steps": "--save-interval",
+    "logging_steps": "--log-interval", "eval_iters": "--eval-steps", "wandb": "--use-wandb",
+    "tensorboard": "--use-tensorboard", "gradient_accumulation": "--gradient-accumulation-steps",
+}
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """An unknown flag gets its likely meaning: the same name with dashes (--max_steps), another tool's name for it
+    (--deepspeed_config, --lr, --seq-len), or the nearest of ours; and the error is not buried under 50 lines of
+    usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            hints = [h for h in map(self._suggest, message.split(":", 1)[1].split()) if h]
+            message += "".join(f"\n  {h}" for h in hints)
+            self.exit(2, f"{self.prog}: error: {message}\n(--help lists every flag)\n")
+        super().error(message)
+
+    def _suggest(self, token: str) -> str | None:
+        if not token.startswith("--"):
+            return None
+        name = token.split("=", 1)[0]
+        flags = [f for a in self._actions for f in a.option_strings if f.startswith("--")]
+        key = name[2:].replace("-", "_").lower()
+        if key == "eval_steps":  # Hugging Face's: how often; ours: how many validation micro-batches
+            return f"{name}: how often to validate is --eval-interval (--eval-steps: micro-batches per validation)"
+        dashed = "--" + key.replace("_", "-")
+        if dashed in flags:
+            return f"{name}: did you mean {dashed}?"
+        if key in _PEER_FLAGS:
+            return f"{name}: here it is {_PEER_FLAGS[key]}"
+        import difflib
+
+        near = difflib.get_close_matches(dashed, flags, n=1, cutoff=0.75)
+        return f"{name}: did you mean {near[0]}?" if near else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _FlagParser(
         description="Pre-train a Llama-style model with DeepSpeed ZeRO-2/3 or FSDP2.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
         allow_abbrev=False,  # a prefix such as --data must not silently pick one of --data-dir/--data-kind

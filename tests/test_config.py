@@ -65,6 +65,22 @@ def test_bad_values_name_the_flag(argv, flag):
     assert flag in str(e.value)
 
 
+def test_an_unknown_flag_is_answered_with_the_one_it_likely_means(capsys):
+    """Underscores for dashes, other tools' names (DeepSpeed's --deepspeed_config, Megatron's --seq-length, Hugging
+    Face's --eval_steps, which is our --eval-interval) and typos each get a hint, without the 50 lines of usage."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--max_steps", "10", "--deepspeed_config", "ds.json", "--seq-length", "2048", "--eval_steps",
+                      "500", "--learning-rat", "1e-3", "--no-such-thing", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[1:] == [
+        "  --max_steps: did you mean --max-steps?", "  --deepspeed_config: here it is --ds_config",
+        "  --seq-length: here it is --max-seq-length",
+        "  --eval_steps: how often to validate is --eval-interval (--eval-steps: micro-batches per validation)",
+        "  --learning-rat: did you mean --learning-rate?", "(--help lists every flag)"]
+    assert "error: unrecognized arguments: --max_steps 10 --deepspeed_config" in err and "usage:" not in err
+
+
 def test_every_field_is_a_flag_and_aliases_work():
     cfg = parse_config(["--model-size", "small", "--batch-size", "4", "--save-interval", "100",
                         "--checkpoint-dir", "/tmp/ck", "--max-seq-length", "512", "--gradient-checkpointing",
