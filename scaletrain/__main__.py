@@ -8,8 +8,10 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``scaletrain`` command's parser (``train`` and ``convert`` hand their arguments on unparsed)."""
+    from scaletrain.cli import FlagParser
+
     p = argparse.ArgumentParser(prog="scaletrain")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=FlagParser)
     from scaletrain.data.prepare import add_prepare_args
     from scaletrain.data.sources import SUFFIXES_HELP
     from scaletrain.data.text import add_reading_args
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         from scaletrain.cli import pretrain_main
 
         pretrain_main(argv[1:])
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:  # the subcommand's parser names what was likely meant
+        p._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from scaletrain.errors import run_entry
 
     def run() -> None:

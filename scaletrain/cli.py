@@ -76,7 +76,7 @@ _PEER_FLAGS = {
 }
 
 
-class _FlagParser(argparse.ArgumentParser):
+class FlagParser(argparse.ArgumentParser):
     """An unknown flag gets its likely meaning: the same name with dashes (--max_steps), another tool's name for it
     (--deepspeed_config, --lr, --seq-len), or the nearest of ours; and the error is not buried under 50 lines of
     usage."""
@@ -94,12 +94,12 @@ class _FlagParser(argparse.ArgumentParser):
         name = token.split("=", 1)[0]
         flags = [f for a in self._actions for f in a.option_strings if f.startswith("--")]
         key = name[2:].replace("-", "_").lower()
-        if key == "eval_steps":  # Hugging Face's: how often; ours: how many validation micro-batches
+        if key == "eval_steps" and "--eval-interval" in flags:  # Hugging Face's: how often; ours: how many batches
             return f"{name}: how often to validate is --eval-interval (--eval-steps: micro-batches per validation)"
         dashed = "--" + key.replace("_", "-")
         if dashed in flags:
             return f"{name}: did you mean {dashed}?"
-        if key in _PEER_FLAGS:
+        if key in _PEER_FLAGS and _PEER_FLAGS[key].split()[0] in flags:
             return f"{name}: here it is {_PEER_FLAGS[key]}"
         import difflib
 
@@ -108,7 +108,7 @@ class _FlagParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _FlagParser(
+    p = FlagParser(
         description="Pre-train a Llama-style model with DeepSpeed ZeRO-2/3 or FSDP2.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
         allow_abbrev=False,  # a prefix such as --data must not silently pick one of --data-dir/--data-kind

@@ -274,8 +274,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="scaletrain convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from scaletrain.cli import FlagParser
+
+    p = FlagParser(prog="scaletrain convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_convert_args(p)
     a = p.parse_args(argv)
     from scaletrain.errors import run_entry

@@ -79,6 +79,17 @@ def test_an_unknown_flag_is_answered_with_the_one_it_likely_means(capsys):
         "  --eval_steps: how often to validate is --eval-interval (--eval-steps: micro-batches per validation)",
         "  --learning-rat: did you mean --learning-rate?", "(--help lists every flag)"]
     assert "error: unrecognized arguments: --max_steps 10 --deepspeed_config" in err and "usage:" not in err
+    # the other commands' parsers do the same with their own flags (another tool's training flag is not theirs)
+    from scaletrain.__main__ import main
+
+    for argv, hint in ((["prepare", "--input", "x", "--output", "y", "--text_key", "t", "--lr", "1"],
+                        "  --text_key: did you mean --text-key?\n(--help"),
+                       (["convert", "a", "b", "--max_shard_size", "1GB"],
+                        "  --max_shard_size: did you mean --max-shard-size?")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"scaletrain {argv[0]}: error: unrecognized arguments: " in err and hint in err, err
 
 
 def test_every_field_is_a_flag_and_aliases_work():

@@ -351,10 +351,10 @@ def run_prepare(args: argparse.Namespace) -> list[Manifest]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from scaletrain.cli import FlagParser
     from scaletrain.errors import run_entry
 
-    p = argparse.ArgumentParser(prog="scaletrain prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="scaletrain prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prepare_args(p)
     args = p.parse_args(argv)
     run_entry(lambda: run_prepare(args))
