@@ -48,7 +48,7 @@ class RunPlan:
     resume_meta: dict[str, Any] | None
     init_source: Any = None  # --init-from's weights (HFWeights or CheckpointWeights), None for a random start
     recovered: tuple[str, ...] = ()  # what crash recovery of the checkpoint folder did (rank 0)
-    lock: FolderLock | None = None  # rank 0 holds the checkpoint folder's lock until the run ends
+    locks: tuple[FolderLock, ...] = ()  # rank 0 holds the checkpoint folder's and the run folder's until the end
 
     @property
     def generation_config(self) -> dict | None:
@@ -59,8 +59,12 @@ class RunPlan:
         return getattr(self.init_source, "generation_config", None)
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        _release(self.locks)
+
+
+def _release(locks) -> None:
+    for lock in locks:
+        lock.release()
 
 
 def model_config_for(cfg: PreTrainingConfig, vocab_size: int | None = None,
@@ -159,17 +163,19 @@ def _broadcast(obj, world_size: int):
     return box[0]
 
 
-def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[FolderLock | None, list[str]]:
-    """Rank 0 checks the checkpoint folder is writable, locks it, then finishes or undoes what a crash left;
-    every rank gets the outcome (an error stops them all with the same line)."""
-    lock, notes, error = None, [], None
+def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[tuple[FolderLock, ...], list[str]]:
+    """Rank 0 checks the checkpoint folder is writable, locks it and the run's folder, then finishes or undoes what
+    a crash left; every rank gets the outcome (an error stops them all with the same line)."""
+    locks, notes, error = [], [], None
     if env.is_main:
         folder = Path(cfg.checkpoint_dir)
         try:
             low = check_writable(folder, checkpoint_bytes(model_cfg))
-            lock = FolderLock(folder, cfg.run_name or "(unnamed)", cfg.force_lock)
-            if lock.warning:
-                warn(lock.warning)
+            locks.append(FolderLock(folder, cfg.run_name or "(unnamed)", cfg.force_lock))
+            locks += _lock_run_folder(cfg, folder)
+            for lock in locks:
+                if lock.warning:
+                    warn(lock.warning)
             if low:
                 warn(low)
             notes = recover(folder)
@@ -179,10 +185,26 @@ def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[F
             error = str(e)
     error = _broadcast(error, env.world_size)
     if error:
-        if lock is not None:
-            lock.release()
+        _release(locks)
         raise CheckpointError(error)
-    return lock, notes
+    return tuple(locks), notes
+
+
+def _lock_run_folder(cfg: PreTrainingConfig, checkpoints: Path) -> list[FolderLock]:
+    """The run's folder (metrics.jsonl, TensorBoard events, the W&B id) is one run's too. Two runs of one name with
+    checkpoints in different folders both wrote into it, and the second, starting fresh, set the first's live logs
+    aside as superseded: the folder then told the second run's course while the first went on training."""
+    folder = Path(cfg.run_dir) / cfg.run_name
+    if folder.resolve() == checkpoints.resolve():
+        return []  # one folder, already locked
+    try:
+        return [FolderLock(folder, cfg.run_name, cfg.force_lock,
+                           subject=f"the run folder {folder} (--run-dir {cfg.run_dir}, --run-name {cfg.run_name})",
+                           advice="two runs of one name write into one log (metrics.jsonl, TensorBoard, W&B). Give "
+                                  "this run another --run-name, wait for that run to end, or pass --force-lock if "
+                                  "it is dead")]
+    except OSError:
+        return []  # an unwritable --run-dir is reported, naming it, where the logs are opened
 
 
 def _fresh_start(cfg: PreTrainingConfig, folder: Path) -> None:
@@ -346,7 +368,8 @@ def _resumed_run_name(cfg: PreTrainingConfig) -> str | None:
 
 def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     """Resolve everything, then freeze the config (all ranks call this; ``group``: a CPU group for the
-    checkpoint checks). Rank 0 holds the checkpoint folder's lock from here: call ``RunPlan.release`` at the end."""
+    checkpoint checks). Rank 0 holds the checkpoint and run folders' locks from here: call ``RunPlan.release`` at
+    the end."""
     cfg = resolve_for_world(cfg, engine_cls, env.world_size, env.device.type)
     if cfg.memory_snapshot and env.device.type != "cuda":
         raise ConfigError(f"--memory-snapshot: records the CUDA allocator's history; this run is on "
@@ -363,15 +386,14 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
 
         check_same_shape(source.model_config, model_cfg, cfg.init_from, env.is_main)
     cfg = _run_folder(cfg, env.world_size)
-    lock, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
+    locks, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
     try:
         resume, resume_meta = _choose_resume(cfg, env, group)
         if resume_meta:
             check_model_matches(resume_meta, model_cfg, resume)
             _check_resume(cfg, resume, resume_meta, engine_cls.name, env)
     except BaseException:
-        if lock is not None:
-            lock.release()
+        _release(locks)
         raise
     return RunPlan(cfg.freeze(), model_cfg, tokenizer, tokenizer_file, resume, resume_meta, source, tuple(recovered),
-                   lock)
+                   locks)

@@ -45,6 +45,14 @@ def test_a_second_run_on_a_locked_folder_stops_and_a_dead_holder_is_taken_over(t
         assert f"--checkpoint-dir {ck} is in use by run 'first' (pid {first.pid} on {socket.gethostname()}" \
             in second.stderr
         assert (ck / ".tmp-step_000002").is_dir()  # the first run's save in flight was left alone
+        # the same --run-name with checkpoints elsewhere: it set the live run's logs aside as superseded and wrote
+        # its own into the folder; now the run folder is locked too
+        logs = tmp_path / "runs" / "first"
+        same_name = launch("python", BASE + ["--checkpoint-dir", str(tmp_path / "ck2")], tmp_path, run_name="first",
+                           check=False)
+        assert same_name.returncode == 1 and f"the run folder {logs} (--run-dir {tmp_path / 'runs'}, --run-name " \
+            f"first) is in use by run 'first' (pid {first.pid}" in same_name.stderr, same_name.stderr[-2000:]
+        assert (logs / "metrics.jsonl").is_file() and not list(logs.glob("superseded-*"))
     finally:
         first.kill()
         first.wait()

@@ -1,4 +1,4 @@
-"""One run per checkpoint folder: ``checkpoint_dir/.lock``.
+"""One run per checkpoint folder: ``checkpoint_dir/.lock`` (and per run folder, ``runs/NAME/.lock``: ``run.py``).
 
 The lock file holds the holder's host, pid, run name, Slurm job id, torchrun run id and restart count, and start
 time; the holder touches it every 30 s. A second run on the same folder stops and names the holder, unless the
