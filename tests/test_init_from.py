@@ -455,3 +455,33 @@ def test_the_exported_generation_config_keeps_the_sources_and_the_tokenizers_ids
     assert generation_config(tok, carried) == {"eos_token_id": [7, 3], "pad_token_id": 4, "top_k": 20,
                                                "bos_token_id": 1}
     assert generation_config(tok, {"eos_token_id": 7})["eos_token_id"] == [3, 7]
+
+
+def test_a_folder_that_is_no_model_says_what_it_is(tmp_path):
+    """Meta's original download (the original/ folder of a Hugging Face repo), weights without config.json, a folder
+    of nothing: each named for what it is, not as a checkpoint whose save did not finish."""
+    from scaletrain.checkpoint.init_from import open_init_source
+
+    meta = tmp_path / "Llama-3.2-1B" / "original"
+    meta.mkdir(parents=True)
+    (meta / "params.json").write_text('{"dim": 2048}')
+    (meta / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"Meta's original format \(params.json, consolidated.\*.pth\).*convert "
+                                              r"it with transformers' convert_llama_weights_to_hf.py"):
+        open_init_source(str(meta))
+    (meta.parent / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"the Hugging Face folder above it has the same weights: --init-from "
+                                              f"{meta.parent}$"):
+        open_init_source(str(meta))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="holds model.safetensors but no config.json"):
+        open_init_source(str(bare))
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(no COMPLETE.json\) and no complete "
+                                              r"checkpoint inside it, nor a Hugging Face model folder"):
+        open_init_source(str(bare))
+    (bare / ".metadata").write_bytes(b"")  # DCP's files without the marker: a save that did not finish
+    with pytest.raises(CheckpointError, match=r"\(no COMPLETE.json: its save did not finish\)"):
+        open_init_source(str(bare))

@@ -236,5 +236,22 @@ def open_init_source(path: str, trust: bool = False) -> HFWeights | CheckpointWe
     if not p.is_dir():
         raise CheckpointError(f"--init-from {path}: no such folder")
     if (p / COMPLETE).is_file() or not (p / "config.json").is_file():
+        _not_a_model_folder(p, path)
         return CheckpointWeights(p, trust)
     return HFWeights(p)
+
+
+def _not_a_model_folder(p: Path, given: str) -> None:
+    """Weights that are not a Hugging Face folder for want of its config.json: say what the folder is."""
+    if (p / "params.json").is_file() and any(p.glob("consolidated.*.pth")):
+        up = p.parent / "config.json"
+        raise CheckpointError(
+            f"--init-from {given}: Meta's original format (params.json, consolidated.*.pth), which is not read here"
+            + (f"; the Hugging Face folder above it has the same weights: --init-from {p.parent}" if up.is_file() else
+               "; convert it with transformers' convert_llama_weights_to_hf.py, or download the Hugging Face "
+               "files (config.json, *.safetensors) of the model"))
+    weights = sorted(q.name for q in [*p.glob("*.safetensors"), *p.glob("pytorch_model*.bin")])
+    if weights and not (p / COMPLETE).is_file():
+        raise CheckpointError(f"--init-from {given}: holds {weights[0]}{' and more' if len(weights) > 1 else ''} "
+                              f"but no config.json, which a Hugging Face model folder needs for the model's shape; "
+                              f"copy it from where the weights came from")

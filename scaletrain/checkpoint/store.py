@@ -149,8 +149,12 @@ def checkpoint_folder(given: str, flag: str) -> list[Path]:
         return found
     runs = sorted(q.parent.name for q in p.glob("*/checkpoints") if resume_candidates(q, quiet=True))
     hint = f"; it holds runs: give one of them, e.g. {p / runs[0]}" if runs else ""
-    raise CheckpointError(f"{flag} {given}: not a complete checkpoint (no {COMPLETE}: its save did not finish) "
-                          f"and no complete checkpoint inside it{hint}")
+    # an engine's files without the marker: a save that did not finish; anything else is no checkpoint at all
+    unfinished = any(p.glob(".metadata")) or any(p.glob("train_state_rank*")) or any(p.glob("global_step*"))
+    what = f"no {COMPLETE}: its save did not finish" if unfinished else f"no {COMPLETE}"
+    model = ", nor a Hugging Face model folder (config.json and *.safetensors)" if flag == "--init-from" else ""
+    raise CheckpointError(f"{flag} {given}: not a complete checkpoint ({what}) and no complete checkpoint inside "
+                          f"it{model}{hint}")
 
 
 def check_model_matches(meta: dict[str, Any], model_cfg, path: Path) -> None:
