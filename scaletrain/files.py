@@ -29,3 +29,28 @@ def ensure_writable(folder: Path) -> None:
     probe = folder / f".probe-{os.getpid()}"
     probe.write_bytes(b"x")
     probe.unlink()
+
+
+def hub_hint(given: str) -> str:
+    """For a path that does not exist but reads like a Hugging Face Hub id (``meta-llama/Llama-3.2-1B``): the model's
+    snapshot in the Hub's local cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``;
+    the one ``refs/main`` names), or how to download it. scaletrain reads local folders only."""
+    import re
+
+    if Path(given).exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", given):
+        return ""
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    repo = Path(os.environ.get("HF_HUB_CACHE") or home / "hub") / f"models--{given.replace('/', '--')}"
+    try:
+        main = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        main = ""
+    snapshots = [repo / "snapshots" / main] if main else sorted((repo / "snapshots").glob("*"))
+    held = [s for s in snapshots if (s / "config.json").is_file() or (s / "tokenizer.json").is_file()]
+    if held:
+        return f"; {given} reads like a Hugging Face Hub id, and the Hub's cache here holds it: {held[-1]}"
+    owner, name = given.split("/")
+    if Path(owner).is_dir() or owner in ("models", "data", "runs", "exports", "checkpoints", "out", "output"):
+        return ""  # a local path that is not there
+    return (f"; {given} reads like a Hugging Face Hub id: scaletrain reads local folders, so download it first "
+            f"(huggingface-cli download {given} --local-dir models/{name}) and give models/{name}")

@@ -485,3 +485,30 @@ def test_a_folder_that_is_no_model_says_what_it_is(tmp_path):
     (bare / ".metadata").write_bytes(b"")  # DCP's files without the marker: a save that did not finish
     with pytest.raises(CheckpointError, match=r"\(no COMPLETE.json: its save did not finish\)"):
         open_init_source(str(bare))
+
+
+def test_a_hub_id_is_answered_with_the_hubs_cache_or_how_to_download(tmp_path, monkeypatch):
+    """`--init-from meta-llama/Llama-3.2-1B` (and `prepare --tokenizer` the same) reads local folders only: the
+    error names the snapshot the Hub's cache holds (the one refs/main names), else the download command."""
+    from scaletrain.checkpoint.init_from import open_init_source
+    from scaletrain.data.tokenizer import HFTokenizer, TokenizerError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"reads like a Hugging Face Hub id: .* \(huggingface-cli download "
+                                              r"meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B\)"):
+        open_init_source("meta-llama/Llama-3.2-1B")
+    repo = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-3.2-1B"
+    for snap in ("old", "new"):
+        (repo / "snapshots" / snap).mkdir(parents=True)
+        (repo / "snapshots" / snap / "config.json").write_text("{}")
+        (repo / "snapshots" / snap / "tokenizer.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("new\n")
+    with pytest.raises(CheckpointError, match=f"the Hub's cache here holds it: {repo / 'snapshots' / 'new'}$"):
+        open_init_source("meta-llama/Llama-3.2-1B")
+    with pytest.raises(TokenizerError, match=f"the Hub's cache here holds it: {repo / 'snapshots' / 'new'}$"):
+        HFTokenizer("meta-llama/Llama-3.2-1B")
+    with pytest.raises(CheckpointError, match=r"models/mine: no such folder$"):  # a local path: no Hub talk
+        open_init_source("models/mine")

@@ -234,7 +234,9 @@ def open_init_source(path: str, trust: bool = False) -> HFWeights | CheckpointWe
     """The weights at ``path``: a scaletrain checkpoint (or a folder of them), else a Hugging Face folder."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"--init-from {path}: no such folder")
+        from scaletrain.files import hub_hint
+
+        raise CheckpointError(f"--init-from {path}: no such folder{hub_hint(path)}")
     if (p / COMPLETE).is_file() or not (p / "config.json").is_file():
         _not_a_model_folder(p, path)
         return CheckpointWeights(p, trust)

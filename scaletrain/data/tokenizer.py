@@ -91,6 +91,9 @@ class HFTokenizer:
                     f"\"from transformers import AutoTokenizer as T; T.from_pretrained('{p.parent}')"
                     f".save_pretrained('{p.parent}')\""
                     if spm.is_file() else "")
+            from scaletrain.files import hub_hint
+
+            hint = hint or hub_hint(str(path))
             raise TokenizerError(f"--tokenizer: {p} does not exist (expected a tokenizer.json file or a Hugging Face "
                                  f"model folder that has one){hint}")
         try:
