@@ -8,6 +8,7 @@ in one call per step.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -273,6 +274,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
     crash_at = crash_step(env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)
     said_repeats = False  # the first validation pass says whether a held-out split repeats in a pass
+    said_cut = False  # the first log says what --no-packing cut off long documents
     meter = Throughput()
     last_loss, stop = None, None
     non_blocking = env.device.type == "cuda"
@@ -328,6 +330,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             epochs = loader.epochs() if hasattr(loader, "epochs") else {}
             limit = epoch_limit.check(epochs, done)
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                cut = None if said_cut or not env.is_main else getattr(loader, "cut_warning", lambda: None)()
+                said_cut = True
+                if cut:
+                    print(f"scaletrain: warning: {cut}", file=sys.stderr, flush=True)
                 # the only host syncs of the loop (apart from the engine's finite check)
                 last_loss = engine.step_loss(out)
                 tok_s, step_time, data_wait = meter.report()

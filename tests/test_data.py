@@ -146,6 +146,27 @@ def test_padded_rows_keep_token_shares_and_count_real_tokens(data):
     assert pos["arxiv"] > 0
 
 
+def test_padded_rows_say_what_cutting_long_documents_dropped(tmp_path):
+    """--no-packing keeps a row's first max_seq_length + 1 tokens of each document: the loader counts the rest,
+    which was never trained, and says it when it is 1% or more of a domain's tokens read."""
+    docs = [f"{i:02d}" + "a" * 98 for i in range(10)] + [f"{i:02d}" + "b" * 998 for i in range(10, 20)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare_domain("long", [str(tmp_path / "in.jsonl")], str(tmp_path / "pre"), quiet=True)
+    one = StreamSpec(str(tmp_path / "pre"), ("long",), (1.0,), 200, 4, 1, 0, 1, 0, False)
+    loader = ShardLoader(one)
+    for _ in range(5):  # 20 rows: every document once (100 and 1000 bytes, each with its EOS)
+        next(loader)
+    cut = 10 * (1001 - 201)
+    assert loader.cut_warning() == (
+        f"--no-packing cuts each document to one row of --max-seq-length + 1 = 201 tokens: in the first 5 steps, "
+        f"{100 * cut / (10 * 101 + 10 * 1001):.1f}% of the tokens read from long were cut off and not trained on. "
+        f"Packing (the default) trains every token; or raise --max-seq-length")
+    rows_of_1001 = ShardLoader(StreamSpec(str(tmp_path / "pre"), ("long",), (1.0,), 1000, 4, 1, 0, 1, 0, False))
+    for _ in range(5):
+        next(rows_of_1001)
+    assert rows_of_1001.cut_warning() is None  # every document fits a row
+
+
 def test_raw_text_folder_says_which_prepare_command_to_run(tmp_path):
     raw = tmp_path / "data" / "pretraining" / "arxiv"
     raw.mkdir(parents=True)

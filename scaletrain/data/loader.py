@@ -172,6 +172,20 @@ class ShardLoader:
         pos = self._at_step_boundary().pos  # every step: no state dict (fingerprints, sizes) built for it
         return {s: p / st.total for s, p, st in zip(self.spec.sources, pos, self.streams)}
 
+    def cut_warning(self) -> str | None:
+        """Padded rows (--no-packing) cut each document to one row: what that dropped since this loader started,
+        when it is 1% or more of some domain's tokens read (the rest of a long document is never trained)."""
+        w = self._at_step_boundary()
+        shares = {s: c / r for s, c, r in zip(self.spec.sources, w.cut_tokens, w.read_tokens) if r}
+        if self.spec.packing or not shares or max(shares.values()) < 0.01:
+            return None
+        steps = (w.row - self._start[0]) // self.spec.global_batch
+        said = " and ".join(f"{100 * c:.1f}% {'of the tokens read ' * (i == 0)}from {s}"
+                            for i, (s, c) in enumerate(shares.items()))
+        return (f"--no-packing cuts each document to one row of --max-seq-length + 1 = {self.spec.max_seq_length + 1} "
+                f"tokens: in the first {steps} step{'s' * (steps != 1)}, {said} were cut off and not trained on. "
+                f"Packing (the default) trains every token; or raise --max-seq-length")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self._load_state(state)

@@ -76,6 +76,8 @@ class Walker:
         self.spec, self.streams = spec, streams
         self.mixer = RowMixer(list(spec.weights), spec.seed)
         self.row, self.pos, self.tokens = global_row, list(pos), list(tokens)
+        # padded rows, this walk only: tokens read per domain, and those cut off documents longer than a row
+        self.read_tokens, self.cut_tokens = [0] * len(streams), [0] * len(streams)
         w = np.asarray(spec.weights, dtype=np.float64)
         self._inv_w = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)  # padded mode: tokens_d / w_d
 
@@ -128,6 +130,8 @@ class Walker:
             doc, nxt = self.streams[d].next_document(self.pos[d], L)
             if owner[i] >= 0:
                 docs[int(owner[i])][i % B] = doc
+            self.read_tokens[d] += nxt - self.pos[d]
+            self.cut_tokens[d] += nxt - self.pos[d] - len(doc)
             self.pos[d] = nxt
             self.tokens[d] += len(doc) - 1
             tokens[d] += len(doc) - 1
