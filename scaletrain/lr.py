@@ -79,3 +79,29 @@ def lr_factor_fn(cfg) -> callable:
     def factor(step: int) -> float:
         return lr_at(step, **kwargs) / cfg.learning_rate
     return factor
+
+
+SCHEDULE_FIELDS = ("learning_rate", "min_learning_rate", "warmup_steps", "max_steps", "lr_schedule", "decay_fraction",
+                   "decay_steps", "decay_shape")
+
+
+def resume_jump(cfg, saved: dict, step: int) -> str | None:
+    """What a resume's changed schedule does to the learning rate, when the next step's differs (by more than 1%)
+    from what the checkpoint's run would have taken: extending a finished cosine run with a larger --max-steps
+    climbs from its end value back towards the peak. ``saved``: the checkpoint's config."""
+    theirs = {k: saved[k] for k in SCHEDULE_FIELDS if k in saved}
+    if all(getattr(cfg, k) == v for k, v in theirs.items()):
+        return None
+    try:
+        before = lr_at(step, **schedule_kwargs(cfg.replace(**theirs)))
+    except Exception:  # a checkpoint's config that no longer validates: the per-flag warnings say what changed
+        return None
+    now = lr_at(step, **schedule_kwargs(cfg))
+    if abs(now - before) <= 0.01 * max(abs(before), 1e-30):
+        return None
+    finished = step >= int(theirs.get("max_steps", step + 1))
+    return (f"the learning-rate schedule changed: step {step + 1} takes lr {now:.4g} ({describe(cfg)}), where the "
+            f"checkpoint's run " + (f"ended at {before:.4g}" if finished else f"would have taken {before:.4g}")
+            + (f". A finished {saved.get('lr_schedule', 'cosine')} run extended by --max-steps climbs back towards the "
+               f"peak; to go on from its end instead: --lr-schedule constant --learning-rate {before:.4g}"
+               if finished and cfg.lr_schedule in ("cosine", "linear") else ""))

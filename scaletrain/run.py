@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint import check_model_matches, read_meta, recover, resolve_resume
 from scaletrain.checkpoint.integrity import verify_folder
-from scaletrain.checkpoint.lock import FolderLock
+from scaletrain.checkpoint.lock import FolderLock, lock_run_folder
 from scaletrain.checkpoint.manager import checkpoint_bytes
 from scaletrain.checkpoint.recovery import check_writable
 from scaletrain.checkpoint.store import (
@@ -172,7 +172,7 @@ def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[t
         try:
             low = check_writable(folder, checkpoint_bytes(model_cfg))
             locks.append(FolderLock(folder, cfg.run_name or "(unnamed)", cfg.force_lock))
-            locks += _lock_run_folder(cfg, folder)
+            locks += lock_run_folder(Path(cfg.run_dir) / cfg.run_name, folder, cfg.force_lock)
             for lock in locks:
                 if lock.warning:
                     warn(lock.warning)
@@ -188,23 +188,6 @@ def _take_folder(cfg: PreTrainingConfig, model_cfg: ModelConfig, env) -> tuple[t
         _release(locks)
         raise CheckpointError(error)
     return tuple(locks), notes
-
-
-def _lock_run_folder(cfg: PreTrainingConfig, checkpoints: Path) -> list[FolderLock]:
-    """The run's folder (metrics.jsonl, TensorBoard events, the W&B id) is one run's too. Two runs of one name with
-    checkpoints in different folders both wrote into it, and the second, starting fresh, set the first's live logs
-    aside as superseded: the folder then told the second run's course while the first went on training."""
-    folder = Path(cfg.run_dir) / cfg.run_name
-    if folder.resolve() == checkpoints.resolve():
-        return []  # one folder, already locked
-    try:
-        return [FolderLock(folder, cfg.run_name, cfg.force_lock,
-                           subject=f"the run folder {folder} (--run-dir {cfg.run_dir}, --run-name {cfg.run_name})",
-                           advice="two runs of one name write into one log (metrics.jsonl, TensorBoard, W&B). Give "
-                                  "this run another --run-name, wait for that run to end, or pass --force-lock if "
-                                  "it is dead")]
-    except OSError:
-        return []  # an unwritable --run-dir is reported, naming it, where the logs are opened
 
 
 def _fresh_start(cfg: PreTrainingConfig, folder: Path) -> None:
@@ -296,6 +279,11 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
         if key in saved and key not in _NOT_COMPARED | derived and saved[key] != now:
             warn(f"resuming {path.name} with {PreTrainingConfig.flag(key)} {now!r}; the checkpoint was saved with "
                  f"{saved[key]!r}")
+    from scaletrain.lr import resume_jump
+
+    jump = resume_jump(cfg, saved, step)
+    if jump:
+        warn(f"resuming {path.name}: {jump}")
 
 
 def resolve_for_world(cfg: PreTrainingConfig, engine_cls, world_size: int, device_type: str) -> PreTrainingConfig:

@@ -170,6 +170,30 @@ def test_lr_schedule_warmup_midpoint_end():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_a_resume_that_moves_the_learning_rate_says_by_how_much():
+    """Extending a finished cosine run with a larger --max-steps recomputes the schedule: the lr climbs from the
+    run's end value back towards the peak. Said with both values and how to go on from the end; a WSD stable-phase
+    checkpoint annealed with --decay-steps (the lr goes on at the peak) or an unchanged schedule says nothing."""
+    from scaletrain.lr import resume_jump
+
+    def run(*flags):
+        return parse_config(["--learning-rate", "1e-3", "--warmup-steps", "10", *flags])
+
+    saved = run("--max-steps", "100").to_dict()
+    said = resume_jump(run("--max-steps", "200"), saved, 100)
+    now = lr_at(100, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=200)
+    assert now > 5e-4  # back above the middle of the range
+    assert said.startswith(f"the learning-rate schedule changed: step 101 takes lr {now:.4g} (lr warms up to 0.001 "
+                           f"over 10 steps, then cosine to 0.0001 at step 200), where the checkpoint's run ended at "
+                           f"0.0001"), said
+    assert said.endswith("to go on from its end instead: --lr-schedule constant --learning-rate 0.0001")
+    assert "would have taken" in resume_jump(run("--max-steps", "200"), saved, 50)  # mid-run: no end to go on from
+    assert resume_jump(run("--max-steps", "100"), saved, 50) is None
+    assert resume_jump(run("--max-steps", "100", "--save-interval", "7"), saved, 50) is None  # not a schedule flag
+    stable = run("--max-steps", "1000", "--lr-schedule", "wsd").to_dict()
+    assert resume_jump(run("--max-steps", "510", "--lr-schedule", "wsd", "--decay-steps", "10"), stable, 500) is None
+
+
 def test_lr_schedules_wsd_linear_constant():
     kw = dict(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
     for schedule in ("wsd", "linear", "constant"):  # every schedule warms up alike

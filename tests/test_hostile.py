@@ -67,6 +67,7 @@ def test_a_second_run_on_a_locked_folder_stops_and_a_dead_holder_is_taken_over(t
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming final with --learning-rate 0.001; the checkpoint was saved with 0.002" in p.stderr
     assert "resuming final with --max-steps 8; the checkpoint was saved with 6" in p.stderr
+    assert "resuming final: the learning-rate schedule changed: step 7 takes lr " in p.stderr
 
 
 def test_a_fresh_start_on_another_runs_checkpoints_is_refused_unless_told_to_overwrite(tmp_path):

@@ -179,3 +179,19 @@ class FolderLock:
                 self.path.unlink()
         except OSError:
             pass
+
+
+def lock_run_folder(folder: Path, checkpoints: Path, force: bool = False) -> list[FolderLock]:
+    """The run's folder (``runs/NAME``: metrics.jsonl, TensorBoard events, the W&B id) is one run's too. Two runs
+    of one name with checkpoints in different folders both wrote into it, and the second, starting fresh, set the
+    first's live logs aside as superseded: the folder then told the second run's course while the first went on."""
+    if folder.resolve() == checkpoints.resolve():
+        return []  # one folder, already locked
+    try:
+        return [FolderLock(folder, folder.name, force,
+                           subject=f"the run folder {folder} (--run-dir {folder.parent}, --run-name {folder.name})",
+                           advice="two runs of one name write into one log (metrics.jsonl, TensorBoard, W&B). Give "
+                                  "this run another --run-name, wait for that run to end, or pass --force-lock if "
+                                  "it is dead")]
+    except OSError:
+        return []  # an unwritable --run-dir is reported, naming it, where the logs are opened
