@@ -1,8 +1,9 @@
-"""Small output files written whole or not at all."""
+"""Small output files written whole or not at all; the process and path facts the run's checks need."""
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -54,3 +55,19 @@ def hub_hint(given: str) -> str:
         return ""  # a local path that is not there
     return (f"; {given} reads like a Hugging Face Hub id: scaletrain reads local folders, so download it first "
             f"(huggingface-cli download {given} --local-dir models/{name}) and give models/{name}")
+
+
+def process_age(pid: int | str) -> float:
+    """Seconds since process ``pid`` started (Linux: its start in clock ticks since boot, /proc/PID/stat field 22).
+    OSError (or ValueError) where there is no such process or no /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def process_start(pid: int | str) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, to 0.1 s), or None where that cannot be read."""
+    try:
+        return round(time.time() - process_age(pid), 1)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

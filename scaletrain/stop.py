@@ -23,15 +23,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from scaletrain.files import process_age
+
 # the flag (the largest any rank has wins): the time limit, a stop signal, or Ctrl-C (the run then exits 130)
 TIME, STOP, INTERRUPT = 1, 2, 3
-
-
-def _age(pid: int | str) -> float:
-    """Seconds since process ``pid`` started (Linux: its start in clock ticks since boot, /proc/PID/stat field 22)."""
-    with open(f"/proc/{pid}/stat") as f:
-        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def run_age() -> float:
@@ -39,7 +34,7 @@ def run_age() -> float:
     its agent did (the worker's parent), so that the workers a restart after a crash starts keep the job's clock
     instead of starting a new one; where /proc is missing, since this module was imported."""
     try:
-        return _age(os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else "self")
+        return process_age(os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else "self")
     except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic() - _IMPORTED
 

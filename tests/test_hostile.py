@@ -16,6 +16,7 @@ from scaletrain.checkpoint.integrity import hash_share, verify_folder
 from scaletrain.checkpoint.lock import LOCK, STALE_S, FolderLock
 from scaletrain.checkpoint.recovery import check_writable, recover
 from scaletrain.checkpoint.store import CheckpointStore, resolve_resume
+from scaletrain.files import process_start
 
 from .conftest import ROOT, launch, launch_cmd, wait_for
 from .test_checkpoint import BASE, fp32
@@ -164,6 +165,22 @@ def test_lock_rules(tmp_path, monkeypatch):
     old = time.time() - STALE_S - 5
     os.utime(tmp_path / LOCK, (old, old))
     assert "last refreshed 10 minutes ago" in FolderLock(tmp_path, "c").warning
+    # a live process on this host keeps its lock however long it is silent (stopped with Ctrl-Z, say); its number
+    # given to a later process does not
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        mine = dict(record, pid=sleeper.pid, process_start=process_start(sleeper.pid))
+        (tmp_path / LOCK).write_text(json.dumps(mine))
+        os.utime(tmp_path / LOCK, (old, old))
+        with pytest.raises(CheckpointError, match=rf"has not refreshed the lock for 10 minutes but its process "
+                                                  rf"{sleeper.pid} is alive on this host, stopped, suspended or stuck"):
+            FolderLock(tmp_path, "c")
+        (tmp_path / LOCK).write_text(json.dumps(dict(mine, process_start=time.time() - 3600)))
+        assert f"its process {sleeper.pid} on this host is gone (the number now belongs to a later process)" in \
+            FolderLock(tmp_path, "c").warning
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     # --force-lock takes a fresh one
     (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234)))
     assert "--force-lock was given" in FolderLock(tmp_path, "d", force=True).warning
@@ -187,6 +204,14 @@ def test_a_lock_of_an_ended_slurm_job_is_taken_over(tmp_path, monkeypatch):
         (folder / LOCK).write_text(json.dumps(record))
         with pytest.raises(CheckpointError, match=r"in use by run 'chain' \(pid 1234 on node-7"):
             FolderLock(folder, "chain")
+    # a job Slurm suspended (SIGSTOP) stops refreshing its lock: 10 minutes of silence do not make it stale
+    (standin / "jobstate_100").write_text("SUSPENDED")
+    (folder / LOCK).write_text(json.dumps(record))
+    old = time.time() - STALE_S - 60
+    os.utime(folder / LOCK, (old, old))
+    with pytest.raises(CheckpointError, match=r"has not refreshed the lock for 11 minutes but Slurm says its job 100 "
+                                              r"is not over, stopped, suspended or stuck: end it"):
+        FolderLock(folder, "chain")
     for state in ("NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED"):
         (standin / "jobstate_100").write_text(state)
         (folder / LOCK).write_text(json.dumps(record))

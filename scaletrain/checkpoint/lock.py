@@ -1,11 +1,15 @@
 """One run per checkpoint folder: ``checkpoint_dir/.lock`` (and per run folder, ``runs/NAME/.lock``: ``run.py``).
 
 The lock file holds the holder's host, pid, run name, Slurm job id, torchrun run id and restart count, and start
-time; the holder touches it every 30 s. A second run on the same folder stops and names the holder, unless the
-lock is stale: its process is gone (same host), it belongs to this same Slurm job (a requeued attempt) or to an
-earlier attempt of this torchrun job (an elastic restart), its Slurm job has ended (``scontrol show job`` says so,
-or no longer knows the job), or nobody touched it for 10 minutes (a holder on another host that died). A stale
-lock is taken over with a warning; ``--force-lock`` takes any lock (for a holder you know is dead).
+time (and its process's, to tell it from a later process given the same number); the holder touches it every 30 s.
+A second run on the same folder stops and names the holder, unless the lock is stale: its process is gone (same
+host), it belongs to this same Slurm job (a requeued attempt) or to an earlier attempt of this torchrun job (an
+elastic restart), its Slurm job has ended (``scontrol show job`` says so, or no longer knows the job), or nobody
+touched it for 10 minutes and nothing says its holder lives (a holder on another host that died). A holder whose
+process lives on this host, or whose Slurm job Slurm says is not over, keeps its lock however long it has been
+silent: a job suspended by Slurm (``scontrol suspend``: SIGSTOP) or a process stopped with Ctrl-Z stops refreshing,
+and 10 minutes later a second run took the folder over while the first could go on. A stale lock is taken over
+with a warning; ``--force-lock`` takes any lock (for a holder you know is dead).
 
 The Slurm check is for job chains (``sbatch --dependency=afterany:<job>``, the usual way to train for weeks):
 a job killed outright (node failure, out-of-memory kill) cannot release its lock, and the next job of the
@@ -30,6 +34,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+
+from scaletrain.files import process_start
 
 from .store import CheckpointError
 
@@ -81,14 +87,24 @@ def _elastic() -> dict | None:
     return {"run_id": run_id, "restart": restart} if run_id not in ("", "none") else None
 
 
+def _same_process(pid: int, holder: dict) -> bool:
+    """Whether live ``pid`` is still the holder, not a later process given its number (the lock records when its
+    process started; a lock without that record is taken as the holder's)."""
+    recorded, now = holder.get("process_start"), process_start(pid)
+    return not isinstance(recorded, (int, float)) or now is None or abs(now - recorded) < 2.0
+
+
 def _stale(holder: dict, age_s: float) -> str | None:
     """Why the lock may be taken over, or None when its holder may still be running."""
-    if holder.get("host") == socket.gethostname():
+    here = holder.get("host") == socket.gethostname()
+    if here:
         pid = int(holder.get("pid", -1))
         if pid == os.getpid():
             return "it is this process's own"
         if not _alive(pid):
             return f"its process {pid} on this host is gone"
+        if not _same_process(pid, holder):
+            return f"its process {pid} on this host is gone (the number now belongs to a later process)"
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job_id") == job:
         return f"it is an earlier attempt of this Slurm job {job}"
@@ -97,15 +113,25 @@ def _stale(holder: dict, age_s: float) -> str | None:
             isinstance(theirs.get("restart"), int) and theirs["restart"] < ours["restart"]:
         return (f"it is attempt {theirs['restart']} of this torchrun job {ours['run_id']!r} (this is attempt "
                 f"{ours['restart']})")
+    if here:
+        return None  # its process lives (however long since it refreshed the lock: stopped, suspended or stuck)
     if holder.get("slurm_job_id"):
         state = slurm_job_state(str(holder["slurm_job_id"]))
         if state in ENDED_STATES:
             return f"its Slurm job {holder['slurm_job_id']} has ended ({state})"
         if state == "UNKNOWN":
             return f"its Slurm job {holder['slurm_job_id']} is no longer known to Slurm (it ended)"
+        if state is not None:
+            return None  # Slurm says the job lives (RUNNING, SUSPENDED, ...): its silence is not its end
     if age_s > STALE_S:
         return f"it was last refreshed {age_s / 60:.0f} minutes ago"
     return None
+
+
+def _lives(holder: dict) -> str:
+    if holder.get("host") == socket.gethostname():
+        return f"its process {holder.get('pid')} is alive on this host"
+    return f"Slurm says its job {holder.get('slurm_job_id')} is not over"
 
 
 class FolderLock:
@@ -116,7 +142,8 @@ class FolderLock:
         """``lock_name``, ``subject`` and ``advice``: another holder's lock file in ``folder`` (prepare locks one
         domain), how the refusal names what is locked and what it tells the user to do."""
         self.path = folder / lock_name
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "run_name": run_name,
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start("self"),
+                       "run_name": run_name,
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "torchelastic": _elastic(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.warning: str | None = None
@@ -128,12 +155,14 @@ class FolderLock:
                 continue
             why = "--force-lock was given" if force else _stale(holder, age)
             if why is None:
+                quiet = (f"; it has not refreshed the lock for {age / 60:.0f} minutes but {_lives(holder)}, stopped, "
+                         f"suspended or stuck: end it" if age > STALE_S else "")
                 raise CheckpointError(
                     f"{subject or f'--checkpoint-dir {folder}'} is in use by run {holder.get('run_name')!r} (pid "
                     f"{holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, lock refreshed "
-                    f"{age:.0f} s ago); " + (advice or "two runs in one folder overwrite each other's checkpoints. Use "
-                                             "another --checkpoint-dir, wait for it to end, or pass --force-lock if "
-                                             "that run is dead"))
+                    f"{age:.0f} s ago){quiet}; " + (advice or "two runs in one folder overwrite each other's "
+                                                    "checkpoints. Use another --checkpoint-dir, wait for it to end, "
+                                                    "or pass --force-lock if that run is dead"))
             self.warning = (f"took over the lock of {self.path} held by run {holder.get('run_name')!r} (pid "
                             f"{holder.get('pid')} on {holder.get('host')}): {why}")
             try:
