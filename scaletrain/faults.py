@@ -11,6 +11,8 @@
   ``best``/``final``, a prepared domain with ``--overwrite``);
 * ``crash:STEP[@RANK]``: rank RANK (default 0) kills itself (SIGKILL, as a node failure or an out-of-memory kill
   would) before optimizer step STEP, in the first attempt of a job only (torchrun's and Slurm's restart counts 0).
+* ``universal_pause:SECONDS``: rank 0 sleeps before converting a DeepSpeed checkpoint to the universal format (a
+  resume on another world size), as converting a large model takes minutes;
 * ``plain_join``: the ranks of a torchrun restart join the process group as torch's ``env://`` does, with no
   prefix per attempt (``engine/dist.py::init_world``), to measure what that prefix mends.
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -25,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from scaletrain.checkpoint.safe import UnsafeCheckpointError, weights_only_loads
 from scaletrain.config import ConfigError, PreTrainingConfig
-from scaletrain.faults import disk_full
+from scaletrain.faults import disk_full, fault
 from scaletrain.lr import lr_factor_fn
 from scaletrain.model import Llama
 
@@ -51,7 +52,9 @@ class DeepSpeedEngine(Engine):
         launch_env()
         device = local_device()
         default_dist_env(device)  # a world of one: its group is made here, and deepspeed joins it
-        init_world(device)  # and a launcher's: torchrun's restarts need it made so
+        # and a launcher's (torchrun's restarts need it made so), with DeepSpeed's timeout: DEEPSPEED_TIMEOUT
+        # minutes, 10 by default (the group made here first had torch's, and the variable was ignored)
+        init_world(device, timeout=deepspeed.constants.default_pg_timeout)
         deepspeed.init_distributed(dist_backend=backend_for(device))
         env = dist_env(device)
         _unlink_shm_workspace(env.rank)
@@ -186,13 +189,37 @@ class DeepSpeedEngine(Engine):
         tag = _TAG
         if self.universal:
             tag = _UNIVERSAL
-            if self.env.rank == 0 and not os.path.isdir(os.path.join(path, _UNIVERSAL)):
-                to_universal(path, self.zero_stage, trust)
-            dist.barrier()
+            self._universal_ready(path, trust)
         with weights_only_loads(SAFE_GLOBALS(), trust):
             load_path, _ = self.ds.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{tag}")
+
+    def _universal_ready(self, path: str, trust: bool) -> None:
+        """Rank 0 converts the checkpoint to DeepSpeed's universal format (once: it is kept beside the shards) while
+        the others wait for its word on a gloo group of their own, whose timeout allows for the conversion. They
+        waited in a barrier of the run's process group, which DeepSpeed times out after 10 minutes
+        (DEEPSPEED_TIMEOUT); the conversion took 17.3 s for the small preset's 134M parameters here (2.9 s of it to
+        start), so about 12 minutes for large's 6.7B, and every rank but 0 would have failed. A conversion that
+        fails stops every rank with rank 0's error."""
+        from datetime import timedelta
+
+        group = dist.new_group(backend="gloo", timeout=timedelta(hours=6)) if self.env.world_size > 1 else None
+        error: Exception | None = None
+        if self.env.rank == 0 and not os.path.isdir(os.path.join(path, _UNIVERSAL)):
+            try:
+                to_universal(path, self.zero_stage, trust)
+            except Exception as e:  # every rank stops with it
+                error = e
+        said = [None if error is None else (isinstance(error, UnsafeCheckpointError), str(error))]
+        if group is not None:
+            dist.broadcast_object_list(said, src=0, group=group)
+            dist.destroy_process_group(group)
+        if error is not None:
+            raise error
+        if said[0] is not None:
+            unsafe, message = said[0]
+            raise (UnsafeCheckpointError if unsafe else RuntimeError)(f"rank 0: {message}")
 
     def _set_schedule(self, optimizer_steps: int) -> None:
         set_schedule(self.optimizer, self.scheduler, optimizer_steps)
@@ -287,6 +314,8 @@ def to_universal(path: str, zero_stage: int, trust: bool = False) -> str:
     DeepSpeed's own converter. The same as: python -m deepspeed.checkpoint.ds_to_universal
     --input_folder PATH/deepspeed --output_folder PATH/deepspeed_universal [--inject_missing_state]
     (with its file reads weights-only unless ``trust``)."""
+    if fault("universal_pause"):
+        time.sleep(float(fault("universal_pause")))
     out = os.path.join(path, _UNIVERSAL)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -85,8 +85,9 @@ def dist_env(device: torch.device) -> DistEnv:
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
 
 
-def init_world(device: torch.device) -> None:
-    """The process group of a launcher's world (a world of one is made by ``default_dist_env``).
+def init_world(device: torch.device, timeout=None) -> None:
+    """The process group of a launcher's world (a world of one is made by ``default_dist_env``); ``timeout`` for its
+    collectives (a timedelta; None: torch's default, 10 minutes for NCCL and 30 for gloo).
 
     Under torchrun the agent hosts the store the workers meet in (``TORCHELASTIC_USE_AGENT_STORE``), and keeps
     it across the restarts of ``--max-restarts``; torch's ``env://`` join adds no prefix per attempt ("a new
@@ -100,7 +101,7 @@ def init_world(device: torch.device) -> None:
     device_id = device if device.type == "cuda" else None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None or fault("plain_join") is not None:
-        dist.init_process_group(backend_for(device), device_id=device_id)
+        dist.init_process_group(backend_for(device), device_id=device_id, timeout=timeout)
         return
     from datetime import timedelta
 
@@ -108,4 +109,4 @@ def init_world(device: torch.device) -> None:
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timedelta(minutes=30))
     dist.init_process_group(backend_for(device), store=dist.PrefixStore(f"scaletrain/attempt_{attempt}", agent),
-                            rank=rank, world_size=world, device_id=device_id)
+                            rank=rank, world_size=world, device_id=device_id, timeout=timeout)
