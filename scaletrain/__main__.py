@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("estimate", help="memory per device of a run (the training flags plus --world-size)",
                    add_help=False)
     sub.add_parser("plot", help="loss, val loss per domain, lr and tokens/s of runs into a PNG", add_help=False)
+    p.set_defaults(subcommands=sub.choices)  # the parsers, for an unknown flag's hint from the command's own
     return p
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_main(argv[1:])
     args, extra = p.parse_known_args(argv)
     if extra:  # the subcommand's parser names what was likely meant
-        p._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from scaletrain.errors import run_entry
 
     def run() -> None:

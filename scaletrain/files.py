@@ -57,17 +57,22 @@ def hub_hint(given: str) -> str:
             f"(huggingface-cli download {given} --local-dir models/{name}) and give models/{name}")
 
 
-def process_age(pid: int | str) -> float:
-    """Seconds since process ``pid`` started (Linux: its start in clock ticks since boot, /proc/PID/stat field 22).
-    OSError (or ValueError) where there is no such process or no /proc."""
+def _start_ticks(pid: int | str) -> int:
+    """Process ``pid``'s start in clock ticks since boot (Linux: /proc/PID/stat field 22)."""
     with open(f"/proc/{pid}/stat") as f:
-        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def process_start(pid: int | str) -> float | None:
-    """When process ``pid`` started (seconds since the epoch, to 0.1 s), or None where that cannot be read."""
+def process_age(pid: int | str) -> float:
+    """Seconds since process ``pid`` started. OSError (or ValueError) where there is no such process or no /proc."""
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - _start_ticks(pid) / os.sysconf("SC_CLK_TCK"))
+
+
+def process_identity(pid: int | str) -> str | None:
+    """Process ``pid`` told apart from any other that had or will have its number: this boot's id and the process's
+    start tick (no wall clock, which NTP may move). None where that cannot be read."""
     try:
-        return round(time.time() - process_age(pid), 1)
-    except (OSError, ValueError, IndexError, AttributeError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{_start_ticks(pid)}"
+    except (OSError, ValueError, IndexError):
         return None

@@ -16,7 +16,7 @@ from scaletrain.checkpoint.integrity import hash_share, verify_folder
 from scaletrain.checkpoint.lock import LOCK, STALE_S, FolderLock
 from scaletrain.checkpoint.recovery import check_writable, recover
 from scaletrain.checkpoint.store import CheckpointStore, resolve_resume
-from scaletrain.files import process_start
+from scaletrain.files import process_identity
 
 from .conftest import ROOT, launch, launch_cmd, wait_for
 from .test_checkpoint import BASE, fp32
@@ -169,13 +169,13 @@ def test_lock_rules(tmp_path, monkeypatch):
     # given to a later process does not
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        mine = dict(record, pid=sleeper.pid, process_start=process_start(sleeper.pid))
+        mine = dict(record, pid=sleeper.pid, process=process_identity(sleeper.pid))
         (tmp_path / LOCK).write_text(json.dumps(mine))
         os.utime(tmp_path / LOCK, (old, old))
         with pytest.raises(CheckpointError, match=rf"has not refreshed the lock for 10 minutes but its process "
                                                   rf"{sleeper.pid} is alive on this host, stopped, suspended or stuck"):
             FolderLock(tmp_path, "c")
-        (tmp_path / LOCK).write_text(json.dumps(dict(mine, process_start=time.time() - 3600)))
+        (tmp_path / LOCK).write_text(json.dumps(dict(mine, process=mine['process'] + '0')))  # another start tick
         assert f"its process {sleeper.pid} on this host is gone (the number now belongs to a later process)" in \
             FolderLock(tmp_path, "c").warning
     finally:

@@ -237,9 +237,11 @@ def open_init_source(path: str, trust: bool = False) -> HFWeights | CheckpointWe
         from scaletrain.files import hub_hint
 
         raise CheckpointError(f"--init-from {path}: no such folder{hub_hint(path)}")
-    if (p / COMPLETE).is_file() or not (p / "config.json").is_file():
-        _not_a_model_folder(p, path)
+    if (p / COMPLETE).is_file():
         return CheckpointWeights(p, trust)
+    if not (p / "config.json").is_file():
+        _not_a_model_folder(p, path)
+        return CheckpointWeights(p, trust)  # a folder of checkpoints, or the error that says it holds none
     return HFWeights(p)
 
 
@@ -253,7 +255,7 @@ def _not_a_model_folder(p: Path, given: str) -> None:
                "; convert it with transformers' convert_llama_weights_to_hf.py, or download the Hugging Face "
                "files (config.json, *.safetensors) of the model"))
     weights = sorted(q.name for q in [*p.glob("*.safetensors"), *p.glob("pytorch_model*.bin")])
-    if weights and not (p / COMPLETE).is_file():
+    if weights:
         raise CheckpointError(f"--init-from {given}: holds {weights[0]}{' and more' if len(weights) > 1 else ''} "
                               f"but no config.json, which a Hugging Face model folder needs for the model's shape; "
                               f"copy it from where the weights came from")

@@ -1,7 +1,8 @@
 """One run per checkpoint folder: ``checkpoint_dir/.lock`` (and per run folder, ``runs/NAME/.lock``: ``run.py``).
 
-The lock file holds the holder's host, pid, run name, Slurm job id, torchrun run id and restart count, and start
-time (and its process's, to tell it from a later process given the same number); the holder touches it every 30 s.
+The lock file holds the holder's host, pid (with the boot and start tick that tell its process from a later one given
+the same number), run name, Slurm job id, torchrun run id and restart count, and start time; the holder touches it
+every 30 s.
 A second run on the same folder stops and names the holder, unless the lock is stale: its process is gone (same
 host), it belongs to this same Slurm job (a requeued attempt) or to an earlier attempt of this torchrun job (an
 elastic restart), its Slurm job has ended (``scontrol show job`` says so, or no longer knows the job), or nobody
@@ -35,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from scaletrain.files import process_start
+from scaletrain.files import process_identity
 
 from .store import CheckpointError
 
@@ -88,10 +89,11 @@ def _elastic() -> dict | None:
 
 
 def _same_process(pid: int, holder: dict) -> bool:
-    """Whether live ``pid`` is still the holder, not a later process given its number (the lock records when its
-    process started; a lock without that record is taken as the holder's)."""
-    recorded, now = holder.get("process_start"), process_start(pid)
-    return not isinstance(recorded, (int, float)) or now is None or abs(now - recorded) < 2.0
+    """Whether live ``pid`` is still the holder, not a later process given its number (the lock records its
+    process's identity; a lock without one is taken as the holder's)."""
+    recorded = holder.get("process")
+    now = process_identity(pid) if isinstance(recorded, str) else None
+    return now is None or now == recorded
 
 
 def _stale(holder: dict, age_s: float) -> str | None:
@@ -142,7 +144,7 @@ class FolderLock:
         """``lock_name``, ``subject`` and ``advice``: another holder's lock file in ``folder`` (prepare locks one
         domain), how the refusal names what is locked and what it tells the user to do."""
         self.path = folder / lock_name
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start("self"),
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity("self"),
                        "run_name": run_name,
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "torchelastic": _elastic(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}
