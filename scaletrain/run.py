@@ -372,7 +372,7 @@ def plan_run(cfg: PreTrainingConfig, engine_cls, env, group=None) -> RunPlan:
     if source is not None:
         from scaletrain.checkpoint.init_from import check_same_shape
 
-        check_same_shape(source.model_config, model_cfg, cfg.init_from, env.is_main)
+        check_same_shape(source.model_config, model_cfg, cfg.init_from, env.is_main, cfg.max_seq_length)
     cfg = _run_folder(cfg, env.world_size)
     locks, recovered = _take_folder(cfg, model_cfg, env)  # first: recovery must not race another run
     try:

@@ -512,3 +512,21 @@ def test_a_hub_id_is_answered_with_the_hubs_cache_or_how_to_download(tmp_path, m
         HFTokenizer("meta-llama/Llama-3.2-1B")
     with pytest.raises(CheckpointError, match=r"models/mine: no such folder$"):  # a local path: no Hub talk
         open_init_source("models/mine")
+
+
+def test_rows_longer_than_the_sources_positions_are_said_to_extend_its_context(capsys):
+    """A model that knows 2048 positions trained on rows of 4096: RoPE as it is goes past them (a context extension,
+    which recipes pair with a larger rope_theta or RoPE scaling); said once, and nothing for rows that fit."""
+    import dataclasses
+
+    from scaletrain.checkpoint.init_from import check_same_shape
+    from scaletrain.model import get_model_config
+
+    source = dataclasses.replace(get_model_config("tiny"), max_seq_len=2048, rope_theta=500000.0)
+    run = dataclasses.replace(source, max_seq_len=4096)
+    check_same_shape(source, run, "models/m", rows=4096)
+    err = capsys.readouterr().err
+    assert ("--init-from models/m knows 2048 positions (max_position_embeddings, or the length a checkpoint trained "
+            "at); rows of 4096 tokens go past them with the run's RoPE (theta 500000)") in err, err
+    check_same_shape(source, source, "models/m", rows=2048)
+    assert capsys.readouterr().err == ""

@@ -50,9 +50,11 @@ def _check(source: str, found: dict[str, tuple[int, ...]], mc: ModelConfig) -> N
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_changes: bool = True) -> None:
+def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_changes: bool = True,
+                     rows: int | None = None) -> None:
     """The run's model (--model-config, --num-layers) must have the source's tensors and shapes; other fields
-    that differ (RoPE, norm epsilon) are the run's choice, and said once."""
+    that differ (RoPE, norm epsilon) are the run's choice, and said once, as are training ``rows`` (tokens) longer
+    than the positions the source knows."""
     _check(path, expected_shapes(source), run)
     if not warn_changes:
         return
@@ -64,6 +66,12 @@ def check_same_shape(source: ModelConfig, run: ModelConfig, path: str, warn_chan
         a, b = getattr(source, f.name), getattr(run, f.name)
         if a != b and f.name not in ("max_seq_len", "init_std"):
             warn(f"--init-from {path} has {f.name}={a!r}; this run uses {b!r}")
+    if rows is not None and rows > source.max_seq_len:  # longer than the source's positions: a context extension
+        rope = f"theta {run.rope_theta:g}" + (f", {run.rope_scaling} scaling" if run.rope_scaling else "")
+        warn(f"--init-from {path} knows {source.max_seq_len} positions (max_position_embeddings, or the length a "
+             f"checkpoint trained at); rows of {rows} tokens go past them with the run's RoPE ({rope}). "
+             f"That extends its context; recipes for it usually raise rope_theta or scale RoPE too (--model-config "
+             f"with the source's shape and rope_theta / rope_scaling)")
 
 
 def weight_files(folder: Path) -> tuple[str, list[Path]]:
