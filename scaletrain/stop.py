@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,16 +48,44 @@ class Deadline:
 
     Before each step (after the first of this process, which measures), the run stops when the time since the run
     started (``run_age``), plus the longest step and the longest save it has seen, would pass the limit; the stop
-    then saves at once. So a save must have been measured (or recorded in the resumed checkpoint) for its time to
-    count: before the first one, only a step's time is kept free (give --max-time some minutes under a job's limit,
-    or --save-interval a save early on).
-    A step's time includes its evaluation and logging; its saves count as saves."""
+    then saves at once. A save's time is the longest measured (or recorded in the resumed checkpoint); before the
+    first one, ``estimate_first_save`` (each rank's share of a checkpoint at the write speed it probes in the
+    checkpoint folder, doubled) stands in, so that a job whose limit comes before its first interval save does not
+    start a stop's save it cannot finish. A step's time includes its evaluation and logging; its saves count as
+    saves."""
+
+    PROBE_BYTES = 64 << 20
 
     def __init__(self, limit_s: float | None, clock=run_age) -> None:
         self.limit_s, self.clock = limit_s, clock
-        self.longest_step = self.longest_save = 0.0
+        self.longest_step = self.longest_save = self.save_estimate = 0.0
         self.steps, self.next_saves = 0, False
         self._t = clock() if limit_s is not None else 0.0
+
+    def estimate_first_save(self, folder: str | Path, rank: int, share_bytes: float) -> str | None:
+        """Before any save is measured: time writing PROBE_BYTES (fsynced) into ``folder``, on every rank at once
+        as a save writes, and take twice the time ``share_bytes`` (this rank's part of a checkpoint) would take at
+        that speed. Returns what it found, for the run's log (None without --max-time or where nothing could be
+        written: the first save is then not counted, as before)."""
+        if self.limit_s is None:
+            return None
+        probe = Path(folder) / f".write-probe-rank{rank}-{os.getpid()}"
+        block = os.urandom(1 << 20)  # not zeros: a compressing file system would write nothing
+        try:
+            t0 = time.perf_counter()
+            with open(probe, "wb") as f:
+                for _ in range(self.PROBE_BYTES >> 20):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            speed = self.PROBE_BYTES / max(time.perf_counter() - t0, 1e-6)
+        except OSError:
+            return None
+        finally:
+            probe.unlink(missing_ok=True)
+        self.save_estimate = 2.0 * share_bytes / speed
+        return (f"--max-time: no save measured yet; {share_bytes / 1e9:.2f} GB a rank at the {speed / 1e6:.0f} MB/s "
+                f"written here estimates one at {self.save_estimate:.1f} s (twice the time), until one is measured")
 
     def step_done(self, saved_s: float, longest_save_s: float, next_saves: bool = False) -> None:
         """A step ended (its evaluation, logging and saves too); ``saved_s`` of its time went to saving, and the
@@ -67,7 +96,7 @@ class Deadline:
             return
         now = self.clock()
         self.longest_step = max(self.longest_step, now - self._t - saved_s)
-        self.longest_save = longest_save_s
+        self.longest_save = longest_save_s or self.save_estimate
         self.next_saves = next_saves
         self.steps += 1
         self._t = now
@@ -80,8 +109,9 @@ class Deadline:
                 and self.clock() + self.longest_step + saves * self.longest_save > self.limit_s)
 
     def describe(self) -> str:
+        estimated = " (estimated)" if self.save_estimate and self.longest_save == self.save_estimate else ""
         return (f"{self.clock():.1f} s of {self.limit_s:.0f} s since the start; a step took up to "
-                f"{self.longest_step:.1f} s, a save {self.longest_save:.1f} s")
+                f"{self.longest_step:.1f} s, a save {self.longest_save:.1f} s{estimated}")
 
 
 class StopSignals:

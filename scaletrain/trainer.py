@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.checkpoint import CheckpointManager
+from scaletrain.checkpoint.manager import checkpoint_bytes
 from scaletrain.config import PreTrainingConfig, parse_duration
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
@@ -270,6 +271,10 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         return val_loader is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
 
     deadline = Deadline(None if cfg.max_time is None else parse_duration(cfg.max_time))
+    if not ckpt.longest_save_s:  # --max-time before any save was measured: a write probe stands in for one
+        said = deadline.estimate_first_save(cfg.checkpoint_dir, env.rank, checkpoint_bytes(model_cfg) / env.world_size)
+        if said and env.is_main:
+            print(f"scaletrain: {said}", flush=True)
     signals = StopSignals(control, env.is_main, deadline)
     crash_at = crash_step(env.rank)  # SCALETRAIN_FAULT=crash:STEP[@RANK], for the tests
     epoch_limit = _EpochLimit(cfg.max_epochs_per_domain, cfg.epoch_limit, env.is_main)

@@ -446,9 +446,11 @@ def test_leftovers_of_every_kind_are_cleaned_at_start(tmp_path):
     (partial / COMPLETE).unlink()
     (tmp_path / ".trash-step_000000-123").mkdir()  # a kill in the middle of a delete
     (tmp_path / ".tmp-step_000003").mkdir()  # a save that never finished
+    (tmp_path / ".write-probe-rank1-4242").write_bytes(b"x" * 1000)  # --max-time's write probe, killed midway
     for other in (".tmp-build", ".old-notes", ".trash-x-1"):  # another tool's, in a shared --checkpoint-dir
         (tmp_path / other).mkdir()
     done = recover(tmp_path)
+    assert "removed .write-probe-rank1-4242, a write probe that was interrupted" in done
     assert any(f"{partial} (0 MiB) has no COMPLETE.json: not a checkpoint" in d and f"rm -r {partial}" in d
                for d in done)  # reported at every start, never deleted: it may not be ours
     assert any(".trash-step_000000-123" in d for d in done) and any(".tmp-step_000003" in d for d in done)

@@ -69,6 +69,10 @@ def recover(ckpt_dir: Path) -> list[str]:
     for trash in _leftovers(ckpt_dir, ".trash-", r"-\d+"):
         shutil.rmtree(trash, ignore_errors=True)
         done.append(f"removed {trash.name}, a deletion that was interrupted")
+    for probe in sorted(ckpt_dir.glob(".write-probe-rank*")):  # --max-time's write probe (stop.py), killed midway
+        if re.fullmatch(r"\.write-probe-rank\d+-\d+", probe.name) and probe.is_file():
+            probe.unlink(missing_ok=True)
+            done.append(f"removed {probe.name}, a write probe that was interrupted")
     for p in sorted(ckpt_dir.iterdir()):  # not ours to delete: it may be a folder someone put there
         if p.is_dir() and not p.name.startswith(".") and not is_complete(p) and \
                 (p.name.startswith("step_") or p.name in KEPT_NAMES):
