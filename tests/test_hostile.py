@@ -181,6 +181,10 @@ def test_lock_rules(tmp_path, monkeypatch):
     finally:
         sleeper.kill()
         sleeper.wait()
+    # a damaged or hand-edited lock on this host names no live process: taken over, not a traceback
+    for pid in ("x", None, 0, -1):
+        (tmp_path / LOCK).write_text(json.dumps(dict(record, pid=pid)))
+        assert "on this host is gone" in FolderLock(tmp_path, "c").warning
     # --force-lock takes a fresh one
     (tmp_path / LOCK).write_text(json.dumps(dict(record, host="node-7", pid=1234)))
     assert "--force-lock was given" in FolderLock(tmp_path, "d", force=True).warning

@@ -46,6 +46,8 @@ STALE_S = 600.0
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) asks about a process group or every process: no holder named
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +102,10 @@ def _stale(holder: dict, age_s: float) -> str | None:
     """Why the lock may be taken over, or None when its holder may still be running."""
     here = holder.get("host") == socket.gethostname()
     if here:
-        pid = int(holder.get("pid", -1))
+        try:
+            pid = int(holder.get("pid", -1))
+        except (TypeError, ValueError):  # a damaged or hand-edited lock: no process to ask
+            pid = -1
         if pid == os.getpid():
             return "it is this process's own"
         if not _alive(pid):
