@@ -234,6 +234,17 @@ def test_model_config_files_and_refusals(tmp_path):
             "rope_scaling type 'yarn' is not supported")
     refused({"head_dim": 32}, "head_dim 32 differs")
     refused({"model_type": "mistral", "sliding_window": 128}, "sliding_window 128 is below --max-seq-length 512")
+    # a damaged config names the field, not a ZeroDivisionError or a ValueError's traceback
+    refused({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0")
+    refused({"hidden_size": "2048"}, "hidden_size must be a positive integer, got '2048'")
+    refused({"rms_norm_eps": "x"}, "rms_norm_eps must be a number, got 'x'")
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for text, match in (('{"model_type": "llama"', r"--init-from: .*config.json could not be parsed: Expecting ','"),
+                        ("[1, 2]", r"--init-from: .*config.json must hold a mapping")):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ModelConfigError, match=match):
+            HFWeights(folder)
     (tmp_path / "x.json").write_text('{"d_model": 64, "layers": 2}')
     with pytest.raises(ModelConfigError, match=r"unknown field\(s\) \['layers'\]"):
         load_model_config(tmp_path / "x.json")

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from scaletrain.model import Llama, ModelConfig
-from scaletrain.model.config_io import from_hf_config, trained_positions
+from scaletrain.model.config_io import from_hf_config, read_config_file, trained_positions
 from scaletrain.model.llama import from_hf_state_dict_key
 from scaletrain.model.weights import Getter
 
@@ -143,7 +143,7 @@ class HFWeights:
         if not cfg.is_file():
             raise CheckpointError(f"--init-from {folder}: no config.json (expected a Hugging Face model folder or a "
                                   f"scaletrain checkpoint)")
-        self.hf_config = json.loads(cfg.read_text())
+        self.hf_config = read_config_file(cfg, "--init-from")
         self.model_config = from_hf_config(self.hf_config, str(cfg))
         self.kind, files = weight_files(self.folder)
         self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, its key there)

@@ -26,9 +26,10 @@ class ModelConfigError(ScaletrainError):
     """A model config file the model cannot honour; the message names the file, field and value."""
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, flag: str = "--model-config") -> dict[str, Any]:
+    """A model config file as a mapping; errors (missing, unparsable, not a mapping) start with ``flag PATH``."""
     if not path.is_file():
-        raise ModelConfigError(f"--model-config: {path} does not exist")
+        raise ModelConfigError(f"{flag}: {path} does not exist")
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -42,9 +43,9 @@ def _read(path: Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - every parser's own error, reported with the file
-        raise ModelConfigError(f"--model-config: {path} could not be parsed: {e}") from None
+        raise ModelConfigError(f"{flag}: {path} could not be parsed: {e}") from None
     if not isinstance(data, dict):
-        raise ModelConfigError(f"--model-config: {path} must hold a mapping of model fields")
+        raise ModelConfigError(f"{flag}: {path} must hold a mapping of model fields")
     return data
 
 
@@ -53,7 +54,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    data = _read(p)
+    data = read_config_file(p)
     if "model_type" in data or "hidden_size" in data:
         return from_hf_config(data, str(p))
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -117,16 +118,25 @@ def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelCo
         raise ModelConfigError(f"{source}: mlp_bias true is not supported")
     if data.get("pretraining_tp", 1) not in (1, None):
         raise ModelConfigError(f"{source}: pretraining_tp {data['pretraining_tp']} is not supported (use 1)")
-    try:
-        hidden, heads = int(data["hidden_size"]), int(data["num_attention_heads"])
-        mc = dict(d_model=hidden, n_layers=int(data["num_hidden_layers"]), n_heads=heads,
-                  n_kv_heads=int(data.get("num_key_value_heads") or heads), ffn_dim=int(data["intermediate_size"]),
-                  vocab_size=int(data["vocab_size"]), max_seq_len=int(data.get("max_position_embeddings", 4096)),
-                  norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                  tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-                  init_std=float(data.get("initializer_range", 0.02)))
-    except KeyError as e:
-        raise ModelConfigError(f"{source}: missing field {e.args[0]}") from None
+
+    def field(name: str, cast: type, default: Any = dataclasses.MISSING) -> Any:
+        if name not in data or (data[name] is None and default is not dataclasses.MISSING):
+            if default is dataclasses.MISSING:
+                raise ModelConfigError(f"{source}: missing field {name}")
+            return default
+        value = data[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (cast is float or value == int(value))
+        if not ok or (cast is int and value <= 0):
+            raise ModelConfigError(f"{source}: {name} must be a {'positive integer' if cast is int else 'number'}, "
+                                   f"got {value!r}")
+        return cast(value)
+
+    hidden, heads = field("hidden_size", int), field("num_attention_heads", int)
+    mc = dict(d_model=hidden, n_layers=field("num_hidden_layers", int), n_heads=heads,
+              n_kv_heads=field("num_key_value_heads", int, heads), ffn_dim=field("intermediate_size", int),
+              vocab_size=field("vocab_size", int), max_seq_len=field("max_position_embeddings", int, 4096),
+              norm_eps=field("rms_norm_eps", float, 1e-6), tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+              init_std=field("initializer_range", float, 0.02))
     if data.get("head_dim") not in (None, hidden // heads):
         raise ModelConfigError(f"{source}: head_dim {data['head_dim']} differs from hidden_size / num_attention_heads "
                                f"= {hidden // heads}; not supported")
@@ -153,7 +163,7 @@ def check_training_length(path: str | Path, seq_len: int) -> None:
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file() or p.suffix != ".json":
         return
-    data = json.loads(p.read_text())
+    data = read_config_file(p)
     window = sliding_window(data) if isinstance(data, dict) and "model_type" in data else None
     if window is not None and seq_len > window:
         raise ModelConfigError(f"{p}: sliding_window {window} is below --max-seq-length {seq_len}; the model "
