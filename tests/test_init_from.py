@@ -240,6 +240,19 @@ def test_model_config_files_and_refusals(tmp_path):
     refused({"rms_norm_eps": "x"}, "rms_norm_eps must be a number, got 'x'")
     folder = tmp_path / "damaged"
     folder.mkdir()
+    # weight files cut short (a download that stopped) name the file, not safetensors' or torch's traceback
+    cut = tmp_path / "cut"
+    save_hf("llama3_bias", cut)
+    whole = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[:3000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a whole weight file \(SafetensorError: .*; "
+                                              r"3,000 bytes\): a download cut short\? Fetch it again"):
+        HFWeights(cut)
+    (cut / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(3)}, cut / "pytorch_model.bin")
+    (cut / "pytorch_model.bin").write_bytes((cut / "pytorch_model.bin").read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin is not a whole weight file \(RuntimeError: "):
+        HFWeights(cut)
     for text, match in (('{"model_type": "llama"', r"--init-from: .*config.json could not be parsed: Expecting ','"),
                         ("[1, 2]", r"--init-from: .*config.json must hold a mapping")):
         (folder / "config.json").write_text(text)

@@ -134,6 +134,12 @@ def read_generation_config(folder: Path) -> dict | None:
     return found
 
 
+def _damaged(f: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"--init-from {f.parent}: {f.name} is not a whole weight file ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:100]}; {f.stat().st_size:,} bytes): a download cut "
+                           f"short? Fetch it again")
+
+
 class HFWeights:
     """A local Hugging Face model folder."""
 
@@ -152,7 +158,11 @@ class HFWeights:
             from safetensors import safe_open
 
             for f in files:
-                with safe_open(str(f), "pt") as h:
+                try:
+                    h = safe_open(str(f), "pt")
+                except Exception as e:  # safetensors' own error: a header that does not cover the file
+                    raise _damaged(f, e) from None
+                with h:
                     for key in h.keys():
                         if key.endswith(IGNORED_HF_KEYS):
                             continue
@@ -182,6 +192,8 @@ class HFWeights:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError as e:
             raise refused(f, e) from None
+        except (RuntimeError, EOFError, ValueError) as e:  # not a whole torch.save archive
+            raise _damaged(f, e) from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"--init-from: {f} does not hold a state dict")
         return sd
