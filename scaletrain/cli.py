@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.files import read_text
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PreTrainingConfig)}
 _HINTS = typing.get_type_hints(PreTrainingConfig)
@@ -138,7 +139,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config: file {path!r} does not exist")
-    text = file.read_text()
+    text = read_text(file, "--config", ConfigError)
     suffix = file.suffix.lower()
     try:
         if suffix == ".json":

@@ -76,3 +76,12 @@ def process_identity(pid: int | str) -> str | None:
         return f"{boot}:{_start_ticks(pid)}"
     except (OSError, ValueError, IndexError):
         return None
+
+
+def read_text(path: Path, flag: str, error: type[Exception]) -> str:
+    """A settings file the user gave with ``flag``, as UTF-8 text; one saved in another encoding (Notepad's UTF-16,
+    Latin-1) raises ``error`` naming the flag, the file and the byte, not a UnicodeDecodeError traceback."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{flag}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.config import ConfigError
+from scaletrain.files import read_text
 
 # two per domain: an opening a corpus of that kind has seen many times, and a continuation that needs content
 DEFAULT_PROMPTS = {
@@ -34,7 +35,7 @@ def load_prompts(path: str | None, domains: list[str]) -> dict[str, list[str]]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--sample-prompts: file {path!r} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, "--sample-prompts", ConfigError)
     if file.suffix.lower() == ".json":
         try:
             data = json.loads(text)

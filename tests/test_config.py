@@ -127,6 +127,21 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
         parse_config(["--config", str(f)])
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
+    # a settings file saved as UTF-16 (Notepad's "Unicode"): said with the flag and file, for each kind of file
+    from scaletrain.model.config_io import ModelConfigError, load_model_config
+
+    utf16 = '{"max_steps": 3}'.encode("utf-16")
+    for flag in ("--config", "--ds_config"):
+        f.write_bytes(utf16)
+        with pytest.raises(ConfigError, match=rf"{flag}: .*c.json is not UTF-8 text \(byte 0: invalid start byte\); "
+                                              r"save it as UTF-8"):
+            cfg = parse_config([flag, str(f)])
+            if flag == "--ds_config":
+                from scaletrain.engine.ds_config import load_ds_config
+
+                load_ds_config(cfg.ds_config)
+    with pytest.raises(ModelConfigError, match=r"--model-config: .*c.json is not UTF-8 text"):
+        load_model_config(f)
 
 
 @pytest.mark.parametrize("text, key, expected", [

@@ -100,6 +100,9 @@ def test_observe_flags_are_checked(tmp_path):
     lines = tmp_path / "p.txt"
     lines.write_text("one\n\ntwo\n")
     assert load_prompts(str(lines), ["a", "b"]) == {"a": ["one", "two"], "b": ["one", "two"]}
+    lines.write_bytes(b"\xff\xfe one")  # saved as UTF-16 by an editor: said, not a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match=r"p.txt is not UTF-8 text \(byte 0: invalid start byte\)"):
+        load_prompts(str(lines), ["a"])
     proc = launch("python", ["--data-kind", "synthetic", "--max-steps", "2", "--memory-snapshot"], tmp_path,
                   check=False)
     assert proc.returncode == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scaletrain.config import ConfigError, PreTrainingConfig
+from scaletrain.files import read_text
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_batch_size": "auto",
@@ -38,7 +39,7 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--ds_config: file {path!r} does not exist (see ds_configs/ for examples)")
     try:
-        ds = json.loads(p.read_text())
+        ds = json.loads(read_text(p, "--ds_config", ConfigError))
     except json.JSONDecodeError as e:
         raise ConfigError(f"--ds_config: {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from e
     if not isinstance(ds, dict):

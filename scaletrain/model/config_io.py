@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scaletrain.errors import ScaletrainError
+from scaletrain.files import read_text
 
 from .presets import ROPE_SCALINGS, ModelConfig
 
@@ -30,7 +31,7 @@ def read_config_file(path: Path, flag: str = "--model-config") -> dict[str, Any]
     """A model config file as a mapping; errors (missing, unparsable, not a mapping) start with ``flag PATH``."""
     if not path.is_file():
         raise ModelConfigError(f"{flag}: {path} does not exist")
-    text = path.read_text()
+    text = read_text(path, flag, ModelConfigError)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
