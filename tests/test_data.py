@@ -493,6 +493,19 @@ def test_missing_domain_truncated_and_corrupt_shards(data, tmp_path):
         DomainStream(data / "general")
     with pytest.raises(ShardError, match="--data-dir .*absent does not exist either; prepare a domain into it"):
         DomainStream(tmp_path / "absent" / "general")
+    from scaletrain.data.tokenizer import HFTokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_bytes('{"bos_token": "<s>"}'.encode("utf-16"))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json is not valid JSON"):
+        HFTokenizer(str(model))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data / "pre" / "general", damaged)
+    for text in (b"{", b"\xff\xfe{}"):  # cut short; not UTF-8 (a copy through a tool that re-encoded it)
+        (damaged / "manifest.json").write_bytes(text)
+        with pytest.raises(ShardError, match="manifest.json: corrupt manifest .*; prepare the domain again"):
+            DomainStream(damaged)
     copy = tmp_path / "general"
     shutil.copytree(data / "pre" / "general", copy)
     shard = copy / "shard-00001.tar"

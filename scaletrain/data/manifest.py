@@ -196,5 +196,5 @@ def load_manifest(domain_dir: str | Path) -> Manifest:
         raise ShardError(f"{d} has no {MANIFEST}: {_raw_text_hint(d)}")
     try:
         return Manifest.from_dict(json.loads(path.read_text()), d)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
         raise ShardError(f"{path}: corrupt manifest ({type(e).__name__}: {e}); prepare the domain again") from e

@@ -196,7 +196,7 @@ def _folder_json(folder: Path, name: str) -> dict:
     f = folder / name
     try:
         data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise TokenizerError(f"--tokenizer: {f} is not valid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
