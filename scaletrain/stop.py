@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,12 +48,10 @@ class Deadline:
     Before each step (after the first of this process, which measures), the run stops when the time since the run
     started (``run_age``), plus the longest step and the longest save it has seen, would pass the limit; the stop
     then saves at once. A save's time is the longest measured (or recorded in the resumed checkpoint); before the
-    first one, ``estimate_first_save`` (each rank's share of a checkpoint at the write speed it probes in the
+    first one, ``estimate_first_save`` (each rank's share of a checkpoint at the write speed it probed in the
     checkpoint folder, doubled) stands in, so that a job whose limit comes before its first interval save does not
     start a stop's save it cannot finish. A step's time includes its evaluation and logging; its saves count as
     saves."""
-
-    PROBE_BYTES = 64 << 20
 
     def __init__(self, limit_s: float | None, clock=run_age) -> None:
         self.limit_s, self.clock = limit_s, clock
@@ -62,27 +59,12 @@ class Deadline:
         self.steps, self.next_saves = 0, False
         self._t = clock() if limit_s is not None else 0.0
 
-    def estimate_first_save(self, folder: str | Path, rank: int, share_bytes: float) -> str | None:
-        """Before any save is measured: time writing PROBE_BYTES (fsynced) into ``folder``, on every rank at once
-        as a save writes, and take twice the time ``share_bytes`` (this rank's part of a checkpoint) would take at
-        that speed. Returns what it found, for the run's log (None without --max-time or where nothing could be
-        written: the first save is then not counted, as before)."""
-        if self.limit_s is None:
+    def estimate_first_save(self, share_bytes: float, speed: float | None) -> str | None:
+        """Before any save is measured: twice the time ``share_bytes`` (this rank's part of a checkpoint) takes at
+        ``speed`` (bytes/s, ``checkpoint.recovery.write_speed`` of the checkpoint folder). Returns what it found, for
+        the run's log (None without --max-time or a speed: the first save is then not counted)."""
+        if self.limit_s is None or not speed:
             return None
-        probe = Path(folder) / f".write-probe-rank{rank}-{os.getpid()}"
-        block = os.urandom(1 << 20)  # not zeros: a compressing file system would write nothing
-        try:
-            t0 = time.perf_counter()
-            with open(probe, "wb") as f:
-                for _ in range(self.PROBE_BYTES >> 20):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
-            speed = self.PROBE_BYTES / max(time.perf_counter() - t0, 1e-6)
-        except OSError:
-            return None
-        finally:
-            probe.unlink(missing_ok=True)
         self.save_estimate = 2.0 * share_bytes / speed
         return (f"--max-time: no save measured yet; {share_bytes / 1e9:.2f} GB a rank at the {speed / 1e6:.0f} MB/s "
                 f"written here estimates one at {self.save_estimate:.1f} s (twice the time), until one is measured")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint import CheckpointManager
 from scaletrain.checkpoint.manager import checkpoint_bytes
+from scaletrain.checkpoint.recovery import write_speed
 from scaletrain.config import PreTrainingConfig, parse_duration
 from scaletrain.data.loader import build_loader
 from scaletrain.engine import Engine, get_engine_class
@@ -271,8 +272,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
         return val_loader is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
 
     deadline = Deadline(None if cfg.max_time is None else parse_duration(cfg.max_time))
-    if not ckpt.longest_save_s:  # --max-time before any save was measured: a write probe stands in for one
-        said = deadline.estimate_first_save(cfg.checkpoint_dir, env.rank, checkpoint_bytes(model_cfg) / env.world_size)
+    if deadline.limit_s is not None and not ckpt.longest_save_s:  # no save measured yet: a write probe stands in
+        said = deadline.estimate_first_save(checkpoint_bytes(model_cfg) / env.world_size,
+                                            write_speed(cfg.checkpoint_dir, env.rank))
         if said and env.is_main:
             print(f"scaletrain: {said}", flush=True)
     signals = StopSignals(control, env.is_main, deadline)
@@ -335,10 +337,9 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
             epochs = loader.epochs() if hasattr(loader, "epochs") else {}
             limit = epoch_limit.check(epochs, done)
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
-                cut = None if said_cut or not env.is_main else getattr(loader, "cut_warning", lambda: None)()
-                said_cut = True
-                if cut:
+                if not said_cut and env.is_main and hasattr(loader, "cut_warning") and (cut := loader.cut_warning()):
                     print(f"scaletrain: warning: {cut}", file=sys.stderr, flush=True)
+                said_cut = True
                 # the only host syncs of the loop (apart from the engine's finite check)
                 last_loss = engine.step_loss(out)
                 tok_s, step_time, data_wait = meter.report()

@@ -217,9 +217,11 @@ def test_max_time_keeps_a_step_and_a_save_free_and_always_takes_a_step():
 def test_max_time_counts_an_estimated_save_until_one_is_measured(tmp_path):
     """A job whose limit comes before its first interval save: the stop's save is counted from a write probe in the
     checkpoint folder (this rank's share of a checkpoint at the speed probed, doubled) until a save is measured."""
+    from scaletrain.checkpoint.recovery import write_speed
+
     now = [0.0]
     deadline = Deadline(600.0, clock=lambda: now[0])
-    said = deadline.estimate_first_save(tmp_path, 0, 4e9)
+    said = deadline.estimate_first_save(4e9, write_speed(tmp_path, 0))
     assert said.startswith("--max-time: no save measured yet; 4.00 GB a rank at the ") and "MB/s written here" in said
     assert deadline.save_estimate > 0 and not list(tmp_path.iterdir())  # the probe is gone
     deadline.save_estimate = 100.0  # what this folder's speed gives is the machine's: fix it for the arithmetic
@@ -232,7 +234,7 @@ def test_max_time_counts_an_estimated_save_until_one_is_measured(tmp_path):
     assert deadline.near()  # before: counted no save, so the stop's save of 100 s would run 1 s past the limit
     deadline.step_done(3.0, 3.0)  # the first save measured: 3 s
     assert deadline.longest_save == 3.0 and "(estimated)" not in deadline.describe()
-    assert Deadline(None).estimate_first_save(tmp_path, 0, 4e9) is None  # without --max-time: no probe
+    assert Deadline(None).estimate_first_save(4e9, 1e9) is None  # without --max-time: no estimate
 
 
 def test_max_time_counts_from_torchruns_start_so_that_a_restart_keeps_the_clock():

@@ -506,7 +506,7 @@ def test_a_folder_that_is_no_model_says_what_it_is(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(no COMPLETE.json\) and no complete "
                                               r"checkpoint inside it, nor a Hugging Face model folder"):
         open_init_source(str(bare))
-    (bare / ".metadata").write_bytes(b"")  # DCP's files without the marker: a save that did not finish
+    (bare / "train_state_rank0.pt").write_bytes(b"")  # a save's first file without the marker: it did not finish
     with pytest.raises(CheckpointError, match=r"\(no COMPLETE.json: its save did not finish\)"):
         open_init_source(str(bare))
 

@@ -225,7 +225,8 @@ class CheckpointWeights:
     """The model weights of a scaletrain checkpoint, through the engine's own tensor reader."""
 
     def __init__(self, path: str | Path, trust: bool = False) -> None:
-        self.path = checkpoint_folder(str(path), "--init-from")[0]
+        self.path = checkpoint_folder(str(path), "--init-from",
+                                      also="a Hugging Face model folder (config.json and *.safetensors)")[0]
         meta = read_meta(self.path)
         mc = ModelConfig(**meta["model_config"])
         # the next phase starts from the length this one trained at (a preset's shape carries a 4096-row RoPE table)

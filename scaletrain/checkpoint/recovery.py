@@ -4,6 +4,7 @@ the checkpoints past the step a run goes back to (``set_aside_later``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -69,8 +70,8 @@ def recover(ckpt_dir: Path) -> list[str]:
     for trash in _leftovers(ckpt_dir, ".trash-", r"-\d+"):
         shutil.rmtree(trash, ignore_errors=True)
         done.append(f"removed {trash.name}, a deletion that was interrupted")
-    for probe in sorted(ckpt_dir.glob(".write-probe-rank*")):  # --max-time's write probe (stop.py), killed midway
-        if re.fullmatch(r"\.write-probe-rank\d+-\d+", probe.name) and probe.is_file():
+    for probe in sorted(ckpt_dir.glob(PROBE + "*")):  # a write_speed probe, killed midway
+        if re.fullmatch(re.escape(PROBE) + r"\d+-\d+", probe.name) and probe.is_file():
             probe.unlink(missing_ok=True)
             done.append(f"removed {probe.name}, a write probe that was interrupted")
     for p in sorted(ckpt_dir.iterdir()):  # not ours to delete: it may be a folder someone put there
@@ -80,6 +81,29 @@ def recover(ckpt_dir: Path) -> list[str]:
             done.append(f"{p} ({size / 2**20:,.0f} MiB) has no {COMPLETE}: not a checkpoint (the remains of a "
                         f"deletion by an older scaletrain, or a copy that never finished); remove it with rm -r {p}")
     return done
+
+
+PROBE = ".write-probe-rank"
+
+
+def write_speed(ckpt_dir: str | Path, rank: int, nbytes: int = 64 << 20) -> float | None:
+    """Bytes per second this rank writes into the checkpoint folder: ``nbytes`` written and fsynced (by every rank
+    at once, as a save writes), then deleted; None where nothing could be written. --max-time's estimate of a save
+    before one is measured."""
+    probe = Path(ckpt_dir) / f"{PROBE}{rank}-{os.getpid()}"
+    block = os.urandom(1 << 20)  # not zeros: a compressing file system would write nothing
+    try:
+        t0 = time.perf_counter()
+        with open(probe, "wb") as f:
+            for _ in range(nbytes >> 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return nbytes / max(time.perf_counter() - t0, 1e-6)
+    except OSError:
+        return None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def check_writable(ckpt_dir: Path, need_bytes: int) -> str | None:

@@ -132,10 +132,10 @@ def resolve_resume(resume: str | None, ckpt_dir: str) -> list[Path]:
     return checkpoint_folder(resume, "--resume")
 
 
-def checkpoint_folder(given: str, flag: str) -> list[Path]:
+def checkpoint_folder(given: str, flag: str, also: str = "") -> list[Path]:
     """The checkpoint a path names (``--resume PATH``, ``--init-from PATH``, ``convert PATH``): a checkpoint folder,
     a folder of them (its complete ones, the one ``latest`` names first) or a run's folder holding ``checkpoints/``.
-    Errors start with ``flag PATH``."""
+    Errors start with ``flag PATH``; ``also``: what else the path may be, for the error that finds neither."""
     p = Path(given)
     if not p.exists():
         raise CheckpointError(f"{flag} {given}: no such checkpoint")
@@ -149,12 +149,11 @@ def checkpoint_folder(given: str, flag: str) -> list[Path]:
         return found
     runs = sorted(q.parent.name for q in p.glob("*/checkpoints") if resume_candidates(q, quiet=True))
     hint = f"; it holds runs: give one of them, e.g. {p / runs[0]}" if runs else ""
-    # an engine's files without the marker: a save that did not finish; anything else is no checkpoint at all
-    unfinished = any(p.glob(".metadata")) or any(p.glob("train_state_rank*")) or any(p.glob("global_step*"))
+    # a save writes each rank's run state first: with it but no marker, a save that did not finish
+    unfinished = any(p.glob("train_state_rank*"))
     what = f"no {COMPLETE}: its save did not finish" if unfinished else f"no {COMPLETE}"
-    model = ", nor a Hugging Face model folder (config.json and *.safetensors)" if flag == "--init-from" else ""
     raise CheckpointError(f"{flag} {given}: not a complete checkpoint ({what}) and no complete checkpoint inside "
-                          f"it{model}{hint}")
+                          f"it{f', nor {also}' if also else ''}{hint}")
 
 
 def check_model_matches(meta: dict[str, Any], model_cfg, path: Path) -> None:
