@@ -60,6 +60,26 @@ def test_two_tasks_with_only_slurm_variables_form_one_world(tmp_path):
                                                                           "train_state_rank1.pt"]
 
 
+def test_fsdp_template_gives_each_job_its_own_rendezvous_port(tmp_path):
+    """Two jobs on one node with one fixed port: the second's torchrun cannot bind it, joins the first job's c10d
+    store as a client, and dies when the first job ends (seen with torch 2.13). The port comes from the job id, as
+    cluster.py's MASTER_PORT does; RDZV_PORT still wins."""
+    def endpoint(job, **extra):
+        env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES="1",
+                        SLURM_STANDIN_DIR=str(tmp_path), SLURM_STANDIN_JOB_ID=job, PYTHON="echo",
+                        CHECKPOINT_DIR=str(tmp_path / job), **extra)  # echo: the torchrun line srun would start
+        out = subprocess.run(["sbatch", "launch/slurm/fsdp.sbatch"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60).stdout
+        return out.split("--rdzv_endpoint ")[1].split()[0]
+
+    env = {"SLURM_JOB_ID": "123457", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2"}
+    assert slurm_world(env)
+    assert endpoint("123457") == f"localhost:{env['MASTER_PORT']}" == "localhost:23457"
+    assert endpoint("123458") == "localhost:23458"
+    assert endpoint("123458", RDZV_PORT="29511") == "localhost:29511"
+
+
 @pytest.mark.parametrize("template, nodes, extra", [
     ("fsdp.sbatch", "2", {"GPUS_PER_NODE": "1"}),  # two "nodes" of one process: torchrun's c10d rendezvous
     ("deepspeed.sbatch", "1", {"GPUS_PER_NODE": "2", "DS_CONFIG": "ds_configs/zero2_bf16.json"}),
