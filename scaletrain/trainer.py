@@ -273,7 +273,7 @@ def _train(plan: RunPlan, engine_cls, env, control) -> TrainResult:
 
     deadline = Deadline(None if cfg.max_time is None else parse_duration(cfg.max_time))
     if deadline.limit_s is not None and not ckpt.longest_save_s:  # no save measured yet: a write probe stands in
-        said = deadline.estimate_first_save(checkpoint_bytes(model_cfg) / env.world_size,
+        said = deadline.estimate_first_save(engine.checkpoint_share(checkpoint_bytes(model_cfg)),
                                             write_speed(cfg.checkpoint_dir, env.rank))
         if said and env.is_main:
             print(f"scaletrain: {said}", flush=True)

@@ -1,17 +1,19 @@
 """Run under torchrun (2 ranks): ragged micro-batches (padded rows of very different lengths) through each
 engine must give the gradient of ONE big batch of all the step's rows with the loss averaged per target
 token. Rank 0 writes the largest differences to OUT.json, and the old per-micro-batch averaging's gap
-for comparison.
+for comparison; each engine then saves into OUT.json's folder, under its name, with each rank's estimate of its part.
 
     torchrun --nproc_per_node 2 tests/grad_worker.py OUT.json DS_ZERO2.json DS_ZERO3.json
 """
 
 import json
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from scaletrain.checkpoint.manager import checkpoint_bytes
 from scaletrain.cli import parse_config
 from scaletrain.engine import get_engine_class
 from scaletrain.model import IGNORE_INDEX
@@ -75,15 +77,19 @@ def main() -> None:
             data = ragged_batches(env.world_size, build_model(cfg).config.vocab_size)
             right, old = reference(cfg, data)
             results["old_averaging"] = {"max_abs_gap": gap(old, right), "cosine": cosine(old, right)}
-        engine = cls(build_model(cfg), cfg, env)
+        model = build_model(cfg)
+        engine = cls(model, cfg, env)
         mine = [data[(gi, env.rank)] for gi in range(GAS)]
         loss_sum, n = engine.accumulate(mine)  # the step's target tokens are counted over both ranks
         grads = engine.full_gradients()
         total = engine.all_reduce_sum(loss_sum) / n
         engine.optimizer_step()
+        shares = [None] * env.world_size  # --max-time's estimate of each rank's part of a save, against the files
+        torch.distributed.all_gather_object(shares, engine.checkpoint_share(checkpoint_bytes(model.config)))
+        engine.save(os.path.join(os.path.dirname(out_path), kind))
         results[kind] = {"max_abs_gap": gap(grads, right), "max_abs_grad": max(float(g.abs().max()) for g in
                                                                                right.values()),
-                         "cosine": cosine(grads, right), "num_tokens": n, "loss": float(total)}
+                         "cosine": cosine(grads, right), "num_tokens": n, "loss": float(total), "shares": shares}
     if env.rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -186,3 +186,13 @@ def test_ragged_micro_batches_give_the_per_token_mean_gradient(tmp_path):
         assert abs(r["cosine"] - 1) < 1e-9, (kind, r)
     # the case is one where averaging per micro-batch is visibly wrong
     assert res["old_averaging"]["cosine"] < 0.99, res["old_averaging"]
+    # each rank's estimate of its part of a save (--max-time's, before one is measured) holds what it wrote; below
+    # ZeRO-3 rank 0 writes the module's whole weights too (at world 2 fp32: 10 bytes a parameter, not 16 / 2)
+    for kind in ("fsdp", "zero2", "zero3"):
+        written = [0, 0]
+        for f in (tmp_path / kind).rglob("*"):
+            rank = [r for r in (0, 1) if f"_pp_rank_{r}_" in f.name or f.name.startswith(f"__{r}_")]
+            if f.is_file():
+                written[rank[0] if rank else 0] += f.stat().st_size  # DCP's .metadata, mp_rank_00_model_states.pt
+        shares = res[kind]["shares"]
+        assert all(written[r] <= shares[r] <= 1.8 * written[r] for r in (0, 1)), (kind, written, shares)

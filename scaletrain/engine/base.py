@@ -336,6 +336,11 @@ class Engine(ABC):
         """Like ``save`` but written in the background; returns a future whose ``result()`` waits for it."""
         return self._save_async(path, group)
 
+    def checkpoint_share(self, nbytes: float) -> float:
+        """About how many of a checkpoint's ``nbytes`` this rank writes (--max-time's estimate of a save before one
+        is measured): an even share where every rank writes its shard."""
+        return nbytes / self.env.world_size
+
     def load(self, path: str, optimizer_steps: int, trust: bool | None = None) -> None:
         """Restore what ``save`` wrote (all ranks). ``optimizer_steps`` (steps applied, skipped ones not
         counted, from the run's own state) sets the schedule and every parameter's Adam step count.
