@@ -271,14 +271,16 @@ def _check_resume(cfg: PreTrainingConfig, path: Path, meta: dict, engine_name: s
             warn(f"resuming {path.name} with a global batch of {now} rows; the checkpoint's run took {before} a step. "
                  f"The data stream goes on from its row, but a step now holds other rows (give --global-batch-size "
                  f"{before} to keep the batch on any world size)")
-        elif cfg.global_batch_size is not None:
-            derived = {"gradient_accumulation_steps"}  # follows the world size by design
+        # said above, or the same rows a step: the accumulation follows the world size and --global-batch-size by
+        # design, and a --global-batch-size given now names the batch the run had without one
+        derived = {"gradient_accumulation_steps", "global_batch_size"}
     if "checkpoint_dir" not in cfg.explicit:  # the run's own folder: another only under another --run-name, said above
         derived.add("checkpoint_dir")
     for key, now in cfg.to_dict().items():
         if key in saved and key not in _NOT_COMPARED | derived and saved[key] != now:
+            was = "none (the default)" if saved[key] is None else repr(saved[key])
             warn(f"resuming {path.name} with {PreTrainingConfig.flag(key)} {now!r}; the checkpoint was saved with "
-                 f"{saved[key]!r}")
+                 f"{was}")
     from scaletrain.lr import resume_jump
 
     jump = resume_jump(cfg, saved, step)

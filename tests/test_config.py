@@ -389,7 +389,15 @@ def test_resuming_with_another_global_batch_warns_with_the_number_to_give(capsys
     assert "give --global-batch-size 8 to keep the batch on any world size" in err
     _check_resume(parse_config(["--micro-batch-size", "2", "--global-batch-size", "8"]).for_world_size(1),
                   Path("ck/step_3"), meta, "fsdp", env)
-    assert "global batch" not in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # the run's batch, named now: not a changed --global-batch-size (was None)
+    _check_resume(parse_config(["--micro-batch-size", "2", "--global-batch-size", "16"]).for_world_size(1),
+                  Path("ck/step_3"), meta, "fsdp", env)
+    err = capsys.readouterr().err  # one warning of the batch; its accumulation and flag are not repeated
+    assert "global batch of 16 rows" in err and len(err.strip().splitlines()) == 1, err
+    _check_resume(parse_config(["--micro-batch-size", "2", "--gradient-accumulation-steps", "2",
+                                "--warmup-steps", "5"]), Path("ck/step_3"), meta, "fsdp", SimpleNamespace(is_main=True,
+                                                                                                        world_size=2))
+    assert "with --warmup-steps 5; the checkpoint was saved with none (the default)" in capsys.readouterr().err
 
 
 def test_a_branch_under_another_run_name_is_not_warned_about_its_own_folder(capsys):
