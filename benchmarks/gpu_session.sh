@@ -3,7 +3,8 @@
 # throughput sweeps. Each phase has its own time limit so the script always reaches the end
 # and packs what it measured.
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]     (default: every phase)
-# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e docmask memory loss
+# Phases: train engine_overhead tp_base tp_large tp_base_compile tp_large_compile e2e docmask memory loss large_full
+#         fp16 ckpt   (the last three: issue 16 items 1, 4 and 5; each about 4-5 minutes, so one call each)
 # On a machine without deepspeed installed, wheels in .whl/ are installed to /tmp/site first.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -75,6 +76,24 @@ for p in $PHASES; do
     loss)  # the chunked loss vs F.cross_entropy on fp32 logits at a 128k vocabulary: peak memory and time
       phase loss 120 python3 benchmarks/loss_memory.py --width 2048 --layers 2 --tokens 16384 --repeats 5 \
         --output "$R" ;;
+    large_full)  # the full 32-layer large (6.74B) on one GPU with activation checkpointing: tokens/s, MFU, peak
+      # memory; goal >= 45% MFU. throughput.py, not pretrain.py: a run's final checkpoint (~108 GB) would not fit the disk
+      phase large_full 330 python3 benchmarks/throughput.py --model-size large --engines fsdp zero3 \
+        --activation-checkpointing on --seq 2048 --micro-batches 2 4 --warmup 2 --steps 4 --output "$R/large_full" ;;
+    fp16)  # ZeRO-2 fp16 with dynamic loss scaling against bf16, 300 steps of small on the same rows: final loss within
+      # 2%; metrics.jsonl counts the overflow-skipped steps (skipped_steps)
+      for prec in fp16 bf16; do
+        phase "zero2_${prec}_small" 150 python3 launch/pretrain.py --data-kind synthetic --ds_config \
+          "ds_configs/zero2_${prec}.json" --model-size small --max-seq-length 2048 --micro-batch-size 8 --max-steps 300 \
+          --warmup-steps 30 --learning-rate 6e-4 --log-interval 25 --eval-interval 0 --save-interval 0 \
+          --checkpoint-dir "$R/ck_$prec" --run-dir "$R/runs" --run-name "zero2_${prec}_small"
+      done
+      rm -rf "$R"/ck_fp16 "$R"/ck_bf16 ;;
+    ckpt)  # base: each engine's save and load against torch.save of the same tensors (goal <= 1.2x), the async stall
+      # (goal <= 0.1x the synchronous save); ~21 GB a checkpoint, on the device's disk
+      phase ckpt_base 330 python3 benchmarks/checkpoint_bench.py --model-size base --engines fsdp zero3 \
+        --no-conversion --workdir "$R/ckbench" --output "$R"
+      rm -rf "$R/ckbench" ;;
     *) echo "unknown phase $p" | tee -a "$LOG" ;;
   esac
 done
