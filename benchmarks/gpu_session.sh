@@ -78,8 +78,8 @@ for p in $PHASES; do
         --output "$R" ;;
     large_full)  # the full 32-layer large (6.74B) on one GPU with activation checkpointing: tokens/s, MFU, peak
       # memory; goal >= 45% MFU. throughput.py, not pretrain.py: a run's final checkpoint (~108 GB) would not fit the disk
-      phase large_full 330 python3 benchmarks/throughput.py --model-size large --engines fsdp zero3 \
-        --activation-checkpointing on --seq 2048 --micro-batches 2 4 --warmup 2 --steps 4 --output "$R/large_full" ;;
+      phase large_full 420 python3 benchmarks/throughput.py --model-size large --engines fsdp zero3 \
+        --activation-checkpointing on --seq 2048 --micro-batches 4 8 --warmup 2 --steps 4 --output "$R/large_full" ;;
     fp16)  # ZeRO-2 fp16 with dynamic loss scaling against bf16, 300 steps of small on the same rows: final loss within
       # 2%; metrics.jsonl counts the overflow-skipped steps (skipped_steps)
       for prec in fp16 bf16; do
