@@ -97,6 +97,7 @@ class FSDPEngine(Engine):
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             **({"fused": True} if use_fused else {"foreach": True}))
         self.scheduler = LambdaLR(self.optimizer, lr_factor_fn(cfg))
+        self._stager = None  # --async-checkpoint's host buffers, made by the first background save
 
     @property
     def module(self) -> nn.Module:
@@ -145,11 +146,27 @@ class FSDPEngine(Engine):
         dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(path))
 
     def _save_async(self, path: str, group=None):
-        """dcp.async_save: the state is staged to CPU memory, then written by a background thread
-        while training goes on (``group`` must be a gloo group when the default one is NCCL)."""
+        """dcp.async_save: the state is copied into host buffers, then written by a background thread while
+        training goes on (``group`` must be a gloo group when the default one is NCCL). The buffers are kept for
+        the run and refilled by each save (pinned on CUDA, as torchtitan's async_with_pinned_mem): DCP's default
+        allocates them afresh each time, and the loop waited for that (small, fp32, on 2 CPU cores: 3.3-5.6 s a
+        save against 0.5 s refilled, the synchronous save 2.2 s; the write behind it 11 s against 2.7-4.2 s).
+        A save refills them only after the previous write has ended (CheckpointStore.save waits for it first)."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self._stager is None:
+            cuda = self.env.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         return dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(path),
-                              process_group=group)
+                              process_group=group, async_stager=self._stager)
+
+    def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        super().close()
 
     def _load(self, path: str, trust: bool) -> None:
         reader, planner = dcp_reader(path, trust)
