@@ -6,6 +6,7 @@ Launched by torchrun (or as a world of one by plain ``python``).
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import warnings
 from typing import Any
@@ -256,8 +257,16 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 class _Writer(FileSystemWriter):
-    """DCP's file writer with the ``save_enospc`` fault point. A write that fails on one rank is gathered by
-    DCP's own collective and raised on every rank (no rank is left waiting)."""
+    """DCP's file writer, with two threads (two files) a rank where the rank has two cores to itself, as
+    Megatron-core's torch_dist saves: the 134M model's save on 2 cores took 1.28-1.55 s against 2.06-2.28 s with
+    DCP's one thread, three rounds alternating in one process. With the ``save_enospc`` fault point; a write that
+    fails on one rank is gathered by DCP's own collective and raised on every rank (no rank is left waiting)."""
+
+    def __init__(self, path: str, **kwargs) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the ranks on this host share its cores
+        kwargs.setdefault("thread_count", 2 if cores >= 2 * ranks_here else 1)
+        super().__init__(path, **kwargs)
 
     def write_data(self, plan, planner):
         disk_full(str(self.path), dist.get_rank() if dist.is_initialized() else 0)
