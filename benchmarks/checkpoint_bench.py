@@ -155,6 +155,17 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
 
         from scaletrain.engine.fsdp import _Writer
 
+        # the writer's threads: ours (two a rank where it has the cores) against DCP's one, alternating
+        for _ in range(3):
+            for key, kwargs in (("save_threads_ours_s", {}), ("save_one_thread_s", {"thread_count": 1})):
+                shutil.rmtree(work / "threads", ignore_errors=True)
+                t0 = time.perf_counter()
+                model_sd, optim_sd = get_state_dict(engine.module, engine.base_optimizer)
+                dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(str(work / "threads"),
+                                                                                       **kwargs))
+                row.setdefault(key, []).append(time.perf_counter() - t0)
+        row["writer_threads"] = _Writer(str(work / "threads")).thread_count
+        shutil.rmtree(work / "threads", ignore_errors=True)
         for key in ("async_default_first", "async_default"):
             shutil.rmtree(work / "async", ignore_errors=True)
             t0 = time.perf_counter()
@@ -264,6 +275,9 @@ def main() -> None:
                   f"staging (fresh buffers each save) blocked {r['async_default_stall_s']:.2f}s = "
                   f"{r['async_default_stall_s'] / r['save_s']:.2f}x (write {r['async_default_total_s']:.2f}s; its "
                   f"first {r['async_default_first_stall_s']:.2f}s)")
+            print(f"DCP writer threads (fsdp): {r['writer_threads']} a rank here, saves "
+                  f"{', '.join(f'{t:.2f}' for t in r['save_threads_ours_s'])} s against "
+                  f"{', '.join(f'{t:.2f}' for t in r['save_one_thread_s'])} s with one (alternating)")
     if conv:
         print(f"\nconversion peak RSS, --max-shard-size {a.shard}, fp32 output, fresh process each")
         print(f"{'model':<8}{'params':>10}{'fp32 GiB':>10}{'convert GiB':>13}{'x shard':>9}"

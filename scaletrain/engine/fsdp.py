@@ -258,8 +258,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 class _Writer(FileSystemWriter):
     """DCP's file writer, with two threads (two files) a rank where the rank has two cores to itself, as
-    Megatron-core's torch_dist saves: the 134M model's save on 2 cores took 1.28-1.55 s against 2.06-2.28 s with
-    DCP's one thread, three rounds alternating in one process. With the ``save_enospc`` fault point; a write that
+    Megatron-core's torch_dist saves: the 134M model's saves on 2 cores took 1.1-1.3 s against 2.7-4.6 s with DCP's
+    one thread (benchmarks/checkpoint_bench.py, alternating). With the ``save_enospc`` fault point; a write that
     fails on one rank is gathered by DCP's own collective and raised on every rank (no rank is left waiting)."""
 
     def __init__(self, path: str, **kwargs) -> None:
