@@ -150,8 +150,8 @@ class FSDPEngine(Engine):
         """dcp.async_save: the state is copied into host buffers, then written by a background thread while
         training goes on (``group`` must be a gloo group when the default one is NCCL). The buffers are kept for
         the run and refilled by each save (pinned on CUDA, as torchtitan's async_with_pinned_mem): DCP's default
-        allocates them afresh each time, and the loop waited for that (small, fp32, on 2 CPU cores: 3.3-5.6 s a
-        save against 0.5 s refilled, the synchronous save 2.2 s; the write behind it 11 s against 2.7-4.2 s).
+        allocates them afresh each time, and the loop waited for that (benchmarks/checkpoint_bench.py, the 134M
+        model on 2 CPU cores: 1.3-2.3 s a save, about the synchronous save's 1.5-1.7 s, against 0.2 s refilled).
         A save refills them only after the previous write has ended (CheckpointStore.save waits for it first)."""
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
