@@ -284,6 +284,18 @@ def test_max_time_saves_and_stops_in_time(tmp_path):
     assert int(said.group(1)) == step + 1 and float(said.group(2)) >= 1, said.group(0)
 
 
+def test_a_stop_at_a_step_just_saved_keeps_the_measured_save_time(tmp_path):
+    """A stop right after an interval save re-records that checkpoint (the same files) with why the run stopped; its
+    record lost the save's measured time, so a resume from it started --max-time's estimate from none (and the test
+    above failed whenever its stop fell on an interval step)."""
+    ck = tmp_path / "ck"
+    args = BASE[:] + ["--engine", "fsdp", "--checkpoint-dir", str(ck), "--save-interval", "1", "--max-time", "1s"]
+    done = launch("python", args, tmp_path)
+    assert "stopped at step 1 (--max-time 1s" in done.stdout, done.stdout[-3000:]
+    record = json.loads((ck / "step_000001" / COMPLETE).read_text())
+    assert record["stopped_for"] == "time_limit" and record["save_seconds"] > 0, record
+
+
 def test_a_run_started_with_nohup_goes_on_through_a_hangup(tmp_path):
     """nohup (SIGHUP ignored) is how a run is kept alive past the terminal: a hangup must not stop it."""
     args = BASE[:] + ["--engine", "fsdp", "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck")]

@@ -177,8 +177,12 @@ class CheckpointManager:
             if self.env.is_main:
                 _link_tree(src, folder)
 
-        files = read_meta(src).get("files")  # the same bytes: the same checksums
-        path = self.store.save(local, lambda folder, bg: None, name, self.meta(stopped_for), files=files)
+        record = read_meta(src)
+        # the same bytes: the same checksums, and the time writing them took (a resume's --max-time estimate starts
+        # from it, not from none)
+        timed = {"save_seconds": record["save_seconds"]} if "save_seconds" in record else {}
+        path = self.store.save(local, lambda folder, bg: None, name, {**self.meta(stopped_for), **timed},
+                               files=record.get("files"))
         self._written = (self.state.step, name)
         self.last_saved = path
         if self.env.is_main and source != name:
