@@ -117,6 +117,7 @@ def test_sbatch_template_saves_on_the_time_limit_signal_requeues_and_resumes(tmp
     ("true", "0", False, "stopped before the end of the run without a signal; not requeued", False, 0),
     ("true", "0", "stop_at_step", "stopped before the end of the run without a signal; not requeued", False, 0),
     ("true", "0", "time_limit", "the run stopped at --max-time", True, 0),  # it was not requeued
+    ("true", "0", "time_limit compact", "the run stopped at --max-time", True, 0),  # JSON written without spaces
     ("false", "0", False, "step failed with status 1 (failure 1 of 3 since checkpoint none); requeueing job 7", True,
      0),
     # three time-limit requeues before do not count against a failure (SLURM_RESTART_COUNT counts them all)
@@ -131,7 +132,10 @@ def test_requeue_decides_from_the_checkpoint_folder_and_the_status(tmp_path, com
         (tmp_path / "ck" / "final" / "COMPLETE.json").write_text("{}")
     elif final:  # a checkpoint of a run that stopped itself, and why, written as the trainer writes it
         (tmp_path / "ck" / "step_000007").mkdir(parents=True)
-        (tmp_path / "ck" / "step_000007" / "COMPLETE.json").write_text(json.dumps({"stopped_for": final}, indent=1))
+        reason, _, compact = final.partition(" ")
+        (tmp_path / "ck" / "step_000007" / "COMPLETE.json").write_text(
+            json.dumps({"stopped_for": reason}, separators=(",", ":")) if compact else
+            json.dumps({"stopped_for": reason}, indent=1))
         (tmp_path / "ck" / "latest").write_text("step_000007\n")
     env = clean_env(PATH=f"{ROOT / 'tests' / 'slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7",
                     SLURM_RESTART_COUNT=restarts, MAX_RESTARTS="3", CHECKPOINT_DIR=str(tmp_path / "ck"),

@@ -31,7 +31,7 @@ run_step() {
     fi
     local latest=""
     [ -f "$CHECKPOINT_DIR/latest" ] && latest=$(head -n 1 "$CHECKPOINT_DIR/latest")
-    if [ "$status" = 0 ] && [ -n "$latest" ] && grep -q '"stopped_for": "time_limit"' "$CHECKPOINT_DIR/$latest/COMPLETE.json" 2>/dev/null; then
+    if [ "$status" = 0 ] && [ -n "$latest" ] && grep -Eq '"stopped_for"[[:space:]]*:[[:space:]]*"time_limit"' "$CHECKPOINT_DIR/$latest/COMPLETE.json" 2>/dev/null; then
         echo "scaletrain-slurm: the run stopped at --max-time ($CHECKPOINT_DIR/$latest); requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
