@@ -264,7 +264,8 @@ class _Writer(FileSystemWriter):
 
     def __init__(self, path: str, **kwargs) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the ranks on this host share its cores
+        # the ranks on this host share its cores (torchrun and cluster.py say how many; the deepspeed launcher too)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         kwargs.setdefault("thread_count", 2 if cores >= 2 * ranks_here else 1)
         super().__init__(path, **kwargs)
 
