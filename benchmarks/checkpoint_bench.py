@@ -150,7 +150,6 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
             fut.result()
             row[f"{key}_total_s"] = time.perf_counter() - t0
             row[f"{key}_stall_ratio"] = row[f"{key}_stall_s"] / row["save_s"]
-        # the baseline: DCP's default staging, fresh host buffers at every save (what the engine did before)
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         from scaletrain.engine.fsdp import _Writer
@@ -166,6 +165,8 @@ def save_load(kind: str, model_size: str, work: Path, env) -> dict:
                 row.setdefault(key, []).append(time.perf_counter() - t0)
         row["writer_threads"] = _Writer(str(work / "threads")).thread_count
         shutil.rmtree(work / "threads", ignore_errors=True)
+        # the baseline of the background save: DCP's default staging, fresh host buffers at every save (what the
+        # engine did before), through the same writer
         for key in ("async_default_first", "async_default"):
             shutil.rmtree(work / "async", ignore_errors=True)
             t0 = time.perf_counter()
